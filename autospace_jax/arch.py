@@ -1,0 +1,154 @@
+"""Macro skeleton and architectures (one genome per layer), with JSON I/O.
+
+The skeleton fixes what NAS does not search: stem width and stride, each
+layer's output channels and stride, head width and the number of classes. It is
+built from the config's ``model`` section: stage ``s`` has ``blocks[s]`` layers
+of width ``widths[s]``; its first layer has stride ``strides[s]``, the rest 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from autospace_jax import genome as genome_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Skeleton:
+    stem: int
+    stem_stride: int
+    layers: tuple[tuple[int, int], ...]  # (c_out, stride) per layer.
+    head: int
+    num_classes: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(tuple(int(v) for v in l) for l in self.layers))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_shapes(self, image_size: int) -> list[tuple[int, int, int, int]]:
+        """(input spatial size, c_in, c_out, stride) of every layer for a square input."""
+        size = -(-image_size // self.stem_stride)
+        c_in, out = self.stem, []
+        for c_out, stride in self.layers:
+            out.append((size, c_in, c_out, stride))
+            size, c_in = -(-size // stride), c_out
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"layers": [list(l) for l in self.layers]}
+
+
+def skeleton_from_config(model_config: Any, num_classes: int) -> Skeleton:
+    """Expands ``model.widths/blocks/strides`` stages into per-layer (c_out, stride)."""
+    widths, blocks, strides = (tuple(model_config[k]) for k in ("widths", "blocks", "strides"))
+    if not (len(widths) == len(blocks) == len(strides)):
+        raise ValueError(
+            f"model.widths ({len(widths)}), model.blocks ({len(blocks)}) and model.strides "
+            f"({len(strides)}) must have one entry per stage"
+        )
+    layers = []
+    for w, n, s in zip(widths, blocks, strides):
+        layers += [(w, s)] + [(w, 1)] * (n - 1)
+    return Skeleton(
+        stem=model_config.stem,
+        stem_stride=model_config.stem_stride,
+        layers=tuple(layers),
+        head=model_config.head,
+        num_classes=num_classes,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """A network: the skeleton and one genome per layer."""
+
+    skeleton: Skeleton
+    genomes: tuple[genome_lib.Genome, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "genomes", tuple(self.genomes))
+        if len(self.genomes) != self.skeleton.num_layers:
+            raise genome_lib.GenomeError(
+                f"arch has {len(self.genomes)} genomes for a skeleton of "
+                f"{self.skeleton.num_layers} layers"
+            )
+        c_in = self.skeleton.stem
+        for l, (g, (c_out, stride)) in enumerate(zip(self.genomes, self.skeleton.layers)):
+            try:
+                genome_lib.check_for_layer(g, stride, c_in, c_out)
+            except genome_lib.GenomeError as e:
+                raise genome_lib.GenomeError(f"layer {l}: {e}") from None
+            c_in = c_out
+
+
+def uniform(skeleton: Skeleton, genome: genome_lib.Genome) -> Arch:
+    """The same genome in every layer (e.g. the reference IRB)."""
+    return Arch(skeleton, (genome,) * skeleton.num_layers)
+
+
+def arch_to_json(arch: Arch, **figures: Any) -> dict[str, Any]:
+    return {
+        "skeleton": arch.skeleton.to_json(),
+        "genomes": [g.to_json() for g in arch.genomes],
+        **figures,
+    }
+
+
+def arch_from_json(obj: Any, where: str = "arch.json") -> Arch:
+    """Parses :func:`arch_to_json` output; errors name ``where`` and the problem."""
+    if not isinstance(obj, dict) or "skeleton" not in obj or "genomes" not in obj:
+        raise genome_lib.GenomeError(f"{where}: expected an object with 'skeleton' and 'genomes'")
+    sk = obj["skeleton"]
+    fields = {f.name for f in dataclasses.fields(Skeleton)}
+    if not isinstance(sk, dict) or set(sk) != fields:
+        got = sorted(sk) if isinstance(sk, dict) else sk
+        raise genome_lib.GenomeError(
+            f"{where}: 'skeleton' has keys {got}; required {sorted(fields)}"
+        )
+    try:
+        skeleton = Skeleton(**sk)
+    except (TypeError, ValueError) as e:
+        raise genome_lib.GenomeError(f"{where}: bad 'skeleton': {e}") from None
+    genomes = obj["genomes"]
+    if not isinstance(genomes, list):
+        raise genome_lib.GenomeError(f"{where}: 'genomes' must be a list, one per layer")
+    parsed = [genome_lib.from_json(g, f"{where}: genomes[{l}]") for l, g in enumerate(genomes)]
+    try:
+        return Arch(skeleton, tuple(parsed))
+    except genome_lib.GenomeError as e:
+        raise genome_lib.GenomeError(f"{where}: {e}") from None
+
+
+def save_arch(path: str, arch: Arch, **figures: Any) -> None:
+    write_json(path, arch_to_json(arch, **figures))
+
+
+def load_arch(path: str) -> Arch:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"arch file {path!r} does not exist")
+    with open(path) as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
+    return arch_from_json(obj, path)
+
+
+def read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Atomic write, so a kill never leaves a half-written file behind."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)

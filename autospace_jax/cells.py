@@ -1,0 +1,195 @@
+"""Genome -> Flax Linen module (DESIGN §2), and the standalone final network.
+
+A :class:`Cell` turns a static :class:`~autospace_jax.genome.Genome` into
+module structure: only live edges are built, each as a submodule named
+``edge_ij`` so weights can be matched edge by edge across genomes (weight
+inheritance keys on these names). Every conv op is conv + BN + ReLU6 and keeps
+``r * C_in`` channels; the output 1x1 conv has BN and no activation.
+
+:class:`Network` is stem 3x3 conv -> one cell per layer -> head (1x1 conv,
+global average pool, dense), built from an :class:`~autospace_jax.arch.Arch`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from autospace_jax import genome as genome_lib
+from autospace_jax.arch import Arch
+
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def depthwise_conv(
+    x: jnp.ndarray, kernel: jnp.ndarray, stride: int, form: str = "auto"
+) -> jnp.ndarray:
+    """Depthwise 'SAME' conv of NHWC ``x`` with a ``(k, k, 1, C)`` kernel.
+
+    ``form="grouped"`` is XLA's grouped convolution; ``"shift"`` sums k*k shifted,
+    strided slices times the per-channel tap. Same numbers, but XLA:CPU's grouped
+    conv (and its gradient) is 10-20x slower than the shift form (DESIGN §11), while
+    GPU/TPU run the grouped conv well. ``"auto"`` picks shift on CPU only.
+    """
+    if form == "auto":
+        form = "shift" if jax.default_backend() == "cpu" else "grouped"
+    if form == "grouped":
+        return lax.conv_general_dilated(
+            x, kernel, (stride, stride), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+        )  # fmt: skip
+    k, (n, h, w, c) = kernel.shape[0], x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + k - h, 0), max((ow - 1) * stride + k - w, 0)
+    xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = jnp.zeros((n, oh, ow, c), x.dtype)
+    for dy in range(k):
+        for dx in range(k):
+            end = (n, dy + (oh - 1) * stride + 1, dx + (ow - 1) * stride + 1, c)
+            tap = lax.slice(xp, (0, dy, dx, 0), end, (1, stride, stride, 1))
+            out = out + tap * kernel[dy, dx, 0]
+    return out
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv, no bias; its ``kernel`` has nn.Conv's depthwise shape (k, k, 1, C)."""
+
+    kernel_size: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        shape = (self.kernel_size, self.kernel_size, 1, x.shape[-1])
+        kernel = self.param("kernel", nn.initializers.he_normal(), shape, x.dtype)
+        return depthwise_conv(x, kernel, self.stride)
+
+
+class ConvBN(nn.Module):
+    """Conv (no bias) + BatchNorm (+ ReLU6). ``depthwise`` = one group per channel."""
+
+    features: int
+    kernel: int
+    stride: int = 1
+    depthwise: bool = False
+    act: bool = True
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        if self.depthwise:
+            x = DepthwiseConv(self.kernel, self.stride, name="conv")(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                (self.kernel, self.kernel),
+                strides=(self.stride, self.stride),
+                padding="SAME",
+                use_bias=False,
+                kernel_init=nn.initializers.he_normal(),
+                name="conv",
+            )(x)
+        x = nn.BatchNorm(
+            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+        )(x)
+        return nn.relu6(x) if self.act else x
+
+
+def edge_op(op: str, features: int, stride: int, name: str) -> nn.Module | None:
+    """The module for one edge op, or None for ``identity`` (see :func:`apply_identity`)."""
+    if op == "conv1x1":
+        return ConvBN(features, 1, stride, name=name)
+    if op == "conv3x3":
+        return ConvBN(features, 3, stride, name=name)
+    if op.startswith("dwconv"):
+        return ConvBN(features, int(op[len("dwconv")]), stride, depthwise=True, name=name)
+    if op == "identity":
+        return None
+    raise genome_lib.GenomeError(
+        f"edge op {op!r} has no module; accepted: {genome_lib.ALL_OPS[1:]}"
+    )
+
+
+def apply_identity(x: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """Identity edge; on a stride-2 edge it is a 2x2 average pool (DESIGN §2)."""
+    if stride == 1:
+        return x
+    return nn.avg_pool(x, (stride, stride), strides=(stride, stride), padding="SAME")
+
+
+def aggregate(inputs: list[jnp.ndarray], aggregation: str) -> jnp.ndarray:
+    out = inputs[0]
+    for y in inputs[1:]:
+        out = out + y if aggregation == "add" else out * y
+    return out
+
+
+class Cell(nn.Module):
+    """One cell of a layer: expand (node 0->1), the DAG (nodes 1..4), project (4->5)."""
+
+    genome: genome_lib.Genome
+    c_out: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        g, c_in = self.genome, x.shape[-1]
+        genome_lib.check_for_layer(g, self.stride, c_in, self.c_out)
+        residual = genome_lib.has_residual(self.stride, c_in, self.c_out)
+        live = genome_lib.live_edges(g)
+        if not live:
+            return x  # The skip cell; check_for_layer guarantees a residual.
+        hidden = c_in * g.expansion
+        nodes = {1: x if g.expansion == 1 else ConvBN(hidden, 1, name="expand")(x, train)}
+        for j in (2, 3, 4):
+            inputs = []
+            for i, jj in live:
+                if jj != j:
+                    continue
+                stride = self.stride if i == 1 else 1
+                op = g.op(i, j)
+                module = edge_op(op, hidden, stride, name=f"edge_{i}{j}")
+                inputs.append(
+                    apply_identity(nodes[i], stride) if module is None else module(nodes[i], train)
+                )
+            if inputs:
+                nodes[j] = aggregate(inputs, g.aggregation)
+        y = ConvBN(self.c_out, 1, act=False, name="project")(nodes[4], train)
+        return y + x if residual else y
+
+
+class Stem(nn.Module):
+    features: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        return ConvBN(self.features, 3, self.stride, name="conv")(x, train)
+
+
+class Head(nn.Module):
+    """1x1 conv + BN + ReLU6, global average pool, dense classifier."""
+
+    features: int
+    num_classes: int
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+        x = ConvBN(self.features, 1, name="conv")(x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, name="classifier")(x)
+
+
+class Network(nn.Module):
+    """The final model: stem, one cell per layer of ``arch``, head."""
+
+    arch: Arch
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        sk = self.arch.skeleton
+        x = Stem(sk.stem, sk.stem_stride, name="stem")(x, train)
+        for l, (g, (c_out, stride)) in enumerate(zip(self.arch.genomes, sk.layers)):
+            x = Cell(g, c_out, stride, name=f"layer_{l}")(x, train)
+        return Head(sk.head, sk.num_classes, name="head")(x, train)

@@ -1,0 +1,129 @@
+"""Up-front config validation: every error names the field, the value and what is accepted.
+
+Runs before any data is loaded or anything is compiled, so a bad override
+fails in a second with one line instead of a traceback from deep in XLA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+from autospace_jax import genome as genome_lib
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_at_least(low: int) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: _is_int(v) and v >= low), f"an integer >= {low}"
+
+
+def _num_in(low: float, high: float, high_open: bool = False) -> tuple[Callable[[Any], bool], str]:
+    def ok(v):
+        return _is_num(v) and low <= v and (v < high if high_open else v <= high)
+
+    return ok, f"a number in [{low}, {high}{')' if high_open else ']'}"
+
+
+def _positive_ints(allowed: tuple[int, ...] | None = None) -> tuple[Callable[[Any], bool], str]:
+    def ok(v):
+        return (
+            isinstance(v, (tuple, list))
+            and len(v) > 0
+            and all(_is_int(x) and x > 0 and (allowed is None or x in allowed) for x in v)
+        )
+
+    what = f"values in {list(allowed)}" if allowed else "positive integers"
+    return ok, f"a non-empty tuple of {what}"
+
+
+def _one_of(options) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"one of {sorted(options)}"
+
+
+def _source() -> tuple[Callable[[Any], bool], str]:
+    def ok(v):
+        return v in ("digits", "npz") or (
+            isinstance(v, str) and v.startswith("tfds:") and len(v) > 5
+        )
+
+    return ok, "'digits', 'npz' or 'tfds:<name>'"
+
+
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": _int_at_least(0),
+    "data.source": _source(),
+    "data.image_size": _int_at_least(0),
+    "data.val_fraction": _num_in(0.0, 1.0, high_open=True),
+    "data.test_fraction": _num_in(0.0, 1.0, high_open=True),
+    "data.augment": ((lambda v: isinstance(v, bool)), "true or false"),
+    "model.stem": _int_at_least(1),
+    "model.stem_stride": _one_of((1, 2)),
+    "model.widths": _positive_ints(),
+    "model.blocks": _positive_ints(),
+    "model.strides": _positive_ints((1, 2)),
+    "model.head": _int_at_least(1),
+    "genome.palette": _one_of(tuple(genome_lib.PALETTES)),
+    "genome.reference": _one_of(tuple(genome_lib.REFERENCES)),
+    "train.batch_size": _int_at_least(1),
+    "train.eval_batch_size": _int_at_least(1),
+    "train.epochs": _int_at_least(1),
+    "train.learning_rate": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+    "train.warmup_epochs": _int_at_least(0),
+    "train.momentum": _num_in(0.0, 1.0, high_open=True),
+    "train.nesterov": ((lambda v: isinstance(v, bool)), "true or false"),
+    "train.weight_decay": _num_in(0.0, 1.0),
+    "train.label_smoothing": _num_in(0.0, 1.0, high_open=True),
+    "train.log_every_steps": _int_at_least(1),
+    "train.eval_every_epochs": _int_at_least(1),
+    "train.checkpoint_every_steps": _int_at_least(1),
+    "train.max_checkpoints": _int_at_least(1),
+}
+
+
+def _get(config: Any, field: str) -> Any:
+    node = config
+    for part in field.split("."):
+        node = node[part]
+    return node
+
+
+def fail(field: str, value: Any, accepted: str) -> None:
+    raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
+
+
+def validate(config: Any) -> None:
+    """Raises ConfigError on the first bad field (see module docstring)."""
+    for field, (ok, accepted) in RULES.items():
+        value = _get(config, field)
+        if not ok(value):
+            fail(field, value, accepted)
+    m = config.model
+    if not len(m.widths) == len(m.blocks) == len(m.strides):
+        fail(
+            "model.widths",
+            m.widths,
+            f"one entry per stage, as many as model.blocks ({len(m.blocks)}) and "
+            f"model.strides ({len(m.strides)})",
+        )
+    if config.data.source == "npz" and not os.path.isfile(config.data.path):
+        fail("data.path", config.data.path, "an existing .npz file (data.source='npz')")
+    if config.train.warmup_epochs > config.train.epochs:
+        fail(
+            "train.warmup_epochs",
+            config.train.warmup_epochs,
+            f"<= train.epochs ({config.train.epochs})",
+        )
+    if config.train.arch and not os.path.isfile(config.train.arch):
+        fail("train.arch", config.train.arch, "'' or an existing arch.json file")

@@ -1,0 +1,70 @@
+"""Command line: ``python -m autospace_jax.main --config=configs/digits.py --workdir=runs/d``.
+
+``--mode`` defaults to the config's ``mode``. Override any config field with
+``--config.section.field=value``; the config is locked, so a mistyped field
+fails at once.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from autospace_jax import config_checks, train
+
+MODES = {"train": train.train_and_evaluate}
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Run folder: every stage reads and writes here.")
+flags.DEFINE_string("mode", None, f"One of {sorted(MODES)}; default: the config's mode.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(py_logging.Filter):
+    """Orbax logs every file it renames at INFO; keep its warnings, drop the chatter."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    config = FLAGS.config
+    mode = FLAGS.mode or config.mode
+    if mode not in MODES:
+        raise app.UsageError(f"--mode={mode!r}; accepted: {sorted(MODES)}")
+    try:
+        config_checks.validate(config)
+    except config_checks.ConfigError as e:
+        sys.exit(f"FATAL config error: {e}")
+    logging.info(
+        "autospace_jax %s: %d devices (%s), process %d of %d",
+        mode,
+        jax.device_count(),
+        jax.devices()[0].platform,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    MODES[mode](config, FLAGS.workdir)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parsing; a bad ``--config.*`` override becomes one clear line, not a traceback."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        text = " ".join(str(e).replace("\\n", " ").replace("\\'", "").strip("'\"").split())
+        what = "no such field" if isinstance(e, (AttributeError, KeyError)) else type(e).__name__
+        sys.stderr.write(f"FATAL Flags parsing error: bad --config override, {what}: {text}\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

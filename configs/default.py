@@ -1,0 +1,57 @@
+"""Default configuration: every field the library reads, with its meaning.
+
+Hardware/dataset configs (digits.py, cifar10.py, imagenet_mobile.py) import
+this and override fields. Override any field on the command line:
+
+  python -m autospace_jax.main --config=configs/digits.py --workdir=runs/d \
+      --config.train.epochs=5 --config.model.widths='(16, 32)'
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "train"  # What `main` runs when --mode is not given. Accepted: train.
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "digits"  # digits | npz | tfds:<name>
+    c.data.path = ""  # npz file for source=npz.
+    c.data.data_dir = ""  # TFDS data_dir for tfds:<name> ('' = TFDS default).
+    c.data.image_size = 0  # 0 = native; else resize to image_size x image_size at load.
+    c.data.val_fraction = 0.1  # Held out of train: fitness/arch steps and validation.
+    c.data.test_fraction = 0.2  # digits only (it has no official test split).
+    c.data.augment = True  # Random crop + flip on train batches, images >= 32 px only.
+
+    # Macro skeleton: stage s has blocks[s] layers of width widths[s]; its first
+    # layer has stride strides[s].
+    c.model = ml_collections.ConfigDict()
+    c.model.stem = 16
+    c.model.stem_stride = 1
+    c.model.widths = (16, 24, 32)
+    c.model.blocks = (1, 2, 2)
+    c.model.strides = (1, 2, 2)
+    c.model.head = 128
+
+    c.genome = ml_collections.ConfigDict()
+    c.genome.palette = "default"  # default (the paper's 5 ops) | extended (+ dwconv5x5/7x7)
+    c.genome.reference = "irb"  # The reference DAG (Eq. 2); trained when no arch is given.
+
+    # Final training from scratch (paper §4.1).
+    c.train = ml_collections.ConfigDict()
+    c.train.arch = ""  # arch.json; '' = <workdir>/search/arch.json if present, else reference.
+    c.train.batch_size = 64  # Global; a multiple of the device count.
+    c.train.eval_batch_size = 256
+    c.train.epochs = 30
+    c.train.learning_rate = 0.1  # Peak, after linear warm-up; cosine decay to 0.
+    c.train.warmup_epochs = 1
+    c.train.momentum = 0.9
+    c.train.nesterov = True
+    c.train.weight_decay = 4e-5  # On conv and dense kernels only.
+    c.train.label_smoothing = 0.1
+    c.train.log_every_steps = 50
+    c.train.eval_every_epochs = 10
+    c.train.checkpoint_every_steps = 200
+    c.train.max_checkpoints = 2
+    return c
