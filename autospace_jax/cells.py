@@ -12,6 +12,8 @@ global average pool, dense), built from an :class:`~autospace_jax.arch.Arch`.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -41,6 +43,13 @@ def depthwise_conv(
             x, kernel, (stride, stride), "SAME",
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
         )  # fmt: skip
+    return _depthwise_shift(x, kernel, stride)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _depthwise_shift(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """The shift form. Rematerialised: the backward keeps only ``x`` and ``kernel``
+    and re-slices, instead of storing k*k shifted copies of the input."""
     k, (n, h, w, c) = kernel.shape[0], x.shape
     oh, ow = -(-h // stride), -(-w // stride)
     ph, pw = max((oh - 1) * stride + k - h, 0), max((ow - 1) * stride + k - w, 0)

@@ -8,7 +8,7 @@ cells share the network: the weight bank relies on that.
 
 Rules by leaf name: conv ``kernel`` (4-D) He normal over its fan-in; dense
 ``kernel`` (2-D) LeCun normal; ``scale`` 1; ``bias`` and BN ``mean`` 0; BN
-``var`` 1.
+``var`` 1; fitness logits ``alpha`` 0 (p uniform).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _leaf(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarra
         return (rng.standard_normal(shape) * np.sqrt(gain / fan_in)).astype(dtype)
     if name in ("scale", "var"):
         return np.ones(shape, dtype)
-    if name in ("bias", "mean"):
+    if name in ("bias", "mean", "alpha"):
         return np.zeros(shape, dtype)
     raise ValueError(f"no initialisation rule for variable {path!r} (shape {shape})")
 

@@ -38,6 +38,19 @@ def get_config() -> ml_collections.ConfigDict:
     c.genome.palette = "default"  # default (the paper's 5 ops) | extended (+ dwconv5x5/7x7)
     c.genome.reference = "irb"  # The reference DAG (Eq. 2); trained when no arch is given.
 
+    # Weight-sharing supernet with binary gates (Eq. 3-4), used by evolve and search.
+    c.supernet = ml_collections.ConfigDict()
+    c.supernet.batch_size = 64  # Global, for both the weight and the fitness steps.
+    c.supernet.learning_rate = 0.1  # Weights: SGD + momentum, cosine over the stage.
+    c.supernet.momentum = 0.9
+    c.supernet.nesterov = True
+    c.supernet.weight_decay = 4e-5
+    c.supernet.label_smoothing = 0.0
+    c.supernet.fitness_learning_rate = 0.05  # Adam on alpha (ProxylessNAS: 6e-3 on ImageNet).
+    c.supernet.fitness_init_std = 1e-3  # alpha ~ N(0, std): near-uniform p (paper Table 6).
+    c.supernet.warmup_epochs = 4  # Weight steps only (alpha fixed) before fitness steps.
+    c.supernet.compensation_clip = 10.0  # Max of n(d)/n'(d) in Eq. 4.
+
     # Final training from scratch (paper §4.1).
     c.train = ml_collections.ConfigDict()
     c.train.arch = ""  # arch.json; '' = <workdir>/search/arch.json if present, else reference.

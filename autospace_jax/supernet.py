@@ -1,0 +1,438 @@
+"""Supernet with binary gates and fitness logits (paper §3.2.2, Eq. 3-4; DESIGN §3).
+
+Layer ``l`` holds K candidate cells and K fitness logits ``alpha^l`` in the
+Linen variable collection ``"fitness"``; ``p^l = softmax(alpha^l)``.
+:class:`Supernet` is the Linen module that owns every variable; its full
+forward is Eq. 3 (all K cells, weighted by p), used for initialisation and
+small checks. Training uses ProxylessNAS binary gates in two-path mode, run by
+:class:`SupernetTrainer` as host-chained compiled pieces (see ``pieces.py``):
+
+* per step and layer, two distinct paths are drawn from p and one of them is
+  made active with probability proportional to p renormalised over the pair;
+  the draw comes from ``(seed, step)``, so every device and host gets the same;
+* **weight step** (training batch): only the active cell runs, forward and
+  backward; SGD + momentum updates the modules that ran (inactive cells are
+  untouched, as ProxylessNAS's PyTorch optimizer skips parameters without grad);
+* **fitness step** (held-out validation batch): both sampled cells run; the
+  layer output is ``g_a o_a(x) + g_b o_b(x)`` with the one-hot gates, so
+  ``dL/dg_k = <dL/dout, o_k(x)>``; alpha gets Eq. 4 with the count compensation
+  ``n(d)/n'(d)`` (data, one array per layer, clipped); Adam updates alpha.
+
+Both optimizers live in one state through ``optax.multi_transform`` (labels
+``weights`` and ``fitness``), applied module by module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from autospace_jax import cells, initializers, pieces
+from autospace_jax import genome as genome_lib
+from autospace_jax.arch import Arch, Skeleton
+
+
+@dataclasses.dataclass(frozen=True)
+class SupernetSpec:
+    """The skeleton and the K candidate genomes of every layer."""
+
+    skeleton: Skeleton
+    candidates: tuple[tuple[genome_lib.Genome, ...], ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "candidates", tuple(tuple(c) for c in self.candidates))
+        if len(self.candidates) != self.skeleton.num_layers:
+            raise genome_lib.GenomeError(
+                f"supernet has candidates for {len(self.candidates)} layers; the skeleton "
+                f"has {self.skeleton.num_layers}"
+            )
+        c_in = self.skeleton.stem
+        for l, (layer, (c_out, stride)) in enumerate(zip(self.candidates, self.skeleton.layers)):
+            if not layer or len(set(layer)) != len(layer):
+                raise genome_lib.GenomeError(f"layer {l}: needs >= 1 distinct candidate genomes")
+            for g in layer:
+                try:
+                    genome_lib.check_for_layer(g, stride, c_in, c_out)
+                except genome_lib.GenomeError as e:
+                    raise genome_lib.GenomeError(f"layer {l}: {e}") from None
+            c_in = c_out
+
+    def arch(self, path: Sequence[int]) -> Arch:
+        """The standalone network of one path (one candidate index per layer)."""
+        return Arch(self.skeleton, tuple(layer[k] for layer, k in zip(self.candidates, path)))
+
+
+def probabilities(alpha: jax.Array) -> jax.Array:
+    """p = softmax(alpha): the paper writes alpha_k / sum_j alpha_j (Eq. 3); with
+    ProxylessNAS, the weights are a softmax of unconstrained logits."""
+    return jax.nn.softmax(alpha, axis=-1)
+
+
+def mixture(p: jax.Array, outputs: Sequence[jax.Array]) -> jax.Array:
+    """Eq. 3: f_{S^l}(x) = sum_k p_k d_k(x)."""
+    return sum(p[k] * y for k, y in enumerate(outputs))
+
+
+class SupernetLayer(nn.Module):
+    genomes: tuple[genome_lib.Genome, ...]
+    c_out: int
+    stride: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool, path: int | None) -> jax.Array:
+        alpha = self.variable("fitness", "alpha", jnp.zeros, (len(self.genomes),), jnp.float32)
+        candidates = [
+            cells.Cell(g, self.c_out, self.stride, name=f"cell_{k}")
+            for k, g in enumerate(self.genomes)
+        ]
+        if path is not None:
+            return candidates[path](x, train)
+        return mixture(probabilities(alpha.value), [c(x, train) for c in candidates])
+
+
+class Supernet(nn.Module):
+    """Stem -> L layers of K candidate cells -> head. ``path=None``: Eq. 3 over all cells."""
+
+    spec: SupernetSpec
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, path: Sequence[int] | None = None):
+        sk = self.spec.skeleton
+        x = cells.Stem(sk.stem, sk.stem_stride, name="stem")(x, train)
+        for l, (genomes, (c_out, stride)) in enumerate(zip(self.spec.candidates, sk.layers)):
+            layer = SupernetLayer(genomes, c_out, stride, name=f"layer_{l}")
+            x = layer(x, train, None if path is None else path[l])
+        return cells.Head(sk.head, sk.num_classes, name="head")(x, train)
+
+
+# ----------------------------------------------------------------------------
+# Binary gates and Eq. 4.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """One layer's sample: the two paths drawn (``pair``) and the active one."""
+
+    pair: tuple[int, ...]
+    active: int
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max())
+    return e / e.sum()
+
+
+def sample_gates(alphas: Sequence[np.ndarray], rng: np.random.Generator) -> list[Gates]:
+    """ProxylessNAS two-path binary gates for every layer.
+
+    Two distinct paths are drawn from p = softmax(alpha) without replacement;
+    the active one is drawn from p renormalised over the pair. A layer with one
+    candidate always runs it.
+    """
+    out = []
+    for alpha in alphas:
+        alpha = np.asarray(alpha, np.float64)
+        if len(alpha) == 1:
+            out.append(Gates((0,), 0))
+            continue
+        pair = tuple(int(i) for i in rng.choice(len(alpha), 2, replace=False, p=_softmax(alpha)))
+        active = pair[int(rng.choice(2, p=_softmax(alpha[list(pair)])))]
+        out.append(Gates(pair, active))
+    return out
+
+
+def fitness_gradient(
+    alpha: np.ndarray, gates: Gates, dl_dg: Sequence[float], compensation: np.ndarray
+) -> np.ndarray:
+    """Eq. 4: dL/dalpha_i = sum_k dL/dg_k p_k (delta_ik - p_i) n(d_i)/n'(d_i).
+
+    The sum runs over the two sampled paths with p renormalised over them
+    (ProxylessNAS two-path mode); logits outside the pair get no gradient.
+
+    Args:
+      alpha: the layer's K fitness logits.
+      gates: the layer's sample.
+      dl_dg: dL/dg_k for each path of ``gates.pair``, in order.
+      compensation: n(d_i)/n'(d_i) for each of the K cells, already clipped.
+
+    Returns:
+      The K-vector dL/dalpha.
+    """
+    grad = np.zeros(len(alpha), np.float32)
+    if len(gates.pair) < 2:
+        return grad
+    idx = list(gates.pair)
+    p = _softmax(np.asarray(alpha, np.float64)[idx])
+    for a, i in enumerate(idx):
+        total = sum(dl_dg[b] * p[b] * (float(a == b) - p[a]) for b in range(len(idx)))
+        grad[i] = total * compensation[i]
+    return grad
+
+
+def compensation_factor(n: np.ndarray, n_prime: np.ndarray, clip: float) -> np.ndarray:
+    """n(d)/n'(d) of Eq. 4, clipped to ``clip`` (n' = 0, a cell never trained, gets ``clip``)."""
+    n, n_prime = np.asarray(n, np.float64), np.asarray(n_prime, np.float64)
+    ratio = np.divide(n, n_prime, out=np.full_like(n, np.inf), where=n_prime > 0)
+    return np.minimum(ratio, clip).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Training: host-chained pieces.
+# ----------------------------------------------------------------------------
+
+
+def optimizer(weight_decay: float, momentum: float, nesterov: bool) -> optax.GradientTransformation:
+    """Directions for both groups; learning rates are applied by ``pieces.update``."""
+    weights = optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+        optax.trace(decay=momentum, nesterov=nesterov),
+    )
+    return optax.multi_transform(
+        {"weights": weights, "fitness": optax.scale_by_adam()},
+        lambda tree: {k: ("fitness" if k == "fitness" else "weights") for k in tree},
+    )
+
+
+def _kernel_mask(tree: Any) -> Any:
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: initializers.path_str(p).endswith("kernel"), tree
+    )
+
+
+@dataclasses.dataclass
+class SupernetState:
+    """Everything a supernet run needs to continue: variables, optimizer states, step.
+
+    ``variables`` has the collections ``params``, ``batch_stats`` and ``fitness``;
+    ``opt_state`` holds one multi_transform state per module (``stem``,
+    ``layer_l/cell_k``, ``head``) and per layer's fitness (``fitness/layer_l``).
+    """
+
+    variables: dict[str, Any]
+    opt_state: dict[str, Any]
+    step: int = 0
+
+
+class SupernetTrainer:
+    """Runs weight and fitness steps of one supernet over host-chained pieces."""
+
+    def __init__(
+        self,
+        spec: SupernetSpec,
+        *,
+        weight_decay: float = 4e-5,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        label_smoothing: float = 0.0,
+    ):
+        self.spec = spec
+        sk = spec.skeleton
+        self.stem = cells.Stem(sk.stem, sk.stem_stride)
+        self.layers = [
+            [cells.Cell(g, c_out, stride) for g in genomes]
+            for genomes, (c_out, stride) in zip(spec.candidates, sk.layers)
+        ]
+        self.head = cells.Head(sk.head, sk.num_classes)
+        self.tx = optimizer(weight_decay, momentum, nesterov)
+        self.label_smoothing = label_smoothing
+
+    # --- state ------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, spec: SupernetSpec, supernet_config: Any) -> SupernetTrainer:
+        return cls(
+            spec,
+            weight_decay=supernet_config.weight_decay,
+            momentum=supernet_config.momentum,
+            nesterov=supernet_config.nesterov,
+            label_smoothing=supernet_config.label_smoothing,
+        )
+
+    def init(
+        self,
+        image_shape: tuple[int, int, int],
+        seed: int,
+        fitness_std: float = 0.0,
+        replicated=None,
+    ) -> SupernetState:
+        """Host-side initialisation; alpha ~ N(0, fitness_std) (0: p uniform)."""
+        abstract = jax.eval_shape(
+            functools.partial(Supernet(self.spec).init, train=False),
+            jax.random.key(0),
+            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+        )
+        variables = initializers.host_init(abstract, seed)
+        rng = np.random.default_rng((seed, 1))
+        for layer in variables["fitness"].values():
+            layer["alpha"] = (rng.standard_normal(layer["alpha"].shape) * fitness_std).astype(
+                np.float32
+            )
+        return self.state_from_variables(variables, replicated)
+
+    def state_from_variables(self, variables: dict[str, Any], replicated=None) -> SupernetState:
+        """A fresh optimizer state for given variables (e.g. inherited weights)."""
+        opt_state = {}
+        for key in self.module_keys():
+            opt_state[key] = self.tx.init({"params": _get(variables["params"], key)})
+        for l in range(len(self.layers)):
+            opt_state[f"fitness/layer_{l}"] = self.tx.init(
+                {"fitness": variables["fitness"][f"layer_{l}"]}
+            )
+        state = SupernetState(variables=variables, opt_state=opt_state)
+        if replicated is not None:
+            state.variables = jax.device_put(state.variables, replicated)
+            state.opt_state = jax.device_put(state.opt_state, replicated)
+        return state
+
+    def module_keys(self) -> list[str]:
+        keys = ["stem"]
+        for l, layer in enumerate(self.layers):
+            keys += [f"layer_{l}/cell_{k}" for k in range(len(layer))]
+        return keys + ["head"]
+
+    def alphas(self, state: SupernetState) -> list[np.ndarray]:
+        return [
+            np.asarray(state.variables["fitness"][f"layer_{l}"]["alpha"])
+            for l in range(len(self.layers))
+        ]
+
+    def _vars(self, state: SupernetState, key: str) -> dict[str, Any]:
+        return {
+            "params": _get(state.variables["params"], key),
+            "batch_stats": _get(state.variables["batch_stats"], key),
+        }
+
+    def _module(self, key: str) -> nn.Module:
+        if key in ("stem", "head"):
+            return getattr(self, key)
+        l, k = (int(part.split("_")[1]) for part in key.split("/"))
+        return self.layers[l][k]
+
+    # --- steps ------------------------------------------------------------------------
+
+    def gates(self, state: SupernetState, seed: int, stream: int) -> list[Gates]:
+        """The step's sample, from (seed, step, stream): identical on every host."""
+        rng = np.random.default_rng((seed, state.step, stream))
+        return sample_gates(self.alphas(state), rng)
+
+    def _forward(self, state, gates, images, both: bool):
+        """Chains the stem and the sampled cells; returns what backward needs."""
+        tape = []
+        x, stats, vjp = pieces.forward(self.stem, self._vars(state, "stem"), images)
+        tape.append(("stem", vjp, stats, None))
+        for l, g in enumerate(gates):
+            ran = g.pair if both else (g.active,)
+            outputs = {}
+            for k in ran:
+                key = f"layer_{l}/cell_{k}"
+                y, stats, vjp = pieces.forward(self._module(key), self._vars(state, key), x)
+                outputs[k] = (y, stats, vjp)
+            y, stats, vjp = outputs[g.active]
+            tape.append((f"layer_{l}/cell_{g.active}", vjp, stats, outputs))
+            x = y  # One-hot gates: the layer output is the active path's output.
+        return x, tape
+
+    def weight_step(self, state: SupernetState, images, labels, learning_rate: float, seed: int):
+        """SGD step of the active path's modules on a training batch."""
+        gates = self.gates(state, seed, stream=0)
+        x, tape = self._forward(state, gates, images, both=False)
+        key = "head"
+        loss, accuracy, dparams, dx, stats = pieces.head_loss(
+            self.head, self._vars(state, key), x, labels, self.label_smoothing
+        )
+        self._apply(state, key, dparams, stats, learning_rate)
+        for key, vjp, stats, _ in reversed(tape):
+            dparams, dx = pieces.backward(vjp, dx)
+            self._apply(state, key, dparams, stats, learning_rate)
+        state.step += 1
+        return {"loss": loss, "accuracy": accuracy}
+
+    def fitness_step(
+        self,
+        state: SupernetState,
+        images,
+        labels,
+        learning_rate: float,
+        seed: int,
+        compensation: Sequence[np.ndarray] | None = None,
+    ):
+        """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay."""
+        gates = self.gates(state, seed, stream=1)
+        dl_dg = self.gate_gradients(state, gates, images, labels)
+        alphas = self.alphas(state)
+        for l, (alpha, g) in enumerate(zip(alphas, gates)):
+            comp = np.ones(len(alpha), np.float32) if compensation is None else compensation[l]
+            grad = fitness_gradient(alpha, g, dl_dg[l], comp)
+            key = f"fitness/layer_{l}"
+            new, state.opt_state[key] = pieces.update(
+                self.tx,
+                {"fitness": state.variables["fitness"][f"layer_{l}"]},
+                {"fitness": {"alpha": jnp.asarray(grad)}},
+                state.opt_state[key],
+                learning_rate,
+            )
+            state.variables["fitness"][f"layer_{l}"] = new["fitness"]
+
+    def gate_gradients(self, state: SupernetState, gates: list[Gates], images, labels):
+        """dL/dg_k for each layer's sampled pair, k in ``gates[l].pair`` order."""
+        x, tape = self._forward(state, gates, images, both=True)
+        _, _, _, dx, _ = pieces.head_loss(
+            self.head, self._vars(state, "head"), x, labels, self.label_smoothing
+        )
+        dl_dg = [None] * len(gates)
+        for key, vjp, _, outputs in reversed(tape):
+            if outputs is not None:
+                l = int(key.split("/")[0].split("_")[1])
+                dl_dg[l] = [float(pieces.inner(dx, outputs[k][0])) for k in gates[l].pair]
+            if key != "stem":
+                _, dx = pieces.backward(vjp, dx)
+        return dl_dg
+
+    def _apply(self, state, key, dparams, stats, learning_rate):
+        params = _get(state.variables["params"], key)
+        new, state.opt_state[key] = pieces.update(
+            self.tx, {"params": params}, {"params": dparams}, state.opt_state[key], learning_rate
+        )
+        _set(state.variables["params"], key, new["params"])
+        _set(state.variables["batch_stats"], key, stats)
+
+    # --- evaluation -------------------------------------------------------------------
+
+    def evaluate(self, state: SupernetState, path: Sequence[int], batches) -> dict[str, float]:
+        """Top-1 of one path over (images, labels, mask) batches, BN running statistics."""
+        correct = count = 0.0
+        for images, labels, mask in batches:
+            x = pieces.forward_eval(self.stem, self._vars(state, "stem"), images)
+            for l, k in enumerate(path):
+                key = f"layer_{l}/cell_{k}"
+                x = pieces.forward_eval(self._module(key), self._vars(state, key), x)
+            logits = pieces.forward_eval(self.head, self._vars(state, "head"), x)
+            hits = np.asarray(jnp.argmax(logits, -1) == labels) * np.asarray(mask)
+            correct += float(hits.sum())
+            count += float(np.asarray(mask).sum())
+        return {"accuracy": correct / max(count, 1.0)}
+
+
+def _get(tree: dict, key: str) -> Any:
+    """Subtree at ``a/b``; {} for a module without variables (the skip cell)."""
+    for part in key.split("/"):
+        tree = tree.get(part, {})
+    return tree
+
+
+def _set(tree: dict, key: str, value: Any) -> None:
+    if not jax.tree.leaves(value):
+        return
+    *parents, last = key.split("/")
+    for part in parents:
+        tree = tree[part]
+    tree[last] = value
