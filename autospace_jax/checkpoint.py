@@ -62,6 +62,14 @@ class Checkpointer:
         )
         return restored["state"], restored["meta"]
 
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        """Only the JSON item: host-side state needed to build the restore target."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored["meta"]
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -76,6 +76,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.head": _int_at_least(1),
     "genome.palette": _one_of(tuple(genome_lib.PALETTES)),
     "genome.reference": _one_of(tuple(genome_lib.REFERENCES)),
+    "evolution.population_size": _int_at_least(2),
+    "evolution.cells_per_layer": _int_at_least(1),
+    "evolution.tournament_size": _int_at_least(1),
+    "evolution.steps_per_generation": _int_at_least(1),
+    "evolution.generations": _int_at_least(1),
+    "evolution.momentum": _num_in(0.0, 1.0),
+    "evolution.tau": _num_in(0.0, 1.0),
+    "evolution.max_madds_factor": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+    "evolution.use_reference": ((lambda v: isinstance(v, bool)), "true or false"),
+    "evolution.offspring": _int_at_least(0),
+    "evolution.removal": _one_of(("oldest", "worst")),
+    "evolution.checkpoint_every": _int_at_least(1),
     "supernet.batch_size": _int_at_least(1),
     "supernet.learning_rate": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
     "supernet.momentum": _num_in(0.0, 1.0, high_open=True),
@@ -127,6 +139,14 @@ def validate(config: Any) -> None:
             f"one entry per stage, as many as model.blocks ({len(m.blocks)}) and "
             f"model.strides ({len(m.strides)})",
         )
+    ev = config.evolution
+    for field, limit in (
+        ("cells_per_layer", "population_size"),
+        ("tournament_size", "population_size"),
+        ("offspring", "cells_per_layer"),
+    ):
+        if ev[field] > ev[limit]:
+            fail(f"evolution.{field}", ev[field], f"<= evolution.{limit} ({ev[limit]})")
     if config.data.source == "npz" and not os.path.isfile(config.data.path):
         fail("data.path", config.data.path, "an existing .npz file (data.source='npz')")
     if config.train.warmup_epochs > config.train.epochs:

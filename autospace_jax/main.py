@@ -14,9 +14,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import config_checks, train
+from autospace_jax import config_checks, evolution, train
 
-MODES = {"train": train.train_and_evaluate}
+MODES = {"evolve": evolution.evolve, "train": train.train_and_evaluate}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

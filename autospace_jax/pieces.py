@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -27,11 +28,42 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# Traces per (piece kind, module): each entry must stay at 1 however many steps
-# run (a retrace would mean a recompile).
+# Traces per (piece kind, module or shapes): each entry must stay at 1 however
+# many steps run (a retrace would mean a recompile).
 TRACES: collections.Counter = collections.Counter()
+_COMPILE_SECONDS = [0.0]
 
 
+def compile_seconds() -> float:
+    """Seconds spent in piece calls that traced and compiled (cumulative, this process)."""
+    return _COMPILE_SECONDS[0]
+
+
+def _timed(fn):
+    """Wraps a jitted piece: a call that traces is timed as compile time.
+
+    Dispatch is asynchronous, so such a call's time is tracing + lowering +
+    compiling; the execution it launches is not waited for.
+    """
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        before = sum(TRACES.values())
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        if sum(TRACES.values()) != before:
+            _COMPILE_SECONDS[0] += time.perf_counter() - start
+        return out
+
+    call.jitted = fn
+    return call
+
+
+def _shapes(tree) -> tuple:
+    return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree))
+
+
+@_timed
 @functools.partial(jax.jit, static_argnames=("module",))
 def forward(module: nn.Module, variables: dict, x: jax.Array):
     """Train-mode forward of ``module``. Returns (y, new batch_stats, vjp).
@@ -54,12 +86,15 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     return y, new_stats, vjp
 
 
+@_timed
 @jax.jit
 def backward(vjp, dy: jax.Array):
     """Applies a :func:`forward` VJP: returns (d params, d x)."""
+    TRACES["backward", jax.tree.structure(vjp), _shapes(vjp)] += 1
     return vjp(dy)
 
 
+@_timed
 @functools.partial(jax.jit, static_argnames=("module",))
 def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     """Inference forward (BatchNorm running statistics)."""
@@ -67,6 +102,7 @@ def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     return module.apply(variables, x, train=False)
 
 
+@_timed
 @functools.partial(jax.jit, static_argnames=("module", "label_smoothing"))
 def head_loss(
     module: nn.Module, variables: dict, x: jax.Array, labels: jax.Array, label_smoothing: float
@@ -96,22 +132,21 @@ def head_loss(
     return loss, accuracy, dparams, dx, stats
 
 
+@_timed
 @functools.partial(jax.jit, static_argnames=("tx",), donate_argnums=(1, 3))
 def update(
     tx: optax.GradientTransformation, params: Any, grads: Any, opt_state: Any, learning_rate
 ):
     """One optimizer step on one module's tree: params - lr * direction."""
+    TRACES["update", tx, _shapes(params)] += 1
     direction, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
     return params, opt_state
 
 
+@_timed
 @jax.jit
 def inner(a: jax.Array, b: jax.Array) -> jax.Array:
     """<a, b> over all elements: dL/dg_k = <dL/d out, o_k(x)> for a gate g_k."""
+    TRACES["inner", _shapes((a, b))] += 1
     return jnp.vdot(a, b)
-
-
-@jax.jit
-def add(a: jax.Array, b: jax.Array) -> jax.Array:
-    return a + b

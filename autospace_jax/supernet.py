@@ -190,8 +190,13 @@ def compensation_factor(n: np.ndarray, n_prime: np.ndarray, clip: float) -> np.n
 # ----------------------------------------------------------------------------
 
 
+@functools.cache
 def optimizer(weight_decay: float, momentum: float, nesterov: bool) -> optax.GradientTransformation:
-    """Directions for both groups; learning rates are applied by ``pieces.update``."""
+    """Directions for both groups; learning rates are applied by ``pieces.update``.
+
+    Cached: the transformation is a static argument of the compiled update
+    piece, so every supernet with these hyperparameters shares its programs.
+    """
     weights = optax.chain(
         optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
         optax.trace(decay=momentum, nesterov=nesterov),

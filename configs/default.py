@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # What `main` runs when --mode is not given. Accepted: train.
+    c.mode = "train"  # What `main` runs when --mode is not given: train | evolve.
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
@@ -37,6 +37,23 @@ def get_config() -> ml_collections.ConfigDict:
     c.genome = ml_collections.ConfigDict()
     c.genome.palette = "default"  # default (the paper's 5 ops) | extended (+ dwconv5x5/7x7)
     c.genome.reference = "irb"  # The reference DAG (Eq. 2); trained when no arch is given.
+
+    # Differentiable evolution of the space (paper §3.2). The paper states K = 9
+    # cells per layer (ImageNet) and reference regularisation for the first half
+    # of the generations; the other values are this library's CPU-sized defaults.
+    c.evolution = ml_collections.ConfigDict()
+    c.evolution.population_size = 6  # P individuals per layer.
+    c.evolution.cells_per_layer = 3  # K: cells per layer in the supernet and in space.json.
+    c.evolution.tournament_size = 2  # S.
+    c.evolution.steps_per_generation = 25  # f: supernet iterations between rebuilds.
+    c.evolution.generations = 8  # T.
+    c.evolution.momentum = 0.5  # epsilon of Eq. 5.
+    c.evolution.tau = 0.1  # Max Hamming distance (Eq. 2) to the reference, first half only.
+    c.evolution.max_madds_factor = 4.0  # MAdds_max of a layer = factor x the reference's MAdds.
+    c.evolution.use_reference = True  # False: random initial population, no tau constraint.
+    c.evolution.offspring = 1  # Children per layer per generation (fittest picked cells).
+    c.evolution.removal = "oldest"  # oldest (aging) | worst (lowest alpha).
+    c.evolution.checkpoint_every = 1  # Generations between checkpoints.
 
     # Weight-sharing supernet with binary gates (Eq. 3-4), used by evolve and search.
     c.supernet = ml_collections.ConfigDict()

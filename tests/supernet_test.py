@@ -135,7 +135,7 @@ def test_one_compile_per_piece_over_many_samples():
     new = {k: n - before.get(k, 0) for k, n in pieces.TRACES.items() if n > before.get(k, 0)}
     assert new and max(new.values()) == 1, new
     # Every cell of the spec ran (all have forward pieces), each compiled once.
-    assert {m for kind, m in new if kind == "forward"} >= set(sum(trainer.layers, []))
+    assert {k[1] for k in new if k[0] == "forward"} >= set(sum(trainer.layers, []))
 
 
 def test_sharded_supernet_step_equals_single_device():

@@ -1,0 +1,548 @@
+"""Figures and a text table of the evolve stage: fitness history and the learned space.
+
+* :func:`plot_fitness_history`: every individual's fitness logit alpha over the
+  generations it lived, one subplot per layer, with the per-generation maximum.
+* :func:`draw_cells`: the learned search space, one row per layer and one
+  panel per top-K cell, each drawn as its 6-node DAG (see :mod:`genome`).
+* :func:`space_table`: the same space as plain text for the end of the log.
+
+Figures are built as bare :class:`matplotlib.figure.Figure` objects rendered
+by the Agg canvas, never through pyplot: this works without a display, leaves
+the process-wide backend alone (importing this module from a notebook does not
+switch it to Agg or close the user's figures), and no global figure registry
+holds on to them, so calling these once per generation in a long run does not
+leak memory. Each figure is still cleared after saving to free it promptly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection, PathCollection, PolyCollection
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.path import Path
+from matplotlib.text import TextPath
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import Affine2D
+
+from autospace_jax.genome import EDGES, Genome, is_skip, live_edges
+
+# ----------------------------------------------------------------------------
+# Fitness history.
+# ----------------------------------------------------------------------------
+
+
+def _grid_columns(n: int) -> int:
+    """Columns of the per-layer grid: 21 layers (the paper's setting) -> 4 x 6."""
+    if n <= 1:
+        return 1
+    if n <= 4:
+        return 2
+    if n <= 9:
+        return 3
+    return 4
+
+
+def _new_figure(width: float, height: float, dpi: float) -> Figure:
+    """A pyplot-free figure with its own Agg canvas (see the module docstring)."""
+    fig = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str) -> None:
+    fig.savefig(path, dpi=fig.dpi)
+    fig.clear()  # Drop the artists now rather than whenever the GC runs.
+
+
+def _ensure_parent(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+
+
+def _alpha_series(
+    history: list[list[dict]], layer: int
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per-individual alpha over generations (NaN where absent) and the per-generation max."""
+    num_gens = len(history)
+    series: dict[str, np.ndarray] = {}
+    best = np.full(num_gens, np.nan)
+    for t, gen in enumerate(history):
+        if layer >= len(gen):
+            continue
+        for i, ind in enumerate(gen[layer]):
+            try:
+                ident, alpha = str(ind["id"]), float(ind["alpha"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(
+                    f"history[{t}][{layer}][{i}] = {ind!r}; expected a dict with keys "
+                    f"'id' (str) and 'alpha' (float)"
+                ) from e
+            if not math.isfinite(alpha):
+                continue  # A diverged logit would flatten the y axis of the whole panel.
+            if ident not in series:
+                series[ident] = np.full(num_gens, np.nan)
+            series[ident][t] = alpha
+            if not alpha <= best[t]:  # True also while best[t] is NaN.
+                best[t] = alpha
+    return series, best
+
+
+def plot_fitness_history(history: list[list[dict]], path: str) -> None:
+    """Plots every individual's fitness logit alpha over the generations it lived.
+
+    One subplot per layer (shared generation axis). An individual is keyed by
+    its ``id`` within its layer; each maximal run of consecutive generations it
+    was alive is a thin line (a lone generation is a dot), so an individual
+    removed and later re-born shows as two pieces. The thick black line is the
+    per-generation maximum alpha of the layer. Non-finite alphas are skipped.
+
+    Args:
+      history: ``history[t][l]`` is the population of layer ``l`` after
+        generation ``t``: a list of ``{"id": str, "alpha": float}`` dicts.
+        Generations may have different numbers of layers (missing = empty).
+      path: output PNG path; parent directories are created. An empty history
+        still writes a placeholder figure, so a short run does not crash here.
+
+    Returns:
+      None. Raises ValueError naming the entry when an individual lacks
+      ``id`` or ``alpha``.
+    """
+    _ensure_parent(path)
+    num_gens = len(history)
+    num_layers = max((len(gen) for gen in history), default=0)
+    cols = _grid_columns(num_layers)
+    rows = max(1, math.ceil(num_layers / cols))
+    # Fixed margins in inches instead of constrained layout, whose solver is
+    # most of the run time for 21 panels.
+    # A lone panel is drawn wider so the legend fits on one line above it.
+    axes_w, axes_h, wgap, hgap = (4.2 if cols == 1 else 2.6), 1.5, 0.55, 0.7
+    left, right, bottom, top = 0.6, 0.2, 0.55, 0.85
+    width = left + cols * axes_w + (cols - 1) * wgap + right
+    height = bottom + rows * axes_h + (rows - 1) * hgap + top
+    fig = _new_figure(width, height, dpi=100)
+    axes = fig.subplots(rows, cols, sharex=True, squeeze=False)
+    fig.subplots_adjust(
+        left=left / width,
+        right=1 - right / width,
+        bottom=bottom / height,
+        top=1 - top / height,
+        wspace=wgap / axes_w,
+        hspace=hgap / axes_h,
+    )
+    fig.suptitle("fitness logits alpha per layer", y=1 - 0.12 / height, va="top")
+    gens = np.arange(num_gens)
+    colors = np.array(matplotlib.colormaps["tab10"].colors)
+    for layer, ax in enumerate(axes.flat):
+        if layer >= num_layers:
+            if num_layers == 0 and layer == 0:
+                ax.text(0.5, 0.5, "no generations yet", ha="center", va="center")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.set_axis_off()
+            continue
+        series, best = _alpha_series(history, layer)
+        segments, seg_colors, dots, dot_colors = [], [], [], []
+        for k, values in enumerate(series.values()):
+            alive = np.isfinite(values)
+            t = np.flatnonzero(alive[:-1] & alive[1:])  # Both ends alive: a segment.
+            segments.append(
+                np.stack([np.stack([t, values[t]], 1), np.stack([t + 1, values[t + 1]], 1)], 1)
+            )
+            seg_colors.append(np.repeat(colors[k % len(colors)][None], len(t), 0))
+            # Alive with no living neighbour: a one-generation life has no segment.
+            prev = np.concatenate(([False], alive[:-1]))
+            nxt = np.concatenate((alive[1:], [False]))
+            t = np.flatnonzero(alive & ~prev & ~nxt)
+            dots.append(np.stack([t, values[t]], 1))
+            dot_colors.append(np.repeat(colors[k % len(colors)][None], len(t), 0))
+        # One collection per panel instead of a Line2D per individual keeps
+        # hundreds of individuals x 21 layers fast to draw.
+        if series:
+            segs, dots_xy = np.concatenate(segments), np.concatenate(dots)
+            ax.add_collection(
+                LineCollection(segs, colors=np.concatenate(seg_colors), linewidths=0.7, alpha=0.6)
+            )
+            ax.scatter(*dots_xy.T, s=6, c=np.concatenate(dot_colors), alpha=0.8, linewidths=0)
+        # Markers keep a maximum visible where it has no neighbour to join.
+        ax.plot(gens, best, color="black", linewidth=2.0, marker="o", markersize=2.5)
+        plural = "" if len(series) == 1 else "s"
+        ax.set_title(f"layer {layer} ({len(series)} individual{plural})", fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(True, linewidth=0.3, alpha=0.5)
+        ax.autoscale_view()
+        if layer % cols == 0:
+            ax.set_ylabel("alpha", fontsize=8)
+        if layer + cols >= num_layers:  # Last panel of its column: it carries the x axis.
+            ax.set_xlabel("generation", fontsize=8)
+            ax.xaxis.set_tick_params(labelbottom=True)
+    axes.flat[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # Shared by all panels.
+    if num_gens == 1:
+        axes.flat[0].set_xlim(-0.5, 0.5)
+        axes.flat[0].set_xticks([0])
+    if num_layers:
+        fig.legend(
+            handles=[
+                Line2D([], [], color="black", linewidth=2.0, marker="o", ms=2.5, label="max alpha"),
+                Line2D([], [], color="grey", linewidth=0.7, label="one individual's life"),
+                Line2D([], [], color="grey", marker=".", linestyle="", label="lived 1 generation"),
+            ],
+            loc="upper center",
+            ncols=3,
+            fontsize=7,
+            frameon=False,
+            bbox_to_anchor=(0.5, 1 - 0.38 / height),
+        )
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------
+# Cell drawings.
+#
+# A 21 x 9 grid is ~190 cells, ~1500 edges and ~3000 labels. One matplotlib
+# Axes, FancyArrowPatch and Text per item took ~12 s on one CPU core, so the
+# whole grid is drawn on a single Axes whose data unit is one inch, and every
+# kind of primitive is batched into one collection: polylines (edges),
+# triangles (arrowheads), a scatter (nodes), and one PathCollection per
+# distinct label string (the glyphs are converted to a path once and stamped
+# at every position).
+# ----------------------------------------------------------------------------
+
+SHORT_OPS = {
+    "zero": "0",
+    "identity": "id",
+    "conv1x1": "c1",
+    "conv3x3": "c3",
+    "dwconv3x3": "dw3",
+    "dwconv5x5": "dw5",
+    "dwconv7x7": "dw7",
+}
+
+_PANEL_W, _PANEL_H = 2.2, 1.2  # Inches per cell panel.
+_HEADER = 0.35  # Inches above the grid for the figure title.
+_DPI = 120  # 6.5 pt labels are ~11 px tall: legible when zoomed out a little.
+# Beyond this many layers per file the grid is split (see draw_cells); it also
+# keeps a PNG under ~4000 px tall.
+MAX_ROWS_PER_FILE = 24
+
+# Node centres in inches from a panel's lower-left corner, left to right. The
+# inner nodes 2 and 3 sit on an arc above the 1 -> 4 axis.
+_POS: dict[int, tuple[float, float]] = {
+    0: (0.14, 0.30),
+    1: (0.54, 0.30),
+    2: (0.92, 0.68),
+    3: (1.38, 0.68),
+    4: (1.76, 0.30),
+    5: (2.06, 0.30),
+}
+# Curvature of each evolvable edge, as matplotlib's arc3: the control point is
+# the chord midpoint plus rad * (dy, -dx), so negative bends above a
+# left-to-right edge. 1-3 loops over node 2; with 1-4 straight along the
+# bottom, no two evolvable edges cross, and the IRB (1-4 only) reads as a line.
+_RAD: dict[tuple[int, int], float] = {(1, 3): -1.0}
+# Where along an edge its label sits (0 = tail, 1 = head): 2-4 is pulled
+# towards node 2 so its label does not meet the 3-4 label.
+_LABEL_AT: dict[tuple[int, int], float] = {(2, 4): 0.4}
+_NODE_R = 6.5 / 72  # Node radius; edges stop at the rim.
+_HEAD_L, _HEAD_W = 5.5 / 72, 2.0 / 72  # Arrowhead length and half-width.
+_LABEL_PT, _NODE_PT, _TITLE_PT = 6.5, 7.0, 7.0
+_LIVE, _DEAD, _IO = "#1f4e79", "#9a9a9a", "#444444"
+
+
+def _bezier(i: int, j: int, t: np.ndarray) -> np.ndarray:
+    """Points (len(t), 2) of edge i -> j in panel inches: a quadratic Bezier (arc3)."""
+    p0, p2 = np.array(_POS[i]), np.array(_POS[j])
+    d = p2 - p0
+    ctrl = (p0 + p2) / 2 + _RAD.get((i, j), 0.0) * np.array([d[1], -d[0]])
+    t = np.asarray(t, dtype=float)[:, None]
+    return (1 - t) ** 2 * p0 + 2 * t * (1 - t) * ctrl + t**2 * p2
+
+
+def _cut(points: np.ndarray, start: float, end: float) -> np.ndarray:
+    """The part of a polyline between arc lengths ``start`` and ``total - end``."""
+    s = np.concatenate(([0.0], np.cumsum(np.linalg.norm(np.diff(points, axis=0), axis=1))))
+    lo, hi = start, s[-1] - end
+    inner = points[(s > lo) & (s < hi)]
+    ends = [
+        np.array([[np.interp(v, s, points[:, 0]), np.interp(v, s, points[:, 1])]]) for v in (lo, hi)
+    ]
+    return np.concatenate([ends[0], inner, ends[1]])
+
+
+class _Sheet:
+    """Collects the primitives of all panels, then draws each kind in one go."""
+
+    def __init__(self) -> None:
+        self.lines: dict[tuple[str, bool], list[np.ndarray]] = defaultdict(list)
+        self.heads: dict[str, list[np.ndarray]] = defaultdict(list)
+        self.labels: dict[tuple[str, float, str, bool], list[tuple[float, float]]] = defaultdict(
+            list
+        )
+        self.nodes: list[tuple[float, float, str]] = []
+        self.frames: list[np.ndarray] = []
+
+    def edge(self, origin: np.ndarray, i: int, j: int, label: str, color: str, dashed: bool):
+        curve = _bezier(i, j, np.linspace(0.0, 1.0, 24)) + origin
+        tip_to_tail = _cut(curve, _NODE_R, _NODE_R)
+        # The line stops at the arrowhead's base so a dashed line cannot show through it.
+        self.lines[(color, dashed)].append(_cut(tip_to_tail, 0.0, _HEAD_L))
+        tip, base = tip_to_tail[-1], _cut(tip_to_tail, 0.0, _HEAD_L)[-1]
+        along = (tip - base) / max(np.linalg.norm(tip - base), 1e-9)
+        across = np.array([-along[1], along[0]]) * _HEAD_W
+        self.heads[color].append(np.array([tip, base + across, base - across]))
+        at = _bezier(i, j, [_LABEL_AT.get((i, j), 0.5)])[0] + origin
+        if (i, j) in ((0, 1), (4, 5)):
+            at = at + np.array([0.0, -0.15])  # IO labels sit under their short edge.
+        self.label(label, at, _LABEL_PT, color, background=(i, j) not in ((0, 1), (4, 5)))
+
+    def label(self, text: str, at, size: float, color: str, background: bool = False) -> None:
+        self.labels[(text, size, color, background)].append((float(at[0]), float(at[1])))
+
+    def draw(self, ax) -> None:
+        for (color, dashed), lines in self.lines.items():
+            ax.add_collection(
+                LineCollection(
+                    lines,
+                    colors=color,
+                    linewidths=0.8,
+                    linestyles=(0, (3, 2)) if dashed else "solid",
+                    zorder=1,
+                ),
+                autolim=False,
+            )
+        for color, heads in self.heads.items():
+            ax.add_collection(
+                PolyCollection(heads, facecolors=color, edgecolors="none", zorder=1),
+                autolim=False,
+            )
+        if self.frames:
+            ax.add_collection(
+                LineCollection(self.frames, colors="#dddddd", linewidths=0.5, zorder=0),
+                autolim=False,
+            )
+        if self.nodes:
+            xs, ys, faces = zip(*self.nodes)
+            ax.scatter(
+                xs,
+                ys,
+                s=(2 * _NODE_R * 72) ** 2,
+                c=faces,
+                edgecolors="#333333",
+                linewidths=0.6,
+                zorder=2,
+            )
+        # Glyph paths are in points around the origin; stamp them at data offsets.
+        points_to_px = Affine2D().scale(1 / 72) + ax.figure.dpi_scale_trans
+        for (text, size, color, background), where in self.labels.items():
+            glyphs = TextPath((0, 0), text, size=size)
+            box = glyphs.get_extents()
+            # Centre horizontally on the ink, vertically on the cap height, so
+            # "c1" and "dw3" sit on the same line.
+            shift = np.array([(box.x0 + box.x1) / 2, 0.36 * size])
+            glyphs = Path(glyphs.vertices - shift, glyphs.codes)
+            if background:
+                pad = 1.0
+                x0, x1 = box.x0 - shift[0] - pad, box.x1 - shift[0] + pad
+                y0, y1 = -0.36 * size - pad, 0.44 * size + pad
+                rect = Path([(x0, y0), (x1, y0), (x1, y1), (x0, y1), (x0, y0)], closed=True)
+                ax.add_collection(
+                    PathCollection(
+                        [rect],
+                        offsets=where,
+                        offset_transform=ax.transData,
+                        transform=points_to_px,
+                        facecolors="white",
+                        edgecolors="none",
+                        alpha=0.85,
+                        zorder=3,
+                    ),
+                    autolim=False,
+                )
+            ax.add_collection(
+                PathCollection(
+                    [glyphs],
+                    offsets=where,
+                    offset_transform=ax.transData,
+                    transform=points_to_px,
+                    facecolors=color,
+                    edgecolors="none",
+                    zorder=4,
+                ),
+                autolim=False,
+            )
+
+
+def _add_cell(sheet: _Sheet, ax, origin: np.ndarray, layer: int, genome: Genome, alpha: float):
+    live = set(live_edges(genome))
+    skip = is_skip(genome)
+    # A skip cell runs neither IO conv: its output is the residual.
+    io_color = _DEAD if skip else _IO
+    io_in = "id" if genome.expansion == 1 else f"1x1 r={genome.expansion}"
+    sheet.edge(origin, 0, 1, io_in, io_color, skip)
+    sheet.edge(origin, 4, 5, "1x1", io_color, skip)
+    used = set() if skip else {1, 4}
+    for (i, j), op in zip(EDGES, genome.ops):
+        if op == "zero":
+            continue
+        if (i, j) in live:
+            used.update((i, j))
+        color = _LIVE if (i, j) in live else _DEAD
+        sheet.edge(origin, i, j, SHORT_OPS.get(op, op), color, (i, j) not in live)
+    for n, (x, y) in _POS.items():
+        face = "#cfe2f3" if n in (0, 5) else ("#fff2cc" if n in used else "#eeeeee")
+        sheet.nodes.append((origin[0] + x, origin[1] + y, face))
+        sheet.label(str(n), origin + np.array([x, y]), _NODE_PT, "black")
+    if skip:
+        # Edge 1-4 is always zero in a skip cell, so its place is free for the word.
+        sheet.label("skip", origin + np.array([1.15, _POS[1][1]]), 11.0, "#c00000")
+    ax.text(
+        origin[0] + _PANEL_W / 2,
+        origin[1] + _PANEL_H - 0.1,
+        f"L{layer} a={alpha:.2f} r={genome.expansion} {genome.aggregation}",
+        fontsize=_TITLE_PT,
+        ha="center",
+        va="center",
+    )
+    w, h = _PANEL_W, _PANEL_H
+    sheet.frames.append(
+        origin
+        + np.array(
+            [[0.02, 0.02], [w - 0.02, 0.02], [w - 0.02, h - 0.02], [0.02, h - 0.02], [0.02, 0.02]]
+        )
+    )
+
+
+def _part_paths(path: str, parts: int) -> list[str]:
+    if parts == 1:
+        return [path]
+    root, ext = os.path.splitext(path)
+    return [f"{root}_part{p + 1}{ext or '.png'}" for p in range(parts)]
+
+
+def draw_cells(layers: list[list[tuple[Genome, float]]], path: str) -> None:
+    """Draws the learned search space: one row per layer, one panel per top-K cell.
+
+    Each panel is the cell's DAG left to right: node 0 (input) -> 1x1 expansion
+    (``id`` for r = 1) -> inner nodes 1..4 -> 1x1 projection -> node 5
+    (output). Every non-zero evolvable edge is an arrow labelled with its short
+    op name (:data:`SHORT_OPS`: id, c1, c3, dw3, dw5, dw7); live edges are solid
+    blue, dead ones (non-zero but off every 1 -> 4 path) dashed grey, and inner
+    nodes no live edge touches are grey. A skip cell says "skip" and dashes its
+    IO edges. Panel titles are ``L{l} a={alpha:.2f} r={r} {aggregation}``.
+
+    Each panel is 2.2 x 1.2 inches at 120 dpi, so 21 layers x 9 cells is one
+    ~2400 x 3100 px PNG, drawn in under 2 s on one CPU core. Grids with more than
+    :data:`MAX_ROWS_PER_FILE` layers are split into near-equal parts written to
+    ``<stem>_part1.png``, ``<stem>_part2.png``, ... instead of ``path``; rows
+    keep their true layer index in the titles.
+
+    Args:
+      layers: ``layers[l]`` is layer l's cells as ``(genome, alpha)`` pairs,
+        best first. Layers may hold different numbers of cells (missing panels
+        are blank); an empty list writes a placeholder figure.
+      path: output PNG path; parent directories are created.
+
+    Returns:
+      None.
+    """
+    _ensure_parent(path)
+    num_layers = len(layers)
+    parts = max(1, math.ceil(num_layers / MAX_ROWS_PER_FILE))
+    per_part = math.ceil(num_layers / parts) if num_layers else 0
+    for p, out in enumerate(_part_paths(path, parts)):
+        first = p * per_part
+        chunk = layers[first : first + per_part]
+        rows = max(1, len(chunk))
+        cols = max(1, max((len(cells) for cells in chunk), default=0))
+        width, height = _PANEL_W * cols, _PANEL_H * rows + _HEADER
+        fig = _new_figure(width, height, dpi=_DPI)
+        # One Axes over the whole figure, one data unit per inch: equal aspect,
+        # and sizes in points convert exactly.
+        ax = fig.add_axes((0.0, 0.0, 1.0, 1.0))
+        ax.set_xlim(0.0, width)
+        ax.set_ylim(0.0, height)
+        ax.set_axis_off()
+        suffix = f" (part {p + 1}/{parts})" if parts > 1 else ""
+        ax.text(
+            width / 2,
+            height - _HEADER / 2,
+            f"learned search space: top cells per layer{suffix}",
+            fontsize=10,
+            ha="center",
+            va="center",
+        )
+        sheet = _Sheet()
+        for r, cells in enumerate(chunk):
+            for c, (genome, alpha) in enumerate(cells):
+                origin = np.array([c * _PANEL_W, height - _HEADER - (r + 1) * _PANEL_H])
+                _add_cell(sheet, ax, origin, first + r, genome, float(alpha))
+        if not chunk:
+            ax.text(width / 2, (height - _HEADER) / 2, "no layers", ha="center", va="center")
+        sheet.draw(ax)
+        _save(fig, out)
+
+
+# ----------------------------------------------------------------------------
+# Text table.
+# ----------------------------------------------------------------------------
+
+
+def _fmt_madds(m: int) -> str:
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(m) >= scale:
+            return f"{m / scale:.2f}{unit}"
+    return str(int(m))
+
+
+def space_table(
+    layers: list[list[tuple[Genome, float]]], madds: list[list[int]] | None = None
+) -> str:
+    """The learned space as plain text, one line per layer (for the end of the log).
+
+    Each cell reads ``str(genome) a=<alpha:.3f>``, plus `` <MAdds>`` (e.g.
+    ``12.35M``) when ``madds`` is given; cells are separated by `` | `` and
+    padded into aligned columns.
+
+    Args:
+      layers: ``layers[l]`` is layer l's cells as ``(genome, alpha)`` pairs.
+      madds: optional ``madds[l][k]``, the MAdds of cell k of layer l; must have
+        the same shape as ``layers``.
+
+    Returns:
+      The table, header line first, no trailing newline. Raises ValueError
+      when ``madds`` does not match ``layers`` in shape.
+    """
+    if madds is not None:
+        if len(madds) != len(layers):
+            raise ValueError(
+                f"madds has {len(madds)} layers; expected one list per layer ({len(layers)})"
+            )
+        for l, (cells, m) in enumerate(zip(layers, madds)):
+            if len(m) != len(cells):
+                raise ValueError(
+                    f"madds[{l}] has {len(m)} entries; layer {l} has {len(cells)} cells"
+                )
+    rows: list[list[str]] = []
+    for l, cells in enumerate(layers):
+        row = []
+        for k, (genome, alpha) in enumerate(cells):
+            text = f"{genome} a={float(alpha):.3f}"
+            if madds is not None:
+                text += f" {_fmt_madds(madds[l][k])}"
+            row.append(text)
+        rows.append(row)
+    num_cols = max((len(r) for r in rows), default=0)
+    widths = [max((len(r[k]) for r in rows if k < len(r)), default=0) for k in range(num_cols)]
+    fields = "genome a=alpha MAdds" if madds is not None else "genome a=alpha"
+    lines = [f"layer  cells ({len(layers)} layers, up to {num_cols} cells each): {fields}"]
+    for l, row in enumerate(rows):
+        cells_text = " | ".join(text.ljust(widths[k]) for k, text in enumerate(row)).rstrip()
+        lines.append(f"L{l:<5d}{cells_text or '(empty)'}")
+    return "\n".join(lines)
