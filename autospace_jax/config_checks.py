@@ -88,6 +88,26 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.offspring": _int_at_least(0),
     "evolution.removal": _one_of(("oldest", "worst")),
     "evolution.checkpoint_every": _int_at_least(1),
+    "search.algorithm": _one_of(("proxyless", "rl", "spos")),
+    "search.space": (
+        (lambda v: isinstance(v, str) and v != ""),
+        "'manual_irb', 'learned' or a space.json path",
+    ),
+    "search.target_madds": _int_at_least(0),
+    "search.tolerance": _num_in(0.0, 1.0, high_open=True),
+    "search.madds_lambda": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
+    "search.steps": _int_at_least(1),
+    "search.warmup_steps": _int_at_least(0),
+    "search.checkpoint_every_steps": _int_at_least(1),
+    "search.bn_batches": _int_at_least(0),
+    "search.rl_every": _int_at_least(1),
+    "search.rl_samples": _int_at_least(1),
+    "search.rl_learning_rate": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+    "search.rl_baseline_decay": _num_in(0.0, 1.0, high_open=True),
+    "search.rl_madds_exponent": ((lambda v: _is_num(v)), "a number"),
+    "search.spos_population": _int_at_least(2),
+    "search.spos_iterations": _int_at_least(0),
+    "search.spos_parents": _int_at_least(1),
     "supernet.batch_size": _int_at_least(1),
     "supernet.learning_rate": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
     "supernet.momentum": _num_in(0.0, 1.0, high_open=True),
@@ -147,6 +167,15 @@ def validate(config: Any) -> None:
     ):
         if ev[field] > ev[limit]:
             fail(f"evolution.{field}", ev[field], f"<= evolution.{limit} ({ev[limit]})")
+    se = config.search
+    if se.algorithm in ("rl", "spos") and se.target_madds <= 0:
+        fail("search.target_madds", se.target_madds, f"> 0 for search.algorithm={se.algorithm!r}")
+    if se.spos_parents > se.spos_population:
+        fail(
+            "search.spos_parents",
+            se.spos_parents,
+            f"<= search.spos_population ({se.spos_population})",
+        )
     if config.data.source == "npz" and not os.path.isfile(config.data.path):
         fail("data.path", config.data.path, "an existing .npz file (data.source='npz')")
     if config.train.warmup_epochs > config.train.epochs:

@@ -346,9 +346,23 @@ class SupernetTrainer:
             x = y  # One-hot gates: the layer output is the active path's output.
         return x, tape
 
-    def weight_step(self, state: SupernetState, images, labels, learning_rate: float, seed: int):
-        """SGD step of the active path's modules on a training batch."""
-        gates = self.gates(state, seed, stream=0)
+    def weight_step(
+        self,
+        state: SupernetState,
+        images,
+        labels,
+        learning_rate: float,
+        seed: int,
+        path: Sequence[int] | None = None,
+    ):
+        """SGD step of the active path's modules on a training batch.
+
+        The path is sampled by the binary gates, or given (SPOS, RL: one index per layer).
+        """
+        if path is None:
+            gates = self.gates(state, seed, stream=0)
+        else:
+            gates = [Gates((int(k),), int(k)) for k in path]
         x, tape = self._forward(state, gates, images, both=False)
         key = "head"
         loss, accuracy, dparams, dx, stats = pieces.head_loss(
@@ -369,14 +383,21 @@ class SupernetTrainer:
         learning_rate: float,
         seed: int,
         compensation: Sequence[np.ndarray] | None = None,
+        extra_gradients: Sequence[np.ndarray] | None = None,
     ):
-        """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay."""
+        """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay.
+
+        ``extra_gradients`` (per layer, K each) are added to Eq. 4's, e.g. the
+        MAdds term of Eq. 6.
+        """
         gates = self.gates(state, seed, stream=1)
         dl_dg = self.gate_gradients(state, gates, images, labels)
         alphas = self.alphas(state)
         for l, (alpha, g) in enumerate(zip(alphas, gates)):
             comp = np.ones(len(alpha), np.float32) if compensation is None else compensation[l]
             grad = fitness_gradient(alpha, g, dl_dg[l], comp)
+            if extra_gradients is not None:
+                grad = grad + np.asarray(extra_gradients[l], np.float32)
             key = f"fitness/layer_{l}"
             new, state.opt_state[key] = pieces.update(
                 self.tx,
@@ -411,6 +432,18 @@ class SupernetTrainer:
         _set(state.variables["batch_stats"], key, stats)
 
     # --- evaluation -------------------------------------------------------------------
+
+    def batch_accuracy(self, state: SupernetState, path: Sequence[int], images, labels) -> float:
+        """Top-1 of one path on one batch with batch statistics (shared BN running
+        statistics do not fit any single path of a weight-sharing supernet)."""
+        x, _, _ = pieces.forward(self.stem, self._vars(state, "stem"), images)
+        for l, k in enumerate(path):
+            key = f"layer_{l}/cell_{k}"
+            x, _, _ = pieces.forward(self._module(key), self._vars(state, key), x)
+        _, accuracy, _, _, _ = pieces.head_loss(
+            self.head, self._vars(state, "head"), x, labels, self.label_smoothing
+        )
+        return float(accuracy)
 
     def evaluate(self, state: SupernetState, path: Sequence[int], batches) -> dict[str, float]:
         """Top-1 of one path over (images, labels, mask) batches, BN running statistics."""

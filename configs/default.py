@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # What `main` runs when --mode is not given: train | evolve.
+    c.mode = "train"  # What `main` runs when --mode is not given: train | evolve | search.
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()
@@ -54,6 +54,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.evolution.offspring = 1  # Children per layer per generation (fittest picked cells).
     c.evolution.removal = "oldest"  # oldest (aging) | worst (lowest alpha).
     c.evolution.checkpoint_every = 1  # Generations between checkpoints.
+
+    # NAS inside a space (paper §3.3): writes <workdir>/search/arch.json.
+    c.search = ml_collections.ConfigDict()
+    c.search.algorithm = "proxyless"  # proxyless | rl | spos
+    c.search.space = "manual_irb"  # manual_irb | learned (<workdir>/evolve/space.json) | a path
+    c.search.target_madds = 0  # 0: proxyless uses lambda * E[MAdds]; rl and spos need > 0.
+    c.search.tolerance = 0.1  # Chosen arch within target * (1 +- tolerance) (proxyless, rl).
+    c.search.madds_lambda = 0.5  # lambda of Eq. 6.
+    c.search.steps = 300  # Supernet iterations.
+    c.search.warmup_steps = 100  # Weights only (uniform paths for rl) before arch updates.
+    c.search.checkpoint_every_steps = 100
+    c.search.bn_batches = 4  # BN recalibration batches before evaluating a path.
+    c.search.rl_every = 2  # Controller update every n steps.
+    c.search.rl_samples = 4  # Paths per controller update.
+    c.search.rl_learning_rate = 0.05
+    c.search.rl_baseline_decay = 0.9
+    c.search.rl_madds_exponent = -0.5  # w of the MnasNet reward.
+    c.search.spos_population = 12
+    c.search.spos_iterations = 5
+    c.search.spos_parents = 4
 
     # Weight-sharing supernet with binary gates (Eq. 3-4), used by evolve and search.
     c.supernet = ml_collections.ConfigDict()

@@ -1,0 +1,11 @@
+"""NAS inside a space (paper §3.3, §4, Eq. 6; DESIGN §6): ``--mode=search``.
+
+Three algorithms behind one interface, ``run(ctx) -> (path, figures)``, found
+in :data:`ALGORITHMS`: ``proxyless`` (gradient, ProxylessNAS-G), ``rl``
+(REINFORCE, ProxylessNAS-RL) and ``spos`` (single-path one-shot + evolutionary
+search). The stage driver lives in ``stage.py``.
+"""
+
+from autospace_jax.search import proxyless, rl, spos
+
+ALGORITHMS = {"proxyless": proxyless.run, "rl": rl.run, "spos": spos.run}

@@ -1,0 +1,177 @@
+"""What every search algorithm works with: the space's supernet, data, MAdds, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from autospace_jax import cells, checkpoint, madds, pieces, sharding
+from autospace_jax import supernet as sn
+
+
+@dataclasses.dataclass
+class SearchContext:
+    """Shared state of one search run; algorithms read and advance it."""
+
+    config: Any
+    dataset: Any
+    mesh: Any
+    space: sn.SupernetSpec
+    trainer: sn.SupernetTrainer
+    state: sn.SupernetState
+    checkpointer: checkpoint.Checkpointer
+    madds_table: list[np.ndarray]  # [l][k]: MAdds of candidate k of layer l.
+    base_madds: int  # Stem + head.
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    # --- MAdds ------------------------------------------------------------------------
+
+    def path_madds(self, path) -> int:
+        return int(self.base_madds + sum(self.madds_table[l][k] for l, k in enumerate(path)))
+
+    def expected_madds(self, probs: list[np.ndarray]) -> float:
+        """Eq. 6's E[MAdds] = sum_l sum_k p_lk MAdds(d_lk) (plus the fixed stem and head)."""
+        return self.base_madds + sum(float(p @ m) for p, m in zip(probs, self.madds_table))
+
+    def max_madds(self) -> int:
+        return self.path_madds([int(np.argmax(m)) for m in self.madds_table])
+
+    # --- data and schedule ------------------------------------------------------------
+
+    def batch(self, step: int, split: str = "train"):
+        sc = self.config.supernet
+        data = sharding.batch_sharding(self.mesh)
+        return self.dataset.train_batch(step, sc.batch_size, data, seed=self.seed, split=split)
+
+    def learning_rate(self, step: int, total: int) -> float:
+        return (
+            0.5
+            * self.config.supernet.learning_rate
+            * (1 + math.cos(math.pi * step / max(total, 1)))
+        )
+
+    # --- checkpoints: the supernet plus an algorithm's own arrays and JSON ---------------
+
+    def save(self, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> None:
+        tree = {
+            "variables": self.state.variables,
+            "opt_state": self.state.opt_state,
+            "extra": extra,
+        }
+        self.checkpointer.save(step, tree, {"step": step, **meta})
+
+    def restore(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """Latest checkpoint into this context (``extra``: the structure to restore into)."""
+        if self.checkpointer.latest_step() is None:
+            return None
+        target = {
+            "variables": self.state.variables,
+            "opt_state": self.state.opt_state,
+            "extra": extra,
+        }
+        tree, meta = self.checkpointer.restore(target)
+        self.state.variables, self.state.opt_state = tree["variables"], tree["opt_state"]
+        self.state.step = meta["step"]
+        return tree["extra"], meta
+
+    # --- evaluation with recalibrated BatchNorm ---------------------------------------------
+
+    def recalibrated(self, path, batches: int) -> sn.SupernetState:
+        """A state whose path modules carry BN statistics re-estimated on ``batches``
+        training batches (SPOS): shared running statistics fit no single path.
+
+        Each train-mode forward returns m * old + (1 - m) * batch statistics; the
+        batch statistics are recovered from it and averaged over the batches.
+        """
+        t, m = self.trainer, cells.BN_MOMENTUM
+        keys = ["stem", *[f"layer_{l}/cell_{k}" for l, k in enumerate(path)], "head"]
+        sums: dict[str, Any] = {}
+        for b in range(batches):
+            x, _ = self.batch(10_000_000 + b)  # Fixed batches, away from the training steps.
+            for key in keys:
+                old = t._vars(self.state, key)
+                x, new, _ = pieces.forward(t._module(key), old, x)
+                est = jax.tree.map(lambda n, o: (n - m * o) / (1 - m), new, old["batch_stats"])
+                sums[key] = est if key not in sums else jax.tree.map(np.add, sums[key], est)
+        stats = jax.tree.map(lambda a: a, self.state.variables["batch_stats"])
+        for key, total in sums.items():
+            sn._set(stats, key, jax.tree.map(lambda a: a / batches, total))
+        variables = {**self.state.variables, "batch_stats": stats}
+        return sn.SupernetState(
+            variables=variables, opt_state=self.state.opt_state, step=self.state.step
+        )
+
+    def val_accuracy(self, path, recalibrate_batches: int) -> float:
+        state = self.recalibrated(path, recalibrate_batches) if recalibrate_batches else self.state
+        batch = self.config.train.eval_batch_size
+        batches = self.dataset.eval_batches("val", batch, sharding.batch_sharding(self.mesh))
+        return self.trainer.evaluate(state, path, batches)["accuracy"]
+
+
+def network_madds(space: sn.SupernetSpec, image_shape) -> tuple[list[np.ndarray], int]:
+    """Per-layer candidate MAdds and the fixed stem + head MAdds."""
+    size, channels = image_shape[0], image_shape[2]
+    table = []
+    for genomes, (s, c_in, c_out, stride) in zip(
+        space.candidates, space.skeleton.layer_shapes(size)
+    ):
+        table.append(np.array([madds.cell_cost(g, s, c_in, c_out, stride).madds for g in genomes]))
+    sk = space.skeleton
+    s, _, c_last, stride = sk.layer_shapes(size)[-1]
+    base = madds.stem_cost(sk, size, channels) + madds.head_cost(sk, -(-s // stride), c_last)
+    return table, base.madds
+
+
+def most_probable_within(
+    log_probs: list[np.ndarray],
+    table: list[np.ndarray],
+    base: int,
+    low: float,
+    high: float,
+    buckets: int = 4000,
+) -> list[int]:
+    """The path maximising sum_l log p_l[k_l] with base + sum MAdds in [low, high].
+
+    Dynamic programming over layers with MAdds in ``buckets`` bins; the result's
+    exact MAdds are checked. Raises ValueError when no path fits the range.
+    """
+    width = max(high - base, 1.0) / buckets
+    best = np.full(buckets + 1, -np.inf)
+    best[0] = 0.0
+    choices = []
+    for lp, m in zip(log_probs, table):
+        new = np.full(buckets + 1, -np.inf)
+        arg = np.full(buckets + 1, -1)
+        for k, (score, cost) in enumerate(zip(lp, m)):
+            shift = int(round(cost / width))
+            if shift > buckets:
+                continue
+            cand = np.full(buckets + 1, -np.inf)
+            cand[shift:] = best[: buckets + 1 - shift] + score
+            better = cand > new
+            new[better], arg[better] = cand[better], k
+        choices.append(arg)
+        best = new
+    for b in np.argsort(-best):
+        if not np.isfinite(best[b]):
+            break
+        path, bucket = [], int(b)
+        for arg in reversed(choices):
+            k = int(arg[bucket])
+            path.append(k)
+            bucket -= int(round(table[len(choices) - len(path)][k] / width))
+        path.reverse()
+        total = base + sum(table[l][k] for l, k in enumerate(path))
+        if low <= total <= high:
+            return path
+    raise ValueError(
+        f"no architecture of this space has MAdds in [{low:.0f}, {high:.0f}] "
+        "(config.search.target_madds +- config.search.tolerance)"
+    )

@@ -1,0 +1,72 @@
+"""ProxylessNAS-G inside a space: binary gates and Eq. 6 (paper §3.3, §4.1).
+
+The supernet of the space is trained with binary gates (``supernet.py``):
+weight steps on training batches and, after ``search.warmup_steps``, fitness
+steps on validation batches whose alpha gradient is Eq. 4 plus the MAdds term
+of Eq. 6, Loss = CE + lambda * E[MAdds], E[MAdds] = sum_l sum_k p_lk MAdds(d_lk):
+
+* lambda mode (``search.target_madds = 0``): the term is lambda * E[MAdds] / M,
+  M the MAdds of the space's largest path, so lambda is unit-free; the
+  architecture is the argmax of p per layer;
+* target mode (``search.target_madds > 0``): the term is
+  lambda * (E[MAdds] / T - 1)^2, pulling the expectation onto the target T;
+  the architecture is the most probable path (max sum_l log p_l) whose MAdds lie
+  within ``search.tolerance`` of T.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from autospace_jax.search.context import SearchContext, most_probable_within
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max())
+    return e / e.sum()
+
+
+def madds_gradient(ctx: SearchContext, alphas: list[np.ndarray]) -> list[np.ndarray]:
+    """d(penalty)/d alpha for the Eq. 6 MAdds term (see module docstring)."""
+    sc = ctx.config.search
+    probs = [_softmax(np.asarray(a, np.float64)) for a in alphas]
+    if sc.target_madds > 0:
+        expected = ctx.expected_madds(probs)
+        scale = sc.madds_lambda * 2.0 * (expected / sc.target_madds - 1.0) / sc.target_madds
+    else:
+        scale = sc.madds_lambda / ctx.max_madds()
+    # dE/dalpha_lk = p_lk (MAdds_lk - sum_j p_lj MAdds_lj).
+    return [(scale * p * (m - p @ m)).astype(np.float32) for p, m in zip(probs, ctx.madds_table)]
+
+
+def derive(ctx: SearchContext, alphas: list[np.ndarray]) -> list[int]:
+    sc = ctx.config.search
+    if sc.target_madds <= 0:
+        return [int(np.argmax(a)) for a in alphas]
+    log_probs = [np.log(_softmax(np.asarray(a, np.float64))) for a in alphas]
+    low, high = sc.target_madds * (1 - sc.tolerance), sc.target_madds * (1 + sc.tolerance)
+    return most_probable_within(log_probs, ctx.madds_table, ctx.base_madds, low, high)
+
+
+def run(ctx: SearchContext) -> tuple[list[int], dict]:
+    sc, sn_cfg = ctx.config.search, ctx.config.supernet
+    restored = ctx.restore({})
+    start = restored[1]["step"] if restored else 0
+    for step in range(start, sc.steps):
+        lr = ctx.learning_rate(step, sc.steps)
+        ctx.trainer.weight_step(ctx.state, *ctx.batch(step), lr, ctx.seed)
+        if step >= sc.warmup_steps:
+            alphas = ctx.trainer.alphas(ctx.state)
+            ctx.trainer.fitness_step(
+                ctx.state, *ctx.batch(step, "val"), sn_cfg.fitness_learning_rate, ctx.seed,
+                extra_gradients=madds_gradient(ctx, alphas),
+            )  # fmt: skip
+        if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
+            ctx.save(step + 1, {}, {})
+    alphas = ctx.trainer.alphas(ctx.state)
+    probs = [_softmax(np.asarray(a, np.float64)) for a in alphas]
+    figures = {
+        "expected_madds": ctx.expected_madds(probs),
+        "probabilities": [p.round(4).tolist() for p in probs],
+    }
+    return derive(ctx, alphas), figures

@@ -1,0 +1,147 @@
+"""NAS inside a space: spaces, budget MAP, the three algorithms, lambda, BN recalibration, RL."""
+
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from autospace_jax import arch as arch_lib
+from autospace_jax import genome as g
+from autospace_jax import spaces
+from autospace_jax.search import context, rl, stage
+from configs import digits
+
+
+def tiny_config(**search):
+    c = digits.get_config()
+    c.model.stem, c.model.head = 8, 16
+    c.model.widths, c.model.blocks, c.model.strides = (8, 16), (1, 1), (1, 2)
+    c.supernet.batch_size = 32
+    c.search.steps, c.search.warmup_steps, c.search.checkpoint_every_steps = 30, 10, 10
+    c.search.bn_batches = 2
+    c.search.rl_every, c.search.rl_samples = 1, 4
+    c.search.spos_population, c.search.spos_iterations, c.search.spos_parents = 6, 2, 2
+    for key, value in search.items():
+        c.search[key] = value
+    return c
+
+
+SKELETON = arch_lib.Skeleton(8, 1, ((8, 1), (16, 2)), 16, 10)
+
+
+def test_manual_irb_space():
+    space = spaces.manual_irb(SKELETON)
+    assert [len(c) for c in space.candidates] == [7, 6]  # Skip only where a residual exists.
+    assert g.SKIP in space.candidates[0] and g.SKIP not in space.candidates[1]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{", "not valid JSON"),
+        ('{"layers": []}', "'skeleton' and 'layers'"),
+        (None, "edge 1-4 has op 'maxpool'"),
+    ],
+)
+def test_space_json_errors_name_the_file(tmp_path, content, message):
+    path = tmp_path / "space.json"
+    if content is None:
+        layers = [[{"genome": g.irb().to_json()}] for _ in SKELETON.layers]
+        layers[1][0]["genome"]["edges"]["1-4"] = "maxpool"
+        content = json.dumps({"skeleton": SKELETON.to_json(), "layers": layers})
+    path.write_text(content)
+    with pytest.raises(g.GenomeError, match=message) as info:
+        spaces.load_space(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_most_probable_within_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        table = [rng.integers(10, 1000, size=k) for k in (3, 4, 2, 5)]
+        log_probs = [np.log(rng.dirichlet(np.ones(len(m)))) for m in table]
+        low, high = 1200.0, 1500.0
+        paths = [p for p in itertools.product(*(range(len(m)) for m in table))
+                 if low <= 100 + sum(m[k] for m, k in zip(table, p)) <= high]  # fmt: skip
+        if not paths:
+            with pytest.raises(ValueError, match="target_madds"):
+                context.most_probable_within(log_probs, table, 100, low, high)
+            continue
+        best = max(paths, key=lambda p: sum(lp[k] for lp, k in zip(log_probs, p)))
+        got = context.most_probable_within(log_probs, table, 100, low, high)
+        score = sum(lp[k] for lp, k in zip(log_probs, got))
+        assert score == pytest.approx(sum(lp[k] for lp, k in zip(log_probs, best)))
+
+
+def test_rl_controller_entropy_falls_on_toy_reward():
+    controller = rl.Controller([4, 4, 4], learning_rate=0.1, baseline_decay=0.9)
+    wanted = [1, 3, 0]
+    entropies = rl.train_controller(
+        controller, lambda p: float(np.mean([a == b for a, b in zip(p, wanted)])), 60, 8, seed=0
+    )
+    assert entropies[-1] < 0.5 * entropies[0]
+    assert [int(np.argmax(p)) for p in controller.probabilities()] == wanted
+
+
+def _targets(tmp_path):
+    ctx, _ = stage.build_context(tiny_config(), str(tmp_path / "probe"))
+    # Two targets that real paths of the space hit exactly: a cheap and a dear one.
+    costs = sorted(
+        ctx.path_madds(p) for p in itertools.product(*(range(len(m)) for m in ctx.madds_table))
+    )
+    return costs[len(costs) // 4], costs[3 * len(costs) // 4]
+
+
+@pytest.mark.parametrize("algorithm", ["proxyless", "rl", "spos"])
+def test_search_meets_two_madds_targets(tmp_path, algorithm):
+    for target in _targets(tmp_path):
+        workdir = str(tmp_path / f"{algorithm}_{target}")
+        summary = stage.search(tiny_config(algorithm=algorithm, target_madds=target), workdir)
+        arch = arch_lib.load_arch(os.path.join(workdir, "search", "arch.json"))
+        assert arch.skeleton.num_layers == 2 and summary["madds"] > 0
+        if algorithm == "spos":
+            assert summary["madds"] <= target
+        else:
+            assert abs(summary["madds"] - target) <= 0.1 * target, (summary["madds"], target)
+        assert 0.0 <= summary["val_accuracy"] <= 1.0
+
+
+def test_proxyless_large_lambda_picks_cheaper_cells(tmp_path):
+    free = stage.search(tiny_config(madds_lambda=0.0, steps=40), str(tmp_path / "free"))
+    taxed = stage.search(tiny_config(madds_lambda=50.0, steps=40), str(tmp_path / "taxed"))
+    assert taxed["madds"] < free["madds"]
+
+
+def test_spos_bn_recalibration_changes_the_evaluated_accuracy(tmp_path):
+    config = tiny_config(algorithm="spos", target_madds=10**9)
+    ctx, _ = stage.build_context(config, str(tmp_path))
+    rng = np.random.default_rng(0)
+    for step in range(60):  # SPOS: uniform single paths.
+        path = [int(rng.integers(7)), int(rng.integers(6))]
+        ctx.trainer.weight_step(ctx.state, *ctx.batch(step), 0.1, 0, path=path)
+    before = ctx.trainer._vars(ctx.state, "layer_0/cell_3")["batch_stats"]
+    paths = [[3, 2], [0, 5], [5, 1]]
+    plain = [ctx.val_accuracy(p, 0) for p in paths]
+    recalibrated = [ctx.val_accuracy(p, 4) for p in paths]
+    assert plain != recalibrated, (plain, recalibrated)
+    after = ctx.trainer._vars(ctx.state, "layer_0/cell_3")["batch_stats"]
+    # Recalibration works on a copy; the supernet keeps its own statistics.
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_search_resumes_from_its_checkpoint(tmp_path):
+    config = tiny_config(steps=40, checkpoint_every_steps=20)
+    straight = stage.search(config, str(tmp_path / "a"))
+    resumed_dir = str(tmp_path / "b")
+    stage.search(config, resumed_dir)
+    # Drop everything after step 20, as a kill between the two checkpoints would.
+    ckpt = os.path.join(resumed_dir, "search", "checkpoints")
+    os.system(f"rm -rf {ckpt}/40 {resumed_dir}/search/summary.json {resumed_dir}/search/arch.json")
+    resumed = stage.search(config, resumed_dir)
+    assert resumed["resumed_from_step"] == 20
+    for key in ("path", "madds", "params", "val_accuracy", "expected_madds", "probabilities"):
+        assert resumed[key] == straight[key], key
