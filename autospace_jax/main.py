@@ -14,10 +14,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import config_checks, evolution, train
+from autospace_jax import config_checks, evolution, pipeline, train
 from autospace_jax.search import stage
 
-MODES = {"evolve": evolution.evolve, "search": stage.search, "train": train.train_and_evaluate}
+MODES = {
+    "evolve": evolution.evolve,
+    "pipeline": pipeline.run,
+    "search": stage.search,
+    "train": train.train_and_evaluate,
+}
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)

@@ -12,7 +12,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "train"  # What `main` runs when --mode is not given: train | evolve | search.
+    c.mode = "train"  # Run when --mode is not given: pipeline | evolve | search | train.
     c.seed = 0
 
     c.data = ml_collections.ConfigDict()

@@ -32,4 +32,20 @@ def get_config():
     c.train.label_smoothing = 0.1
     c.train.eval_every_epochs = 10
     c.train.checkpoint_every_steps = 2000
+    # Evolution: K = 9 cells per layer (paper §4.3); P, S, f, T sized for a pod.
+    c.evolution.population_size = 36
+    c.evolution.cells_per_layer = 9
+    c.evolution.tournament_size = 4
+    c.evolution.steps_per_generation = 500
+    c.evolution.generations = 100
+    c.evolution.offspring = 3
+    c.supernet.batch_size = 512
+    c.supernet.learning_rate = 0.1
+    c.supernet.fitness_learning_rate = 6e-3  # ProxylessNAS.
+    c.supernet.warmup_epochs = 10
+    # Search at the paper's 300M+ budget (Table 3).
+    c.search.target_madds = 330_000_000
+    c.search.steps = 50_000
+    c.search.warmup_steps = 20_000
+    c.search.checkpoint_every_steps = 1000
     return c

@@ -20,6 +20,7 @@ def tiny_config(**search):
     c.model.stem, c.model.head = 8, 16
     c.model.widths, c.model.blocks, c.model.strides = (8, 16), (1, 1), (1, 2)
     c.supernet.batch_size = 32
+    c.search.space = "manual_irb"
     c.search.steps, c.search.warmup_steps, c.search.checkpoint_every_steps = 30, 10, 10
     c.search.bn_batches = 2
     c.search.rl_every, c.search.rl_samples = 1, 4
