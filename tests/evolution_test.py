@@ -3,10 +3,6 @@
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -17,15 +13,11 @@ from autospace_jax import evolution as evo
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
 from autospace_jax.weight_bank import WeightBank
+from tests import runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--mode=evolve",
-    "--config.model.stem=8",
-    "--config.model.widths=(8, 16)",
-    "--config.model.blocks=(1, 1)",
-    "--config.model.strides=(1, 2)",
-    "--config.model.head=16",
+    *runner.TINY_MODEL,
     "--config.evolution.population_size=3",
     "--config.evolution.cells_per_layer=2",
     "--config.evolution.tournament_size=2",
@@ -137,12 +129,6 @@ def test_child_inherits_parent_weights_on_unchanged_edges():
     assert bank.add(0, child.replace(expansion=6), parent=parent) == []
 
 
-def _run(workdir, *extra):
-    cmd = [sys.executable, "-m", "autospace_jax.main", "--config=configs/digits.py"]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    return cmd + [f"--workdir={workdir}", *TINY, *extra], env
-
-
 def _read(workdir, name):
     with open(os.path.join(workdir, "evolve", name)) as f:
         return json.load(f)
@@ -150,25 +136,13 @@ def _read(workdir, name):
 
 def test_evolve_run_kill_resume_constraints_and_accounting(tmp_path):
     straight = str(tmp_path / "straight")
-    cmd, env = _run(straight)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    runner.run(runner.command(straight, *TINY), check=True)
 
     killed = str(tmp_path / "killed")
-    cmd, env = _run(killed)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     ckpt = os.path.join(killed, "evolve", "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt) and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    runner.kill_when(runner.command(killed, *TINY), lambda: runner.checkpoints(ckpt, at_least=2))
     assert not os.path.exists(os.path.join(killed, "evolve", "space.json"))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    runner.run(runner.command(killed, *TINY), check=True)
 
     # Resumed == uninterrupted, byte for byte.
     for name in ("space.json", "children.json", "history.json"):

@@ -2,18 +2,11 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import runner
+
 TINY = [
-    "--config.model.stem=8",
-    "--config.model.widths=(8, 16)",
-    "--config.model.blocks=(1, 1)",
-    "--config.model.strides=(1, 2)",
-    "--config.model.head=16",
+    *runner.TINY_MODEL,
     "--config.evolution.population_size=3",
     "--config.evolution.cells_per_layer=2",
     "--config.evolution.steps_per_generation=4",
@@ -30,12 +23,6 @@ TINY = [
 ]
 
 
-def _cmd(workdir):
-    cmd = [sys.executable, "-m", "autospace_jax.main", "--config=configs/digits.py"]
-    env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-    return cmd + [f"--workdir={workdir}", *TINY], env
-
-
 def _summary(workdir):
     with open(os.path.join(workdir, "summary.json")) as f:
         return json.load(f)
@@ -43,29 +30,17 @@ def _summary(workdir):
 
 def test_pipeline_killed_during_search_finishes_like_an_uninterrupted_run(tmp_path):
     straight = str(tmp_path / "straight")
-    cmd, env = _cmd(straight)
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    runner.run(runner.command(straight, *TINY), check=True)
     expected = _summary(straight)
     assert set(expected["stage_wall_time_s"]) == {"evolve", "search", "train"}
     assert expected["space_size_per_layer"] == [2, 2]
 
     killed = str(tmp_path / "killed")
-    cmd, env = _cmd(killed)
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
     ckpt = os.path.join(killed, "search", "checkpoints")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    runner.kill_when(runner.command(killed, *TINY), lambda: runner.checkpoints(ckpt))
     assert os.path.exists(os.path.join(killed, "evolve", "space.json"))
     assert not os.path.exists(os.path.join(killed, "search", "arch.json"))
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    runner.run(runner.command(killed, *TINY), check=True)
 
     got = _summary(killed)
     for key in ("test_accuracy", "madds", "params", "arch", "space_size_per_layer"):

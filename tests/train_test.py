@@ -2,10 +2,6 @@
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -17,16 +13,9 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import cells, sharding, train
 from autospace_jax import genome as g
 from configs import digits
+from tests import runner
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--config.model.stem=8",
-    "--config.model.widths=(8, 16)",
-    "--config.model.blocks=(1, 1)",
-    "--config.model.strides=(1, 2)",
-    "--config.model.head=32",
-    "--config.train.batch_size=32",
-]
+TINY = [*runner.TINY_MODEL, "--config.train.batch_size=32"]
 
 
 def test_sharded_step_equals_single_device_step():
@@ -65,14 +54,8 @@ def test_weight_decay_only_on_kernels():
     np.testing.assert_array_equal(decayed["conv"]["kernel"], 0.5)
 
 
-def _main(workdir, *extra, env=None):
-    cmd = [sys.executable, "-m", "autospace_jax.main", "--config=configs/digits.py"]
-    return cmd + [f"--workdir={workdir}", "--mode=train", *TINY, *extra]
-
-
-def _env():
-    # One CPU device: the trainer's own speed, not 8-way emulation.
-    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+def _main(workdir, *extra):
+    return runner.command(workdir, "--mode=train", *TINY, *extra)
 
 
 def _final_params(workdir):
@@ -85,24 +68,13 @@ def _final_params(workdir):
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     args = ["--config.train.epochs=4", "--config.train.checkpoint_every_steps=10"]
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen(_main(killed, *args), cwd=ROOT, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     ckpt_dir = os.path.join(killed, "train", "checkpoints")
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir)):
-            break
-        time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    runner.kill_when(_main(killed, *args), lambda: runner.checkpoints(ckpt_dir))
     assert not os.path.exists(os.path.join(killed, "train", "summary.json"))
 
-    subprocess.run(_main(killed, *args), cwd=ROOT, env=_env(), check=True, capture_output=True)
+    runner.run(_main(killed, *args), check=True)
     uninterrupted = str(tmp_path / "uninterrupted")
-    subprocess.run(
-        _main(uninterrupted, *args), cwd=ROOT, env=_env(), check=True, capture_output=True
-    )
+    runner.run(_main(uninterrupted, *args), check=True)
 
     with open(os.path.join(killed, "train", "summary.json")) as f:
         resumed = json.load(f)
@@ -129,9 +101,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     ],
 )
 def test_cli_bad_config_is_one_clear_line(tmp_path, override, message):
-    proc = subprocess.run(
-        _main(str(tmp_path), override), cwd=ROOT, env=_env(), capture_output=True, text=True
-    )
+    proc = runner.run(_main(str(tmp_path), override))
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -1,0 +1,49 @@
+"""Helpers for tests that run ``python -m autospace_jax.main`` in a subprocess."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A 2-layer digits skeleton: every stage runs in seconds.
+TINY_MODEL = [
+    "--config.model.stem=8",
+    "--config.model.widths=(8, 16)",
+    "--config.model.blocks=(1, 1)",
+    "--config.model.strides=(1, 2)",
+    "--config.model.head=16",
+]
+
+
+def command(workdir: str, *flags: str) -> list[str]:
+    cmd = [sys.executable, "-m", "autospace_jax.main", "--config=configs/digits.py"]
+    return cmd + [f"--workdir={workdir}", *flags]
+
+
+def env() -> dict[str, str]:
+    """One CPU device: the stages' own speed, not 8-way emulation."""
+    return {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, **kwargs)
+
+
+def checkpoints(folder: str, at_least: int = 0) -> bool:
+    return os.path.isdir(folder) and any(
+        d.isdigit() and int(d) >= at_least for d in os.listdir(folder)
+    )
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
+    """Starts ``cmd``, SIGKILLs it as soon as ``ready()`` holds; fails if it ended first."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
