@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 
 
@@ -126,7 +127,7 @@ def arch_from_json(obj: Any, where: str = "arch.json") -> Arch:
 
 
 def save_arch(path: str, arch: Arch, **figures: Any) -> None:
-    write_json(path, arch_to_json(arch, **figures))
+    files.write_json(path, arch_to_json(arch, **figures))
 
 
 def load_arch(path: str) -> Arch:
@@ -138,17 +139,3 @@ def load_arch(path: str) -> Arch:
         except json.JSONDecodeError as e:
             raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
     return arch_from_json(obj, path)
-
-
-def read_json(path: str) -> Any:
-    with open(path) as f:
-        return json.load(f)
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Atomic write, so a kill never leaves a half-written file behind."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)

@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import checkpoint, input_pipeline, madds, pieces, plots, sharding, writers
+from autospace_jax import checkpoint, files, input_pipeline, madds, pieces, plots, sharding, writers
 from autospace_jax import genome as genome_lib
 from autospace_jax import supernet as sn
 from autospace_jax.weight_bank import WeightBank
@@ -405,11 +405,9 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     stage_dir = os.path.join(workdir, STAGE)
     summary_path = os.path.join(stage_dir, "summary.json")
     ec = config.evolution
-    if os.path.exists(summary_path):
-        summary = arch_lib.read_json(summary_path)
-        if summary.get("generations") == ec.generations:
-            logging.info("evolve: %s exists, nothing to do", summary_path)
-            return summary
+    summary = files.finished(summary_path, lambda s: s.get("generations") == ec.generations)
+    if summary is not None:
+        return summary
 
     mesh = sharding.create_mesh()
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
@@ -470,10 +468,10 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     start = time.time()
     ckpt.close()
     space = evo.space_json()
-    arch_lib.write_json(os.path.join(stage_dir, "space.json"), space)
-    arch_lib.write_json(os.path.join(stage_dir, "children.json"), evo.children)
+    files.write_json(os.path.join(stage_dir, "space.json"), space)
+    files.write_json(os.path.join(stage_dir, "children.json"), evo.children)
     populations = [[ind.to_json() for ind in pop] for pop in evo.populations]
-    arch_lib.write_json(
+    files.write_json(
         os.path.join(stage_dir, "history.json"),
         {"history": evo.history, "populations": populations},
     )
@@ -495,7 +493,7 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         "children": len(evo.children),
         "config": config.to_dict(),
     }
-    arch_lib.write_json(summary_path, summary)
+    files.write_json(summary_path, summary)
     madds_table = [[layer["madds"] for layer in layers] for layers in space["layers"]]
     logging.info("evolve: learned space\n%s", plots.space_table(learned, madds_table))
     return summary

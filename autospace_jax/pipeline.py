@@ -17,7 +17,7 @@ from typing import Any
 from absl import logging
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import evolution, spaces, train
+from autospace_jax import evolution, files, spaces, train
 from autospace_jax.search import stage
 
 
@@ -29,7 +29,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         stages["evolve"] = evolution.evolve(config, workdir)
     stages["search"] = stage.search(config, workdir)
     stages["train"] = train.train_and_evaluate(config, workdir)
-    space = arch_lib.read_json(os.path.join(workdir, "search", "summary.json"))
+    space = files.read_json(os.path.join(workdir, "search", "summary.json"))
     arch = arch_lib.load_arch(os.path.join(workdir, "train", "arch.json"))
     sizes = _space_sizes(config, workdir, arch)
     summary = {
@@ -43,7 +43,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "arch": [str(g) for g in arch.genomes],
         "config": config.to_dict(),
     }
-    arch_lib.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
     logging.info("pipeline: done\n%s", table(summary))
     return summary
 

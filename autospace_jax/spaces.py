@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 from autospace_jax import arch as arch_lib
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 from autospace_jax.supernet import SupernetSpec
 
@@ -40,7 +41,7 @@ def load_space(path: str) -> SupernetSpec:
             "--config.search.space=manual_irb)"
         )
     try:
-        obj = arch_lib.read_json(path)
+        obj = files.read_json(path)
     except ValueError as e:
         raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(obj, dict) or not {"skeleton", "layers"} <= set(obj):

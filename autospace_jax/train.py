@@ -30,6 +30,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    files,
     initializers,
     input_pipeline,
     madds,
@@ -217,11 +218,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     info = dataset.info
     steps_per_epoch = dataset.steps_per_epoch(tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
-    if os.path.exists(summary_path):
-        summary = arch_lib.read_json(summary_path)
-        if summary.get("steps") == total_steps:
-            logging.info("train: %s exists, nothing to do", summary_path)
-            return summary
+    summary = files.finished(summary_path, lambda s: s.get("steps") == total_steps)
+    if summary is not None:
+        return summary
 
     # --- model, abstract state, init or restore ---------------------------------------
     arch, arch_source = resolve_arch(config, workdir, info)
@@ -297,7 +296,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "arch": arch_source,
         "config": config.to_dict(),
     }
-    arch_lib.write_json(summary_path, summary)
+    files.write_json(summary_path, summary)
     logging.info(
         "train: done. test top-1 %.4f, val top-1 %.4f, %d MAdds, %d params, %.1f s",
         test["accuracy"],

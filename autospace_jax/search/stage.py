@@ -9,7 +9,7 @@ from typing import Any
 from absl import logging
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import checkpoint, input_pipeline, madds, sharding, spaces
+from autospace_jax import checkpoint, files, input_pipeline, madds, sharding, spaces
 from autospace_jax import supernet as sn
 from autospace_jax.search import ALGORITHMS
 from autospace_jax.search.context import SearchContext, network_madds
@@ -54,11 +54,11 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
     stage_dir = os.path.join(workdir, STAGE)
     summary_path = os.path.join(stage_dir, "summary.json")
     sc = config.search
-    if os.path.exists(summary_path):
-        summary = arch_lib.read_json(summary_path)
-        if summary.get("config", {}).get("search") == sc.to_dict():
-            logging.info("search: %s exists, nothing to do", summary_path)
-            return summary
+    summary = files.finished(
+        summary_path, lambda s: s.get("config", {}).get("search") == sc.to_dict()
+    )
+    if summary is not None:
+        return summary
 
     ctx, space_source = build_context(config, workdir)
     space, info, table = ctx.space, ctx.dataset.info, ctx.madds_table
@@ -92,7 +92,7 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
         **figures,
         "config": config.to_dict(),
     }
-    arch_lib.write_json(summary_path, summary)
+    files.write_json(summary_path, summary)
     logging.info(
         "search: %s chose %s: %d MAdds (target %s), %d params, supernet val top-1 %.4f, %.1f s",
         sc.algorithm, path, cost.madds, sc.target_madds or "none", cost.params, val_accuracy,
