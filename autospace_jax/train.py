@@ -70,8 +70,10 @@ def kernel_mask(params: Any) -> Any:
 
 def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
     """SGD momentum/Nesterov, warm-up + cosine, decoupled-from-BN weight decay."""
+    warmup = max(warmup_steps, 1)
+    # optax needs decay beyond the warm-up: warm-up may span the whole run.
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train_config.learning_rate, max(warmup_steps, 1), max(total_steps, 2)
+        0.0, train_config.learning_rate, warmup, max(total_steps, warmup + 1)
     )
     return optax.chain(
         optax.add_decayed_weights(train_config.weight_decay, mask=kernel_mask),
@@ -218,21 +220,32 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     info = dataset.info
     steps_per_epoch = dataset.steps_per_epoch(tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
-    summary = files.finished(summary_path, lambda s: s.get("steps") == total_steps)
+    arch, arch_source = resolve_arch(config, workdir, info)
+    arch_json = arch_lib.arch_to_json(arch)
+    summary = files.finished(
+        summary_path, lambda s: s.get("steps") == total_steps and s.get("arch_json") == arch_json
+    )
     if summary is not None:
         return summary
 
     # --- model, abstract state, init or restore ---------------------------------------
-    arch, arch_source = resolve_arch(config, workdir, info)
     model = cells.Network(arch)
     optimizer = sgd(tc, total_steps, tc.warmup_epochs * steps_per_epoch)
     ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), tc.max_checkpoints)
+    cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2])
+    trained_arch = os.path.join(stage_dir, "arch.json")
     state = init_state(model, optimizer, info.image_shape, config.seed, mesh)
     meta = {"elapsed_s": 0.0}
     if ckpt.latest_step() is not None:
+        if arch_lib.load_arch(trained_arch) != arch:
+            raise ValueError(
+                f"{ckpt.directory} holds the checkpoints of another architecture than "
+                f"{arch_source}; use a new --workdir, or delete {stage_dir} to start over"
+            )
         state, meta = ckpt.restore(state)
         logging.info("train: resumed from step %d of %d", int(state.step), total_steps)
-    cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2])
+    else:  # The checkpoints about to be written belong to this arch.
+        arch_lib.save_arch(trained_arch, arch, madds=cost.madds, params=cost.params)
     logging.info(
         "train: arch from %s, %d layers, %.2fM MAdds, %.3fM params, %d steps (%d epochs)",
         arch_source,
@@ -281,9 +294,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         total_steps, {"val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"]}
     )
     writer.close()
-    arch_lib.save_arch(
-        os.path.join(stage_dir, "arch.json"), arch, madds=cost.madds, params=cost.params
-    )
     summary = {
         "wall_time_s": meta["elapsed_s"] + time.time() - start_time,
         "steps": total_steps,
@@ -294,6 +304,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "params": cost.params,
         "xla_madds": xla_madds(model, variables, info.image_shape),
         "arch": arch_source,
+        "arch_json": arch_json,
         "config": config.to_dict(),
     }
     files.write_json(summary_path, summary)

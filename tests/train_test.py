@@ -105,3 +105,18 @@ def test_cli_bad_config_is_one_clear_line(tmp_path, override, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoints_of_another_arch_are_not_resumed(tmp_path):
+    workdir = str(tmp_path / "run")
+    args = ["--config.train.epochs=1", "--config.train.checkpoint_every_steps=10"]
+    runner.run(_main(workdir, *args), check=True)
+    trained = arch_lib.load_arch(os.path.join(workdir, "train", "arch.json"))
+    other = str(tmp_path / "other.json")
+    arch_lib.save_arch(other, arch_lib.uniform(trained.skeleton, g.irb(5, 3)))
+    proc = runner.run(_main(workdir, *args, f"--config.train.arch={other}"))
+    assert proc.returncode != 0
+    assert "holds the checkpoints of another architecture" in proc.stderr
+    # The same arch again: the finished run is recognised and skipped.
+    again = runner.run(_main(workdir, *args))
+    assert again.returncode == 0 and "nothing to do" in again.stderr
