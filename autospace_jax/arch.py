@@ -65,6 +65,18 @@ def skeleton_from_config(model_config: Any, num_classes: int) -> Skeleton:
     )
 
 
+def check_layers(skeleton: Skeleton, per_layer: Any) -> None:
+    """Raises GenomeError (naming the layer) unless every genome fits its layer."""
+    c_in = skeleton.stem
+    for l, (genomes, (c_out, stride)) in enumerate(zip(per_layer, skeleton.layers)):
+        for g in genomes:
+            try:
+                genome_lib.check_for_layer(g, stride, c_in, c_out)
+            except genome_lib.GenomeError as e:
+                raise genome_lib.GenomeError(f"layer {l}: {e}") from None
+        c_in = c_out
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """A network: the skeleton and one genome per layer."""
@@ -79,13 +91,7 @@ class Arch:
                 f"arch has {len(self.genomes)} genomes for a skeleton of "
                 f"{self.skeleton.num_layers} layers"
             )
-        c_in = self.skeleton.stem
-        for l, (g, (c_out, stride)) in enumerate(zip(self.genomes, self.skeleton.layers)):
-            try:
-                genome_lib.check_for_layer(g, stride, c_in, c_out)
-            except genome_lib.GenomeError as e:
-                raise genome_lib.GenomeError(f"layer {l}: {e}") from None
-            c_in = c_out
+        check_layers(self.skeleton, [(g,) for g in self.genomes])
 
 
 def uniform(skeleton: Skeleton, genome: genome_lib.Genome) -> Arch:

@@ -70,8 +70,15 @@ def _timed(fn):
             jax.block_until_ready(out)
         return out
 
-    call.jitted = fn
     return call
+
+
+def _apply_train(module: nn.Module, params, batch_stats, x):
+    """Train-mode apply: (output, updated batch_stats)."""
+    y, updates = module.apply(
+        {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
+    )
+    return y, updates["batch_stats"]
 
 
 def _shapes(tree) -> tuple:
@@ -89,13 +96,7 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     TRACES["forward", module] += 1
 
     def apply(params, x):
-        y, updates = module.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return y, updates["batch_stats"]
+        return _apply_train(module, params, variables["batch_stats"], x)
 
     y, vjp, new_stats = jax.vjp(apply, variables["params"], x, has_aux=True)
     return y, new_stats, vjp
@@ -130,15 +131,10 @@ def head_loss(
     TRACES["head_loss", module] += 1
 
     def loss_fn(params, x):
-        logits, updates = module.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]},
-            x,
-            train=True,
-            mutable=["batch_stats"],
-        )
+        logits, stats = _apply_train(module, params, variables["batch_stats"], x)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
         loss = optax.softmax_cross_entropy(logits, targets).mean()
-        return loss, (logits, updates["batch_stats"])
+        return loss, (logits, stats)
 
     (loss, (logits, stats)), (dparams, dx) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
         variables["params"], x

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from autospace_jax import arch as arch_lib
 from autospace_jax import cells, initializers, pieces
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Arch, Skeleton
@@ -54,16 +55,10 @@ class SupernetSpec:
                 f"supernet has candidates for {len(self.candidates)} layers; the skeleton "
                 f"has {self.skeleton.num_layers}"
             )
-        c_in = self.skeleton.stem
-        for l, (layer, (c_out, stride)) in enumerate(zip(self.candidates, self.skeleton.layers)):
+        for l, layer in enumerate(self.candidates):
             if not layer or len(set(layer)) != len(layer):
                 raise genome_lib.GenomeError(f"layer {l}: needs >= 1 distinct candidate genomes")
-            for g in layer:
-                try:
-                    genome_lib.check_for_layer(g, stride, c_in, c_out)
-                except genome_lib.GenomeError as e:
-                    raise genome_lib.GenomeError(f"layer {l}: {e}") from None
-            c_in = c_out
+        arch_lib.check_layers(self.skeleton, self.candidates)
 
     def arch(self, path: Sequence[int]) -> Arch:
         """The standalone network of one path (one candidate index per layer)."""
