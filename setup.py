@@ -8,7 +8,7 @@ setup(
     description="AutoSpace NAS in JAX/Flax: learn the search space, then search in it.",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 needs 3.11.
     packages=find_packages(include=["autospace_jax", "autospace_jax.*"]),
     # Versions verified together on CPU (2026-11); see README.
     install_requires=[

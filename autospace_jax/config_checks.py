@@ -88,6 +88,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.offspring": _int_at_least(0),
     "evolution.removal": _one_of(("oldest", "worst")),
     "evolution.checkpoint_every": _int_at_least(1),
+    "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
+    "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),
     "search.algorithm": _one_of(("proxyless", "rl", "spos")),
     "search.space": (
         (lambda v: isinstance(v, str) and v != ""),
@@ -167,6 +169,13 @@ def validate(config: Any) -> None:
     ):
         if ev[field] > ev[limit]:
             fail(f"evolution.{field}", ev[field], f"<= evolution.{limit} ({ev[limit]})")
+    if ev.cells_per_layer + ev.offspring > ev.population_size:
+        fail(
+            "evolution.population_size",
+            ev.population_size,
+            f">= evolution.cells_per_layer + evolution.offspring ({ev.cells_per_layer} + "
+            f"{ev.offspring}): a generation's children are not picked in the next one",
+        )
     se = config.search
     if se.algorithm in ("rl", "spos") and se.target_madds <= 0:
         fail("search.target_madds", se.target_madds, f"> 0 for search.algorithm={se.algorithm!r}")

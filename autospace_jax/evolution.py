@@ -3,7 +3,10 @@
 ``--mode=evolve``: per layer, a population of P individuals (genome, alpha, n',
 birth generation). Each generation t = 0..T-1:
 
-1. tournament selection of K cells per layer (tournament size S);
+1. tournament selection of K cells per layer (tournament size S) among the
+   individuals born before generation t-1 (a child of generation t can be
+   picked from t+2 on: its cell compiles in the background during t+1, see
+   ``evolution.background_compile``);
 2. a supernet of the picked cells, alpha from the population, weights from the
    :class:`~autospace_jax.weight_bank.WeightBank`;
 3. f iterations: a weight step on a training batch, then (after the warm-up)
@@ -38,7 +41,17 @@ import numpy as np
 from absl import logging
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import checkpoint, files, input_pipeline, madds, pieces, plots, sharding, writers
+from autospace_jax import (
+    cells,
+    checkpoint,
+    files,
+    input_pipeline,
+    madds,
+    pieces,
+    plots,
+    sharding,
+    writers,
+)
 from autospace_jax import genome as genome_lib
 from autospace_jax import supernet as sn
 from autospace_jax.weight_bank import WeightBank
@@ -200,6 +213,11 @@ class Evolution:
         self.history: list[list[list[dict]]] = []
         self.children: list[dict[str, Any]] = []
         self.losses: list[float] = []
+        # Compiling generation t+1's new cells while t trains needs them known
+        # before t+1 starts: a child born at the end of generation t can be picked
+        # from t+2 on (always, so results do not depend on background_compile).
+        self.compiler = pieces.BackgroundCompiler() if self.ec.background_compile else None
+        self.compiled: set[tuple[int, genome_lib.Genome]] = set()
         self.steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
         self.total_steps = self.ec.generations * self.ec.steps_per_generation
 
@@ -257,11 +275,17 @@ class Evolution:
 
     def run_generation(self, clock: Clock, writer) -> dict[str, float]:
         t, ec, seed = self.generation, self.ec, self.config.seed
-        # 1. Tournament selection.
+        # 1. Tournament selection among the individuals old enough to be compiled.
         rng = _rng(seed, t, "select")
-        picked = [
-            tournament(pop, ec.cells_per_layer, ec.tournament_size, rng) for pop in self.populations
-        ]
+        picked = []
+        for pop in self.populations:
+            ready = [i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < t]
+            chosen = tournament([pop[i] for i in ready], ec.cells_per_layer, ec.tournament_size,
+                                rng)  # fmt: skip
+            picked.append([ready[j] for j in chosen])
+        if self.compiler is not None:  # Picked cells still compiling in the background.
+            keys = [(l, self.populations[l][i].genome) for l, idx in enumerate(picked) for i in idx]
+            clock.add("compile", self.compiler.wait(keys))
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
         spec = sn.SupernetSpec(
@@ -283,6 +307,7 @@ class Evolution:
             for l, idx in enumerate(picked)
         ]
         clock.add("inherit", time.time() - start)
+        self._precompile_rest(picked)
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
         data = sharding.batch_sharding(self.mesh)
@@ -319,6 +344,27 @@ class Evolution:
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
+
+    def _precompile_rest(self, picked: list[list[int]]) -> None:
+        """Queues every individual not compiled yet, except this generation's picks
+        (those compile now, on first use), fittest first, for the background compiler."""
+        x_sharding, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        todo = []
+        for l, (pop, cons) in enumerate(zip(self.populations, self.constraints)):
+            for i, ind in enumerate(pop):
+                if (l, ind.genome) not in self.compiled:
+                    self.compiled.add((l, ind.genome))
+                    if i not in picked[l]:
+                        todo.append((-ind.alpha, l, ind.genome.id, ind.genome, cons))
+        if self.compiler is None:
+            return
+        for _, l, _, genome, cons in sorted(todo, key=lambda job: job[:3]):
+            x = jax.ShapeDtypeStruct(
+                (self.sc.batch_size, cons.size, cons.size, cons.c_in), np.float32,
+                sharding=x_sharding,
+            )  # fmt: skip
+            module = cells.Cell(genome, cons.c_out, cons.stride)
+            self.compiler.submit((l, genome), module, x, replicated, self.tx)
 
     def _reproduce(self, picked: list[list[int]]) -> None:
         t, ec = self.generation, self.ec
@@ -409,6 +455,7 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     if summary is not None:
         return summary
 
+    background_before = pieces.background_compile_seconds()
     mesh = sharding.create_mesh()
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
     dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
@@ -467,6 +514,8 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         )
     start = time.time()
     ckpt.close()
+    if evo.compiler is not None:
+        evo.compiler.close()
     space = evo.space_json()
     files.write_json(os.path.join(stage_dir, "space.json"), space)
     files.write_json(os.path.join(stage_dir, "children.json"), evo.children)
@@ -486,6 +535,7 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         "generations": ec.generations,
         "steps": evo.step,
         "compile_time_s": clock.totals["compile"],
+        "background_compile_time_s": pieces.background_compile_seconds() - background_before,
         "inherit_time_s": clock.totals["inherit"],
         "train_time_s": clock.totals["train"],
         "other_time_s": clock.totals["other"],

@@ -69,9 +69,13 @@ class Dataset:
         augment: bool,
         process_index: int,
         process_count: int,
+        scale_shift: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         self._splits = splits
         self.info = info
+        # Per-channel float32 (scale, shift): the raw -> model-input map ``x * scale - shift``
+        # that inference on new images must repeat (autospace_jax.normalisation).
+        self.scale_shift = scale_shift
         # Crop + flip only make sense on natural images; 8x8 digits are never augmented.
         self.augment = augment and min(info.image_shape[:2]) >= _MIN_AUGMENT_SIZE
         self.process_index = process_index
@@ -229,21 +233,7 @@ def load(
         raise ValueError(
             f"data.image_size={cfg.image_size!r} must be 0 (native size) or a positive int"
         )
-    source = cfg.source
-    if source == "digits":
-        x_train, y_train, x_test, y_test, num_classes, max_value = _load_digits(cfg)
-    elif source == "npz":
-        x_train, y_train, x_test, y_test, num_classes = _load_npz(cfg, cache_dir)
-        max_value = 255.0
-    elif isinstance(source, str) and source.startswith("tfds:") and len(source) > 5:
-        x_train, y_train, x_test, y_test, num_classes = _load_tfds(cfg)
-        max_value = 255.0
-    else:
-        raise ValueError(
-            f"data.source={source!r} is unknown; expected 'digits', 'npz' or 'tfds:<name>' "
-            "(e.g. 'tfds:cifar10')"
-        )
-
+    x_train, y_train, x_test, y_test, num_classes, max_value = read_source(cfg, cache_dir)
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(_VAL_STREAM,)))
     perm = rng.permutation(len(y_train))
     num_val = round(cfg.val_fraction * len(y_train))
@@ -275,6 +265,29 @@ def load(
         augment=bool(cfg.augment),
         process_index=jax.process_index() if process_index is None else process_index,
         process_count=jax.process_count() if process_count is None else process_count,
+        scale_shift=(scale, shift),
+    )
+
+
+def read_source(
+    data_config: Any, cache_dir: str | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """The raw (unnormalised, resized) arrays of ``data.source``.
+
+    Returns:
+      ``x_train, y_train, x_test, y_test`` (NHWC images, int labels), the number
+      of classes and the maximum pixel value (255, or 16 for digits).
+    """
+    source = data_config.source
+    if source == "digits":
+        return _load_digits(data_config)
+    if source == "npz":
+        return (*_load_npz(data_config, cache_dir), 255.0)
+    if isinstance(source, str) and source.startswith("tfds:") and len(source) > 5:
+        return (*_load_tfds(data_config), 255.0)
+    raise ValueError(
+        f"data.source={source!r} is unknown; expected 'digits', 'npz' or 'tfds:<name>' "
+        "(e.g. 'tfds:cifar10')"
     )
 
 

@@ -8,13 +8,14 @@ fails at once.
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import config_checks, evolution, pipeline, train
+from autospace_jax import config_checks, distributed, evolution, pipeline, train
 from autospace_jax.search import stage
 
 MODES = {
@@ -31,7 +32,7 @@ flags.DEFINE_string("mode", None, f"One of {sorted(MODES)}; default: the config'
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _QuietLibraries(py_logging.Filter):
+class QuietLibraries(py_logging.Filter):
     """Orbax logs every file it renames at INFO; keep its warnings, drop the chatter."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
@@ -41,7 +42,8 @@ class _QuietLibraries(py_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    distributed.maybe_initialize()  # Before anything asks JAX about devices.
+    logging.get_absl_handler().addFilter(QuietLibraries())
     config = FLAGS.config
     mode = FLAGS.mode or config.mode
     if mode not in MODES:
@@ -50,15 +52,31 @@ def main(argv):
         config_checks.validate(config)
     except config_checks.ConfigError as e:
         sys.exit(f"FATAL config error: {e}")
+    cache = use_compilation_cache(config.compilation_cache, FLAGS.workdir)
     logging.info(
-        "autospace_jax %s: %d devices (%s), process %d of %d",
+        "autospace_jax %s: %d devices (%s), process %d of %d, compilation cache %s",
         mode,
         jax.device_count(),
         jax.devices()[0].platform,
         jax.process_index(),
         jax.process_count(),
+        cache or "off",
     )
     MODES[mode](config, FLAGS.workdir)
+
+
+def use_compilation_cache(setting: str, workdir: str) -> str | None:
+    """Turns on JAX's persistent compilation cache ('' = ``<workdir>/compilation_cache``).
+
+    A re-run, a resumed run or a later stage then loads the cells it compiled
+    before instead of compiling them again. Process-wide, so set once, here.
+    """
+    if setting == "off":
+        return None
+    directory = setting or os.path.join(workdir, "compilation_cache")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return directory
 
 
 def parse_flags(argv: list[str]) -> list[str]:

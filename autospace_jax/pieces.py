@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import functools
+import threading
 import time
+from concurrent import futures
 from typing import Any
 
 import flax.linen as nn
@@ -31,12 +33,27 @@ import optax
 # Traces per (piece kind, module or shapes): each entry must stay at 1 however
 # many steps run (a retrace would mean a recompile).
 TRACES: collections.Counter = collections.Counter()
-_COMPILE_SECONDS = [0.0]
+_SECONDS = {"compile": 0.0, "background": 0.0}
+_THREAD = threading.local()  # Traces made by this thread: whose call paid for a compile.
 
 
 def compile_seconds() -> float:
-    """Seconds spent in piece calls that traced and compiled (cumulative, this process)."""
-    return _COMPILE_SECONDS[0]
+    """Seconds spent in piece calls that traced and compiled (cumulative, this process).
+
+    Only calls that traced count: a piece compiled ahead of time by
+    :class:`BackgroundCompiler` costs its caller nothing here.
+    """
+    return _SECONDS["compile"]
+
+
+def background_compile_seconds() -> float:
+    """Seconds :class:`BackgroundCompiler` spent compiling (cumulative, off the critical path)."""
+    return _SECONDS["background"]
+
+
+def _trace(*key) -> None:
+    TRACES[key] += 1
+    _THREAD.traces = getattr(_THREAD, "traces", 0) + 1
 
 
 @functools.cache
@@ -61,11 +78,11 @@ def _timed(fn):
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
-        before = sum(TRACES.values())
+        before = getattr(_THREAD, "traces", 0)
         start = time.perf_counter()
         out = fn(*args, **kwargs)
-        if sum(TRACES.values()) != before:
-            _COMPILE_SECONDS[0] += time.perf_counter() - start
+        if getattr(_THREAD, "traces", 0) != before:
+            _SECONDS["compile"] += time.perf_counter() - start
         if _serialize():
             jax.block_until_ready(out)
         return out
@@ -93,7 +110,7 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     ``vjp(dy)`` gives (d params, d x); it is a pytree (``jax.tree_util.Partial``)
     holding the residuals, so it can leave the jit and feed :func:`backward`.
     """
-    TRACES["forward", module] += 1
+    _trace("forward", module)
 
     def apply(params, x):
         return _apply_train(module, params, variables["batch_stats"], x)
@@ -106,7 +123,7 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
 @jax.jit
 def backward(vjp, dy: jax.Array):
     """Applies a :func:`forward` VJP: returns (d params, d x)."""
-    TRACES["backward", jax.tree.structure(vjp), _shapes(vjp)] += 1
+    _trace("backward", jax.tree.structure(vjp), _shapes(vjp))
     return vjp(dy)
 
 
@@ -114,7 +131,7 @@ def backward(vjp, dy: jax.Array):
 @functools.partial(jax.jit, static_argnames=("module",))
 def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     """Inference forward (BatchNorm running statistics)."""
-    TRACES["forward_eval", module] += 1
+    _trace("forward_eval", module)
     return module.apply(variables, x, train=False)
 
 
@@ -128,7 +145,7 @@ def head_loss(
     Returns:
       (loss, accuracy, d params, d x, new batch_stats).
     """
-    TRACES["head_loss", module] += 1
+    _trace("head_loss", module)
 
     def loss_fn(params, x):
         logits, stats = _apply_train(module, params, variables["batch_stats"], x)
@@ -149,7 +166,7 @@ def update(
     tx: optax.GradientTransformation, params: Any, grads: Any, opt_state: Any, learning_rate
 ):
     """One optimizer step on one module's tree: params - lr * direction."""
-    TRACES["update", tx, _shapes(params)] += 1
+    _trace("update", tx, _shapes(params))
     direction, opt_state = tx.update(grads, opt_state, params)
     params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
     return params, opt_state
@@ -159,5 +176,73 @@ def update(
 @jax.jit
 def inner(a: jax.Array, b: jax.Array) -> jax.Array:
     """<a, b> over all elements: dL/dg_k = <dL/d out, o_k(x)> for a gate g_k."""
-    TRACES["inner", _shapes((a, b))] += 1
+    _trace("inner", _shapes((a, b)))
     return jnp.vdot(a, b)
+
+
+def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) -> None:
+    """Compiles ``module``'s forward, backward and update ahead of time (any thread).
+
+    ``jit(f).lower(...).compile()`` fills the same in-memory caches a later call
+    ``f(...)`` looks up, so that call neither traces nor compiles (checked by
+    :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry.
+    """
+    abstract = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    variables = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+    # The skip cell has no variables: {} as the trainer passes it.
+    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+    compiled = forward.__wrapped__.lower(module, variables, x).compile()
+    # The backward's cache key includes its inputs' shardings: those the forward's
+    # outputs (the VJP residuals) will really carry.
+    y, _, vjp = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(forward.__wrapped__, module, variables, x),
+        compiled.output_shardings,
+    )
+    backward.__wrapped__.lower(vjp, y).compile()
+    params = {"params": variables["params"]}
+    opt_state = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+        jax.eval_shape(tx.init, params),
+    )
+    lr = jax.ShapeDtypeStruct((), jnp.float32, weak_type=True)
+    update.__wrapped__.lower(tx, params, params, opt_state, lr).compile()
+
+
+class BackgroundCompiler:
+    """One worker thread that compiles cells while the host loop trains others.
+
+    Compilation only (no execution), so it cannot meet the multi-device
+    all-reduce rendezvous that :func:`_serialize` guards against.
+    """
+
+    def __init__(self):
+        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="precompile")
+        self._pending: dict[Any, futures.Future] = {}
+
+    def submit(self, key, module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) -> None:
+        """Queues :func:`precompile_cell` for ``module``, to be claimed by ``key``."""
+        self._pending[key] = self._pool.submit(self._run, module, x, replicated, tx)
+
+    @staticmethod
+    def _run(*job) -> None:
+        start = time.perf_counter()
+        precompile_cell(*job)
+        _SECONDS["background"] += time.perf_counter() - start
+
+    def wait(self, keys) -> float:
+        """Blocks until the jobs of ``keys`` are done (re-raising errors); returns the wait."""
+        start = time.perf_counter()
+        for key in keys:
+            if key in self._pending:
+                self._pending.pop(key).result()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        """Drops queued jobs, waits for the running one."""
+        for f in self._pending.values():
+            f.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)

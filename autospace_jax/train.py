@@ -34,6 +34,7 @@ from autospace_jax import (
     initializers,
     input_pipeline,
     madds,
+    normalisation,
     sharding,
     writers,
 )
@@ -246,6 +247,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         logging.info("train: resumed from step %d of %d", int(state.step), total_steps)
     else:  # The checkpoints about to be written belong to this arch.
         arch_lib.save_arch(trained_arch, arch, madds=cost.madds, params=cost.params)
+        # The input map inference needs (export.predict); the data may be gone by then.
+        normalisation.save(
+            os.path.join(stage_dir, normalisation.FILENAME),
+            normalisation.from_dataset(dataset),
+        )
     logging.info(
         "train: arch from %s, %d layers, %.2fM MAdds, %.3fM params, %d steps (%d epochs)",
         arch_source,

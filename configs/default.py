@@ -14,6 +14,8 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "train"  # Run when --mode is not given: pipeline | evolve | search | train.
     c.seed = 0
+    # JAX's persistent compilation cache: '' = <workdir>/compilation_cache, 'off' = none.
+    c.compilation_cache = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | npz | tfds:<name>
@@ -54,6 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.evolution.offspring = 1  # Children per layer per generation (fittest picked cells).
     c.evolution.removal = "oldest"  # oldest (aging) | worst (lowest alpha).
     c.evolution.checkpoint_every = 1  # Generations between checkpoints.
+    # Compile new cells in a background thread while the previous generation
+    # trains (results are identical either way; a child is picked from its
+    # second generation on in both cases).
+    c.evolution.background_compile = True
 
     # NAS inside a space (paper §3.3): writes <workdir>/search/arch.json.
     c.search = ml_collections.ConfigDict()

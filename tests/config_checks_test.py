@@ -25,6 +25,8 @@ BAD = [
     ("evolution.cells_per_layer", 9, "<= evolution.population_size (6)"),
     ("evolution.tournament_size", 7, "<= evolution.population_size (6)"),
     ("evolution.offspring", 4, "<= evolution.cells_per_layer (3)"),
+    ("evolution.population_size", 3, ">= evolution.cells_per_layer + evolution.offspring (3 + 1)"),
+    ("compilation_cache", None, "'', 'off' or a directory"),
     ("evolution.momentum", 1.5, "[0.0, 1.0]"),
     ("evolution.tau", -0.1, "[0.0, 1.0]"),
     ("evolution.max_madds_factor", 0, "a number > 0"),

@@ -182,3 +182,28 @@ def test_evolve_run_kill_resume_constraints_and_accounting(tmp_path):
             ids = [ind["id"] for ind in pop]
             assert len(ids) == len(set(ids)) == 3
     assert [len(p) for p in record["populations"]] == [3, 3]
+
+
+def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path):
+    from autospace_jax import pieces
+    from configs import digits
+
+    config = digits.get_config()
+    config.model.stem, config.model.widths, config.model.head = 8, (8, 16), 16
+    config.model.blocks, config.model.strides = (1, 1), (1, 2)
+    ev = config.evolution
+    ev.population_size, ev.cells_per_layer, ev.tournament_size = 4, 2, 2
+    ev.steps_per_generation, ev.generations = 2, 4
+    config.supernet.batch_size, config.supernet.warmup_epochs = 32, 0
+    spaces = {}
+    for background in (True, False):
+        config.evolution.background_compile = background
+        before = dict(pieces.TRACES)
+        summary = evo.evolve(config, str(tmp_path / str(background)))
+        retraced = {k: v - before.get(k, 0) for k, v in pieces.TRACES.items()}
+        # A cell compiled in the background is found by the training thread's call.
+        assert max(retraced.values()) <= 1
+        with open(tmp_path / str(background) / "evolve" / "space.json") as f:
+            spaces[background] = json.load(f)["layers"]
+        assert (summary["background_compile_time_s"] > 0) == background
+    assert spaces[True] == spaces[False]

@@ -19,12 +19,19 @@ from autospace_jax.search.context import SearchContext
 MAX_TRIES = 1000
 
 
-def _random_path(ctx: SearchContext, rng: np.random.Generator, limit: float) -> list[int] | None:
+def _initial_population(ctx: SearchContext, size: int, limit: float) -> list[list[int]]:
+    """Up to ``size`` distinct random paths within ``limit`` (fewer when the space has fewer)."""
+    rng = np.random.default_rng((ctx.seed, 11))
+    population: list[list[int]] = []
     for _ in range(MAX_TRIES):
+        if len(population) >= size:
+            break
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
-        if ctx.path_madds(path) <= limit:
-            return path
-    return None
+        if ctx.path_madds(path) <= limit and path not in population:
+            population.append(path)
+    if not population:
+        raise ValueError(f"no path of this space has MAdds <= config.search.target_madds={limit}")
+    return population
 
 
 def run(ctx: SearchContext) -> tuple[list[int], dict]:
@@ -51,15 +58,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
 
     population = [list(p) for p in meta["population"]]
     if not population:
-        rng = np.random.default_rng((ctx.seed, 11))
-        while len(population) < sc.spos_population:
-            path = _random_path(ctx, rng, limit)
-            if path is None:
-                raise ValueError(
-                    f"no path of this space has MAdds <= config.search.target_madds={limit}"
-                )
-            if path not in population:
-                population.append(path)
+        population = _initial_population(ctx, sc.spos_population, limit)
     for round_ in range(meta["round"], sc.spos_iterations):
         ranked = sorted(population, key=lambda p: (-score(p), p))
         parents = ranked[: sc.spos_parents]

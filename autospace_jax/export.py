@@ -1,0 +1,161 @@
+"""Use a trained model outside the pipeline: :func:`load_model` and :func:`predict`.
+
+A finished ``--mode=train`` (or ``pipeline``) run leaves in ``<workdir>/train``
+everything inference needs: ``arch.json`` (the network), the Orbax checkpoints
+(the weights), ``normalisation.json`` (the input map) and ``summary.json``
+(which step is final, and the config that fixes the optimizer state's layout).
+
+Example, on raw images in the training data's pixel units::
+
+    import autospace_jax
+    from autospace_jax import export
+
+    model, variables = autospace_jax.load_model("runs/digits")
+    norm = export.load_normalisation("runs/digits")
+    logits = export.predict(model, variables, images, norm)  # [N, num_classes]
+    labels = logits.argmax(-1)
+
+``model`` is a plain ``flax.linen`` module: ``model.apply(variables, x,
+train=False)`` works too, on inputs already normalised with ``norm.apply``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from autospace_jax import arch as arch_lib
+from autospace_jax import cells, checkpoint, files, normalisation, train
+
+Normalisation = normalisation.Normalisation
+
+
+def _stage_dir(workdir: str) -> str:
+    return os.path.join(workdir, train.STAGE)
+
+
+def _finished_summary(workdir: str) -> dict[str, Any]:
+    path = os.path.join(_stage_dir(workdir), "summary.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: {workdir!r} holds no finished training; run "
+            f"`python -m autospace_jax.main --mode=train --workdir={workdir} ...` first"
+        )
+    return files.read_json(path)
+
+
+def load_normalisation(workdir: str) -> Normalisation:
+    """The input map of ``workdir``'s trained model (``<workdir>/train/normalisation.json``)."""
+    _finished_summary(workdir)
+    return normalisation.load(os.path.join(_stage_dir(workdir), normalisation.FILENAME))
+
+
+def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained final network of ``workdir`` and its weights.
+
+    Restores the checkpoint of the step ``summary.json`` records as final, not
+    merely the latest one, so a later unfinished re-training in the same
+    workdir cannot swap in half-trained weights.
+
+    Args:
+      workdir: a run folder with a finished train stage.
+
+    Returns:
+      ``(cells.Network(arch), {"params": ..., "batch_stats": ...})``, the
+      variables on this process's first device.
+
+    Raises:
+      FileNotFoundError: no finished training in ``workdir`` (the message names
+        the missing file or checkpoint).
+    """
+    summary = _finished_summary(workdir)
+    stage_dir = _stage_dir(workdir)
+    arch = arch_lib.load_arch(os.path.join(stage_dir, "arch.json"))
+    if arch_lib.arch_to_json(arch) != summary["arch_json"]:
+        raise ValueError(f"{stage_dir}: arch.json is not the arch summary.json was trained with")
+    image_shape = load_normalisation(workdir).image_shape
+    ckpt_dir = os.path.join(stage_dir, "checkpoints")
+    step = int(summary["steps"])
+    if not os.path.isdir(os.path.join(ckpt_dir, str(step))):
+        raise FileNotFoundError(
+            f"{os.path.join(ckpt_dir, str(step))} does not exist: the final checkpoint of the "
+            f"training in {workdir!r} is missing"
+        )
+    model = cells.Network(arch)
+    target = _abstract_state(model, ml_collections.ConfigDict(summary["config"]), step, image_shape)
+    ckpt = checkpoint.Checkpointer(ckpt_dir)
+    try:
+        state, _ = ckpt.restore(target, step=step)
+    finally:
+        ckpt.close()
+    return model, {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def _abstract_state(model: nn.Module, config: Any, steps: int, image_shape) -> train.TrainState:
+    """Shapes of the saved ``TrainState``: Orbax restores against a target of the same tree.
+
+    The optimizer is rebuilt from the run's own config because its state's tree
+    (e.g. with or without a momentum trace) is part of the checkpoint's layout.
+    """
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    optimizer = train.sgd(config.train, steps, 1)
+    state = train.TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=variables["params"],
+        batch_stats=variables["batch_stats"],
+        opt_state=jax.eval_shape(optimizer.init, variables["params"]),
+    )
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(model: nn.Module, variables: Any, x: jax.Array) -> jax.Array:
+    return model.apply(variables, x, train=False)
+
+
+def predict(
+    model: nn.Module,
+    variables: dict[str, Any],
+    images: Any,
+    norm: Normalisation,
+    *,
+    batch_size: int = 256,
+) -> np.ndarray:
+    """Logits of ``model`` on raw images, normalised exactly as in training.
+
+    Args:
+      model: from :func:`load_model`.
+      variables: from :func:`load_model`.
+      images: NHWC (or NHW for one channel), uint8 or float, in the training
+        data's pixel units (0..255 for npz/TFDS sources, 0..16 for digits) and
+        already at the training size ``norm.image_shape``.
+      norm: from :func:`load_normalisation`.
+      batch_size: most images per jitted call; the last batch is zero-padded,
+        so a call compiles at most one program per distinct ``min(batch_size, N)``.
+
+    Returns:
+      float32 logits ``[N, num_classes]``; ``argmax(-1)`` gives the labels.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size={batch_size} must be positive")
+    x = norm.apply(images)
+    size = min(batch_size, len(x))
+    out = []
+    for start in range(0, len(x), size):
+        chunk = x[start : start + size]
+        padded = np.zeros((size, *x.shape[1:]), np.float32)
+        padded[: len(chunk)] = chunk
+        out.append(np.asarray(_logits(model, variables, padded))[: len(chunk)])
+    if not out:
+        num_classes = model.arch.skeleton.num_classes
+        return np.zeros((0, num_classes), np.float32)
+    return np.concatenate(out)

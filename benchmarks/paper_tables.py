@@ -1,0 +1,432 @@
+"""The paper's experiments (Tables 2, 3, 4, 6 and Fig. 3), scaled to 2 CPU cores.
+
+  python benchmarks/paper_tables.py                       # ../shared/data CIFAR-10
+  python benchmarks/paper_tables.py --data any.npz        # x_train/y_train/x_test/y_test
+  python benchmarks/paper_tables.py --data tfds:cifar10 --data-dir $TFDS_DATA_DIR
+
+Scale (``--scale=full``, about 1.5 h here): images resized to 16x16, a
+class-balanced subset of 1,000 train / 200 test images per class (10% of train
+held out for fitness/arch steps), the 5-layer default skeleton, evolution of
+12 generations x 25 steps, searches of 200 steps, final training 5 epochs, 3
+seeds. ``--scale=tiny`` runs every experiment once, on tiny settings (the test).
+
+Every run writes its own folder under ``--out`` and each library stage skips
+when its summary exists, so re-running after an interruption continues where
+it stopped. Experiments:
+
+* Table 3: learned space vs ``manual_irb``, ``proxyless`` at two MAdds budgets.
+* Table 4: the same with ``rl`` and ``spos`` at the higher budget.
+* Table 2: a direct evolutionary search for one model in the open space (the
+  fittest cell of each layer of an evolution without the reference DAG) vs the
+  RL models of Table 4.
+* Table 6: three networks of the same block at depth 1, 2, 3 (one, two, three
+  chained depthwise 3x3 convs per cell); their true order comes from training
+  each; then a supernet holding the three cells per layer learns alpha from 5
+  random inits. A network's fitness score is the sum over layers of its
+  cell's alpha; "epochs" is the first epoch from which the scores stay in the
+  true order (an epoch here is ``t6_steps`` supernet iterations).
+* Fig. 3: evolution with vs without the reference DAG, supernet loss per
+  generation and the supernet iterations (and training seconds) each needs to
+  reach the loss both reach.
+
+Final models of Tables 2-4 are trained identically (same epochs, schedule,
+seeds); top-1 is on the held-out test split, mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import logging  # noqa: E402
+
+from autospace_jax import arch as arch_lib  # noqa: E402
+from autospace_jax import config_checks, evolution, files, input_pipeline, sharding, spaces, train  # noqa: E402,E501
+from autospace_jax import genome as genome_lib  # noqa: E402
+from autospace_jax import main as main_lib  # noqa: E402
+from autospace_jax import supernet as sn  # noqa: E402
+from autospace_jax.search import stage  # noqa: E402
+from autospace_jax.search.context import network_madds  # noqa: E402
+from benchmarks import _report  # noqa: E402
+from configs import cifar10  # noqa: E402
+
+DEFAULT_DATA = os.path.join(_report.ROOT, "..", "shared", "data", "cifar10_jpeg_bytes.npz")
+SECTION = "Paper tables (CIFAR-10, scaled)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    image_size: int
+    train_per_class: int
+    test_per_class: int
+    widths: tuple[int, ...]
+    blocks: tuple[int, ...]
+    strides: tuple[int, ...]
+    generations: int
+    steps_per_generation: int
+    search_steps: int
+    search_warmup: int
+    train_epochs: int
+    seeds: tuple[int, ...]
+    t6_inits: int
+    t6_epochs: int
+    t6_steps: int
+    budgets: tuple[float, float] = (0.3, 0.7)  # Positions in the MAdds range both spaces share.
+
+
+SCALES = {
+    "full": Scale(16, 1000, 200, (16, 24, 32), (1, 2, 2), (1, 2, 2), 12, 25, 200, 60, 5,
+                  (0, 1, 2), 5, 6, 40),
+    "tiny": Scale(8, 70, 5, (8, 16), (1, 1), (1, 2), 2, 2, 4, 1, 1, (0,), 2, 2, 1),
+}  # fmt: skip
+
+DEPTH_NETS = (  # Table 6: the same block (depthwise 3x3, r = 6) chained 1, 2, 3 times.
+    genome_lib.irb(3, 6),
+    genome_lib.Genome(
+        ("dwconv3x3", "zero", "zero", "zero", "dwconv3x3", "zero"), 6, "add"
+    ),  # (1,2), (2,4)
+    genome_lib.Genome(
+        ("dwconv3x3", "zero", "zero", "dwconv3x3", "zero", "dwconv3x3"), 6, "add"
+    ),  # (1,2), (2,3), (3,4)
+)
+
+
+# --- data and configs -------------------------------------------------------------------
+
+
+def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
+    """A class-balanced, resized subset of ``data`` as a plain npz in ``out``."""
+    path = os.path.join(out, "data.npz")
+    if os.path.isfile(path):
+        return path
+    cfg = ml_collections.ConfigDict(
+        {"source": data if data.startswith("tfds:") else "npz", "path": data,
+         "data_dir": data_dir, "image_size": s.image_size, "test_fraction": 0.2}
+    )  # fmt: skip
+    x_train, y_train, x_test, y_test, _, _ = input_pipeline.read_source(cfg)
+    rng = np.random.default_rng(0)
+
+    def subset(x, y, per_class):
+        idx = [rng.permutation(np.flatnonzero(y == k))[:per_class] for k in np.unique(y)]
+        idx = np.sort(np.concatenate(idx))
+        return x[idx], y[idx]
+
+    x_train, y_train = subset(x_train, y_train, s.train_per_class)
+    x_test, y_test = subset(x_test, y_test, s.test_per_class)
+    os.makedirs(out, exist_ok=True)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    os.replace(tmp, path)
+    return path
+
+
+def base_config(data_path: str, s: Scale) -> ml_collections.ConfigDict:
+    c = cifar10.get_config()
+    c.data.path, c.data.image_size, c.data.augment = data_path, 0, False
+    c.model.stem, c.model.head = s.widths[0], 128
+    c.model.widths, c.model.blocks, c.model.strides = s.widths, s.blocks, s.strides
+    c.evolution.generations = s.generations
+    c.evolution.steps_per_generation = s.steps_per_generation
+    c.supernet.warmup_epochs = 0  # Evolution is only ~2 epochs of the subset long.
+    c.search.steps, c.search.warmup_steps = s.search_steps, s.search_warmup
+    c.train.epochs, c.train.eval_every_epochs = s.train_epochs, s.train_epochs
+    return c
+
+
+def _with(c: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(c.to_dict())
+    for dotted, value in fields.items():
+        section, name = dotted.split("__")
+        c[section][name] = value
+    config_checks.validate(c)
+    return c
+
+
+# --- runs (each cached in its own folder) -------------------------------------------------
+
+
+class Runs:
+    def __init__(self, out: str, base: ml_collections.ConfigDict, s: Scale):
+        self.out, self.base, self.s = out, base, s
+
+    def evolve(self, name: str, use_reference: bool) -> dict:
+        c = _with(self.base, evolution__use_reference=use_reference)
+        return evolution.evolve(c, os.path.join(self.out, "evolve", name))
+
+    def space_path(self, name: str) -> str:
+        return os.path.join(self.out, "evolve", name, "evolve", "space.json")
+
+    def search(self, name: str, space: str, algorithm: str, target: int) -> dict:
+        c = _with(self.base, search__space=space, search__algorithm=algorithm,
+                  search__target_madds=int(target))  # fmt: skip
+        workdir = os.path.join(self.out, "search", name)
+        summary = stage.search(c, workdir)
+        return {**summary, "arch_path": os.path.join(workdir, "search", "arch.json")}
+
+    def train(self, name: str, arch_path: str) -> list[dict]:
+        return [
+            train.train_and_evaluate(
+                _seeded(_with(self.base, train__arch=arch_path), seed),
+                os.path.join(self.out, "train", name, f"seed{seed}"),
+            )
+            for seed in self.s.seeds
+        ]
+
+
+def _seeded(c: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
+    c.seed = seed
+    return c
+
+
+def model_row(label: str, trained: list[dict]) -> dict:
+    acc = np.array([t["test_accuracy"] for t in trained])
+    return {
+        "model": label,
+        "params": trained[0]["params"],
+        "madds": trained[0]["madds"],
+        "top1_mean": float(acc.mean()),
+        "top1_std": float(acc.std()),
+        "top1_per_seed": acc.tolist(),
+    }
+
+
+def path_range(space: sn.SupernetSpec, image_shape) -> tuple[int, int]:
+    table, base = network_madds(space, image_shape)
+    return base + int(sum(t.min() for t in table)), base + int(sum(t.max() for t in table))
+
+
+# --- Table 6 ------------------------------------------------------------------------------
+
+
+def fitness_ranking(runs: Runs, dataset, skeleton, truth: list[int], init: int) -> dict:
+    """Learns alpha for the three depth networks from one random init (cached)."""
+    path = os.path.join(runs.out, "table6", f"init{init}.json")
+    if os.path.isfile(path):
+        return files.read_json(path)
+    s, c = runs.s, runs.base
+    spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
+    trainer = sn.SupernetTrainer.from_config(spec, c.supernet)
+    mesh = sharding.create_mesh()
+    state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
+                         sharding.replicated(mesh))  # fmt: skip
+    data = sharding.batch_sharding(mesh)
+
+    def scores() -> list[float]:
+        return np.sum(trainer.alphas(state), axis=0).tolist()
+
+    history, step, total = [scores()], 0, s.t6_epochs * s.t6_steps
+    for epoch in range(s.t6_epochs):
+        for _ in range(s.t6_steps):
+            lr = 0.5 * c.supernet.learning_rate * (1 + math.cos(math.pi * step / total))
+            batch = dataset.train_batch(step, c.supernet.batch_size, data, seed=init)
+            trainer.weight_step(state, *batch, lr, init)
+            val = dataset.train_batch(step, c.supernet.batch_size, data, seed=init, split="val")
+            trainer.fitness_step(state, *val, c.supernet.fitness_learning_rate, init)
+            step += 1
+        history.append(scores())
+        logging.info("table 6: init %d epoch %d scores %s", init, epoch + 1, history[-1])
+    right = [list(np.argsort(h)) == truth for h in history]
+    epochs = next((e for e in range(len(right)) if all(right[e:])), None)
+    result = {"init": init, "initial_scores": history[0], "scores": history, "epochs": epochs}
+    files.write_json(path, result)
+    return result
+
+
+# --- tables -------------------------------------------------------------------------------
+
+
+def _fmt_model(r: dict) -> list:
+    return [f"{r['params'] / 1e3:.1f}K", f"{r['madds'] / 1e6:.2f}M",
+            f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}"]  # fmt: skip
+
+
+def render(results: dict) -> str:
+    head = ["Params", "MAdds", "top-1 (%)"]
+    parts = []
+    rows = [[r["space"], r["algorithm"], *_fmt_model(r)] for r in results["table2"]]
+    parts.append("**Table 2** (search strategies)\n\n"
+                 + _report.table(["Space", "Search", *head], rows))  # fmt: skip
+    rows = [[f"{r['budget'] / 1e6:.2f}M", r["space"], *_fmt_model(r)] for r in results["table3"]]
+    parts.append("**Table 3** (proxyless, two MAdds budgets)\n\n"
+                 + _report.table(["Budget", "Space", *head], rows))  # fmt: skip
+    rows = [[f"{r['budget'] / 1e6:.2f}M", f"{r['space']}-{r['algorithm']}", *_fmt_model(r)]
+            for r in results["table4"]]  # fmt: skip
+    parts.append("**Table 4** (other search algorithms)\n\n"
+                 + _report.table(["Budget", "Space-Search", *head], rows))  # fmt: skip
+    t6 = results["table6"]
+    rows = [[r["init"] + 1, *(f"{a * 1e3:.3f}" for a in r["initial_scores"]),
+             "never" if r["epochs"] is None else r["epochs"]] for r in t6["inits"]]  # fmt: skip
+    truth = ", ".join(f"Net{d + 1} {100 * a:.2f}%" for d, a in enumerate(t6["truth_accuracy"]))
+    parts.append(
+        f"**Table 6** (fitness-ranking robustness; true test top-1: {truth})\n\n"
+        + _report.table(["S/N", "α Net1 (e-3)", "α Net2 (e-3)", "α Net3 (e-3)", "Epochs"], rows)
+    )
+    f3 = results["fig3"]
+    rows = [[name, f"{r['final_loss']:.4f}", r["steps_to_target"] or "never",
+             "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
+            for name, r in f3["runs"].items()]  # fmt: skip
+    parts.append(
+        f"**Fig. 3** (supernet loss, target {f3['target_loss']:.4f}; plot {f3['plot']})\n\n"
+        + _report.table(["Evolution", "final loss", "steps to target", "train s to target"], rows)
+    )
+    return "\n\n".join(parts)
+
+
+def direct_ea(runs: Runs, skeleton) -> dict:
+    """Table 2's first row: the fittest cell per layer of the evolution without reference."""
+    direct = spaces.load_space(runs.space_path("no_reference"))
+    direct_arch = os.path.join(runs.out, "direct_ea_arch.json")
+    arch_lib.save_arch(direct_arch, direct.arch([0] * skeleton.num_layers))
+    return {"space": "full (open)", "algorithm": "EA", "budget": None,
+            **model_row("direct_ea", runs.train("direct_ea", direct_arch))}  # fmt: skip
+
+
+def table6(runs: Runs, dataset, skeleton) -> dict:
+    """True order of the depth networks (trained), then alpha from each random init."""
+    truth_acc = []
+    for d, g in enumerate(DEPTH_NETS):
+        arch_path = os.path.join(runs.out, "table6", f"net{d + 1}_arch.json")
+        os.makedirs(os.path.dirname(arch_path), exist_ok=True)
+        arch_lib.save_arch(arch_path, arch_lib.uniform(skeleton, g))
+        trained = train.train_and_evaluate(
+            _with(runs.base, train__arch=arch_path),
+            os.path.join(runs.out, "table6", f"net{d + 1}"),
+        )
+        truth_acc.append(trained["test_accuracy"])
+    truth = [int(i) for i in np.argsort(truth_acc)]
+    inits = [fitness_ranking(runs, dataset, skeleton, truth, i) for i in range(runs.s.t6_inits)]
+    return {"truth_accuracy": truth_acc, "truth_order": truth, "inits": inits}
+
+
+def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    f = runs.s.steps_per_generation
+    target = max(e["supernet_loss"][-1] for e in evolved.values())
+    out = {"target_loss": target, "runs": {}, "plot": "fig3_supernet_loss.png"}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for (name, e), color in zip(evolved.items(), ("tab:blue", "tab:red")):
+        losses = e["supernet_loss"]
+        steps = [f * (g + 1) for g in range(len(losses))]
+        ax.plot(steps, losses, color=color, label=name)
+        hit = next((st for st, loss in zip(steps, losses) if loss <= target), None)
+        per_step = e["train_time_s"] / max(e["steps"], 1)
+        out["runs"][name] = {
+            "supernet_loss": losses,
+            "final_loss": losses[-1],
+            "steps_to_target": hit,
+            "seconds_to_target": None if hit is None else hit * per_step,
+        }
+    ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+    ax.set_xlabel("supernet iterations")
+    ax.set_ylabel("training loss (generation mean)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(runs.out, out["plot"]), dpi=120)
+    plt.close(fig)
+    return out
+
+
+def run_all(args, s: Scale) -> dict:
+    start = time.time()
+    data_path = prepare_data(args.data, args.data_dir, args.out, s)
+    runs = Runs(args.out, base_config(data_path, s), s)
+    dataset = input_pipeline.load(runs.base.data, seed=0, cache_dir=args.out)
+    info = dataset.info
+    skeleton = arch_lib.skeleton_from_config(runs.base.model, info.num_classes)
+
+    # Fig. 3 (and the learned space of Tables 2-4).
+    evolved = {"with reference": runs.evolve("reference", True),
+               "without reference": runs.evolve("no_reference", False)}  # fmt: skip
+    spaces_ = {"manual": "manual_irb", "learned": runs.space_path("reference")}
+    lo, hi = 0, math.inf
+    for space in spaces_.values():
+        spec, _ = spaces.resolve(space, "", skeleton)
+        low, high = path_range(spec, info.image_shape)
+        lo, hi = max(lo, low), min(hi, high)
+    budgets = [int(lo + b * (hi - lo)) for b in s.budgets]
+    logging.info("paper_tables: MAdds range both spaces share %d..%d, budgets %s", lo, hi, budgets)
+
+    def searched_model(space: str, algorithm: str, budget: int) -> dict:
+        name = f"{space}_{algorithm}_{budget}"
+        found = runs.search(name, spaces_[space], algorithm, budget)
+        row = model_row(name, runs.train(name, found["arch_path"]))
+        return {"space": space, "algorithm": algorithm, "budget": budget, **row}
+
+    if args.parts != "all":  # A helper process: only the runs of these parts, no results.json.
+        for part in args.parts.split(","):
+            if part == "table6":
+                table6(runs, dataset, skeleton)
+            elif part == "table2":
+                direct_ea(runs, skeleton)
+            else:  # <space>:<algorithm>:<budget index>, e.g. learned:spos:1
+                space, algorithm, budget = part.split(":")
+                searched_model(space, algorithm, budgets[int(budget)])
+        return {}
+
+    table3 = [searched_model(sp, "proxyless", b) for b in budgets for sp in spaces_]
+    table4 = [searched_model(sp, alg, budgets[-1]) for alg in ("rl", "spos") for sp in spaces_]
+
+    table2 = [direct_ea(runs, skeleton)] + [dict(r) for r in table4 if r["algorithm"] == "rl"]
+    results = {
+        "data": args.data,
+        "scale": dataclasses.asdict(s),
+        "budgets": budgets,
+        "table2": table2,
+        "table3": table3,
+        "table4": table4,
+        "table6": table6(runs, dataset, skeleton),
+        "fig3": fig3(runs, evolved),
+        "wall_time_s_this_invocation": time.time() - start,
+    }
+    files.write_json(os.path.join(args.out, "results.json"), results)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--data", default=DEFAULT_DATA, help="npz file or tfds:<name>")
+    p.add_argument("--data-dir", default="", help="TFDS data_dir for tfds:<name>")
+    p.add_argument("--out", default=os.path.join(_report.ROOT, "runs", "paper_tables"))
+    p.add_argument("--scale", choices=sorted(SCALES), default="full")
+    p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument(
+        "--parts", default="all",
+        help="comma list of table6, table2, <space>:<algorithm>:<budget index>: run only "
+        "these runs (a second process beside a full one uses the other core; the full one "
+        "then finds them cached)",
+    )  # fmt: skip
+    args = p.parse_args()
+    if not args.data.startswith("tfds:") and not os.path.isfile(args.data):
+        sys.exit(f"--data={args.data!r}: no such file (give an npz or tfds:<name>)")
+    logging.use_absl_handler()
+    logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+    logging.set_verbosity(logging.INFO)
+    results = run_all(args, SCALES[args.scale])
+    if not results:
+        return
+    body = render(results)
+    print(body)
+    if not args.no_write:
+        command = "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:])
+        note = (f"Scale `{args.scale}`: {dataclasses.asdict(SCALES[args.scale])}. "
+                f"MAdds budgets {results['budgets']}. Per-run outputs and results.json in "
+                f"`{os.path.relpath(args.out, _report.ROOT)}/`.")  # fmt: skip
+        _report.write_section(SECTION, command.strip(), note + "\n\n" + body)
+    print(f"{jax.device_count()} devices; results in {os.path.join(args.out, 'results.json')}")
+
+
+if __name__ == "__main__":
+    main()
