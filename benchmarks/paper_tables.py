@@ -199,9 +199,29 @@ def model_row(label: str, trained: list[dict]) -> dict:
     }
 
 
-def path_range(space: sn.SupernetSpec, image_shape) -> tuple[int, int]:
+def path_madds(space: sn.SupernetSpec, image_shape) -> np.ndarray:
+    """Sorted MAdds of every path of a (small) space."""
     table, base = network_madds(space, image_shape)
-    return base + int(sum(t.min() for t in table)), base + int(sum(t.max() for t in table))
+    sums = {int(base)}
+    for layer in table:
+        sums = {x + int(m) for x in sums for m in layer}
+    return np.array(sorted(sums))
+
+
+def feasible_budget(wanted: float, spaces_madds: list[np.ndarray], tolerance: float) -> int:
+    """``wanted`` if every space has a path within the search tolerance of it, else the
+    closest path MAdds of any space that is (the searches fail on an unreachable target)."""
+
+    def ok(t: float) -> bool:
+        return all(np.any(np.abs(m - t) <= tolerance * t) for m in spaces_madds)
+
+    if ok(wanted):
+        return int(wanted)
+    candidates = sorted(np.concatenate(spaces_madds), key=lambda t: abs(t - wanted))
+    found = next((int(t) for t in candidates if ok(t)), None)
+    if found is None:
+        raise ValueError("no MAdds budget is reachable in every space within the tolerance")
+    return found
 
 
 # --- Table 6 ------------------------------------------------------------------------------
@@ -351,12 +371,11 @@ def run_all(args, s: Scale) -> dict:
     evolved = {"with reference": runs.evolve("reference", True),
                "without reference": runs.evolve("no_reference", False)}  # fmt: skip
     spaces_ = {"manual": "manual_irb", "learned": runs.space_path("reference")}
-    lo, hi = 0, math.inf
-    for space in spaces_.values():
-        spec, _ = spaces.resolve(space, "", skeleton)
-        low, high = path_range(spec, info.image_shape)
-        lo, hi = max(lo, low), min(hi, high)
-    budgets = [int(lo + b * (hi - lo)) for b in s.budgets]
+    all_madds = [path_madds(spaces.resolve(space, "", skeleton)[0], info.image_shape)
+                 for space in spaces_.values()]  # fmt: skip
+    lo, hi = max(m[0] for m in all_madds), min(m[-1] for m in all_madds)
+    tolerance = runs.base.search.tolerance
+    budgets = [feasible_budget(lo + b * (hi - lo), all_madds, tolerance) for b in s.budgets]
     logging.info("paper_tables: MAdds range both spaces share %d..%d, budgets %s", lo, hi, budgets)
 
     def searched_model(space: str, algorithm: str, budget: int) -> dict:
