@@ -29,6 +29,16 @@ setup(
         "matplotlib==3.11.2",
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "hypothesis==6.170.17", "chex==0.1.92", "ruff==0.17.6"],
+        "test": [
+            "pytest==9.2.0",
+            "hypothesis==6.170.17",
+            "chex==0.1.92",
+            "ruff==0.17.6",
+            # tests/notebook_test.py runs notebooks/autospace_colab.ipynb in a kernel.
+            "nbclient==0.11.0",
+            "nbformat==5.11.1",
+            "ipykernel==7.4.0",
+            "jupyter_client==8.10.0",
+        ],
     },
 )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
+
+from etils import epath
 
 from autospace_jax import files
 from autospace_jax import genome as genome_lib
@@ -89,7 +90,7 @@ class Arch:
         if len(self.genomes) != self.skeleton.num_layers:
             raise genome_lib.GenomeError(
                 f"arch has {len(self.genomes)} genomes for a skeleton of "
-                f"{self.skeleton.num_layers} layers"
+                f"{self.skeleton.num_layers} layers; accepted: one genome per layer"
             )
         check_layers(self.skeleton, [(g,) for g in self.genomes])
 
@@ -107,24 +108,67 @@ def arch_to_json(arch: Arch, **figures: Any) -> dict[str, Any]:
     }
 
 
-def arch_from_json(obj: Any, where: str = "arch.json") -> Arch:
-    """Parses :func:`arch_to_json` output; errors name ``where`` and the problem."""
-    if not isinstance(obj, dict) or "skeleton" not in obj or "genomes" not in obj:
-        raise genome_lib.GenomeError(f"{where}: expected an object with 'skeleton' and 'genomes'")
-    sk = obj["skeleton"]
-    fields = {f.name for f in dataclasses.fields(Skeleton)}
-    if not isinstance(sk, dict) or set(sk) != fields:
-        got = sorted(sk) if isinstance(sk, dict) else sk
+STRIDES = (1, 2)  # What cells implement (config_checks accepts the same for model.strides).
+
+
+def skeleton_from_json(obj: Any, where: str) -> Skeleton:
+    """Parses :meth:`Skeleton.to_json` output, checking every field's type and range.
+
+    Raises:
+      GenomeError: naming ``where``, the field, the bad value and what is accepted.
+    """
+    fields = [f.name for f in dataclasses.fields(Skeleton)]
+    if not isinstance(obj, dict):
         raise genome_lib.GenomeError(
-            f"{where}: 'skeleton' has keys {got}; required {sorted(fields)}"
+            f"{where}: 'skeleton' is a {type(obj).__name__}; accepted: an object with keys {fields}"
         )
-    try:
-        skeleton = Skeleton(**sk)
-    except (TypeError, ValueError) as e:
-        raise genome_lib.GenomeError(f"{where}: bad 'skeleton': {e}") from None
+    if set(obj) != set(fields):
+        raise genome_lib.GenomeError(
+            f"{where}: 'skeleton' has keys {sorted(obj)}; required {fields}"
+        )
+    for name in ("stem", "head", "num_classes"):
+        _check_int(obj[name], f"{where}: skeleton.{name}")
+    _check_int(obj["stem_stride"], f"{where}: skeleton.stem_stride", STRIDES)
+    layers = obj["layers"]
+    if not isinstance(layers, list) or not layers:
+        raise genome_lib.GenomeError(
+            f"{where}: skeleton.layers is {'[]' if layers == [] else type(layers).__name__}; "
+            "accepted: a non-empty list of [c_out, stride] pairs, one per layer"
+        )
+    for l, layer in enumerate(layers):
+        field = f"{where}: skeleton.layers[{l}]"
+        if not isinstance(layer, list) or len(layer) != 2:
+            raise genome_lib.GenomeError(f"{field}={layer!r}; accepted: a [c_out, stride] pair")
+        _check_int(layer[0], f"{field}[0] (c_out)")
+        _check_int(layer[1], f"{field}[1] (stride)", STRIDES)
+    return Skeleton(**obj)
+
+
+def _check_int(value: Any, field: str, accepted: tuple[int, ...] | None = None) -> None:
+    """An int >= 1 (or one of ``accepted``); JSON's true/false and 8.0 are not ints here."""
+    if type(value) is int and (value in accepted if accepted else value >= 1):
+        return
+    want = f"one of {list(accepted)}" if accepted else "an integer >= 1"
+    raise genome_lib.GenomeError(f"{field}={value!r}; accepted: {want}")
+
+
+def arch_from_json(obj: Any, where: str = "arch.json") -> Arch:
+    """Parses :func:`arch_to_json` output; errors name ``where`` and the problem.
+
+    Raises:
+      GenomeError: one message naming ``where``, the field and what is accepted.
+    """
+    if not isinstance(obj, dict) or "skeleton" not in obj or "genomes" not in obj:
+        got = f"keys {sorted(obj)}" if isinstance(obj, dict) else type(obj).__name__
+        raise genome_lib.GenomeError(
+            f"{where}: expected an object with 'skeleton' and 'genomes', got {got}"
+        )
+    skeleton = skeleton_from_json(obj["skeleton"], where)
     genomes = obj["genomes"]
     if not isinstance(genomes, list):
-        raise genome_lib.GenomeError(f"{where}: 'genomes' must be a list, one per layer")
+        raise genome_lib.GenomeError(
+            f"{where}: 'genomes' must be a list, one genome per layer, got {type(genomes).__name__}"
+        )
     parsed = [genome_lib.from_json(g, f"{where}: genomes[{l}]") for l, g in enumerate(genomes)]
     try:
         return Arch(skeleton, tuple(parsed))
@@ -132,16 +176,32 @@ def arch_from_json(obj: Any, where: str = "arch.json") -> Arch:
         raise genome_lib.GenomeError(f"{where}: {e}") from None
 
 
+def read_json(path: str, kind: str) -> Any:
+    """The JSON in ``path`` (local or any etils.epath URL, e.g. gs://).
+
+    Args:
+      path: the file.
+      kind: what the file is (``"arch"``, ``"space"``), for the messages.
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      GenomeError: it is a directory, not UTF-8 text, or not JSON; the message names it.
+    """
+    file = epath.Path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"{kind} file {path!r} does not exist")
+    if file.is_dir():
+        raise genome_lib.GenomeError(f"{path}: is a directory; expected a {kind} JSON file")
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError.
+        raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
+
+
 def save_arch(path: str, arch: Arch, **figures: Any) -> None:
     files.write_json(path, arch_to_json(arch, **figures))
 
 
 def load_arch(path: str) -> Arch:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"arch file {path!r} does not exist")
-    with open(path) as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
-    return arch_from_json(obj, path)
+    """Reads :func:`save_arch` output; errors name the file and the problem."""
+    return arch_from_json(read_json(path, "arch"), path)

@@ -76,6 +76,34 @@ class DepthwiseConv(nn.Module):
         return depthwise_conv(x, kernel, self.stride)
 
 
+def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
+    """1x1 'SAME' conv of NHWC ``x`` with a ``(1, 1, C_in, C_out)`` kernel, as one matmul.
+
+    Same numbers as ``lax.conv_general_dilated``, but XLA:CPU lowers the kernel
+    gradient of a 1x1 conv as a convolution with an H x W window (12x slower than
+    the ``x.T @ dy`` matmul it is, BENCHMARKS "Supernet step"). A 1x1 'SAME' conv
+    needs no padding, so a stride is a strided slice.
+    """
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    n, h, w, c = x.shape
+    y = x.reshape(n * h * w, c) @ kernel.reshape(c, kernel.shape[-1])
+    return y.reshape(n, h, w, kernel.shape[-1])
+
+
+class PointwiseConv(nn.Module):
+    """1x1 conv, no bias; its ``kernel`` has nn.Conv's shape (1, 1, C_in, C_out)."""
+
+    features: int
+    stride: int = 1
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        shape = (1, 1, x.shape[-1], self.features)
+        kernel = self.param("kernel", nn.initializers.he_normal(), shape, x.dtype)
+        return pointwise_conv(x, kernel, self.stride)
+
+
 class ConvBN(nn.Module):
     """Conv (no bias) + BatchNorm (+ ReLU6). ``depthwise`` = one group per channel."""
 
@@ -89,6 +117,8 @@ class ConvBN(nn.Module):
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.depthwise:
             x = DepthwiseConv(self.kernel, self.stride, name="conv")(x)
+        elif self.kernel == 1:
+            x = PointwiseConv(self.features, self.stride, name="conv")(x)
         else:
             x = nn.Conv(
                 self.features,

@@ -6,10 +6,10 @@ fails in a second with one line instead of a traceback from deep in XLA.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from typing import Any
 
+from autospace_jax import files
 from autospace_jax import genome as genome_lib
 
 
@@ -185,7 +185,7 @@ def validate(config: Any) -> None:
             se.spos_parents,
             f"<= search.spos_population ({se.spos_population})",
         )
-    if config.data.source == "npz" and not os.path.isfile(config.data.path):
+    if config.data.source == "npz" and not files.is_file(config.data.path):
         fail("data.path", config.data.path, "an existing .npz file (data.source='npz')")
     if config.train.warmup_epochs > config.train.epochs:
         fail(
@@ -193,5 +193,5 @@ def validate(config: Any) -> None:
             config.train.warmup_epochs,
             f"<= train.epochs ({config.train.epochs})",
         )
-    if config.train.arch and not os.path.isfile(config.train.arch):
+    if config.train.arch and not files.is_file(config.train.arch):
         fail("train.arch", config.train.arch, "'' or an existing arch.json file")

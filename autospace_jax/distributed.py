@@ -10,10 +10,15 @@ single-process run (CPU, one GPU, a Colab TPU) never calls it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 ENV_VAR = "AUTOSPACE_DISTRIBUTED"
 _ACCEPTED = ("", "0", "1")
@@ -43,8 +48,41 @@ def maybe_initialize() -> bool:
         )
     if value != "1":
         return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_explicit_topology())
     logging.info(
         "jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count()
     )
     return True
+
+
+def _explicit_topology() -> dict[str, int]:
+    """``AUTOSPACE_NUM_PROCESSES`` / ``AUTOSPACE_PROCESS_ID``, where no cluster metadata gives
+    them (hosts without TPU or Slurm metadata, or several processes on one machine); JAX reads
+    the coordinator from ``JAX_COORDINATOR_ADDRESS`` itself."""
+    names = {"num_processes": "AUTOSPACE_NUM_PROCESSES", "process_id": "AUTOSPACE_PROCESS_ID"}
+    given = {key: os.environ[var] for key, var in names.items() if os.environ.get(var)}
+    if not given:
+        return {}
+    if len(given) == 1 or not all(v.isdigit() for v in given.values()):
+        raise ValueError(
+            f"{names['num_processes']} and {names['process_id']} must be set together, as "
+            f"integers (got {given}); or unset both on a TPU VM, where JAX reads them itself"
+        )
+    return {key: int(value) for key, value in given.items()}
+
+
+def check_same(what: str, obj: Any) -> None:
+    """Stops the run unless every process holds the same JSON-able ``obj`` (a decision).
+
+    Every host runs the same host loop from the same seed on the same replicated
+    values, so they must reach the same space or arch; if they ever did not, each
+    would train a different network on its share of the batch without any error.
+    """
+    if jax.process_count() == 1:
+        return
+    digest = hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()
+    multihost_utils.assert_equal(
+        np.frombuffer(digest, np.uint8),
+        f"{what} differs between processes (process {jax.process_index()} of "
+        f"{jax.process_count()}): the hosts' decisions diverged",
+    )

@@ -44,6 +44,8 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    distributed,
+    failures,
     files,
     input_pipeline,
     madds,
@@ -312,7 +314,7 @@ class Evolution:
         start, compiled = time.time(), pieces.compile_seconds()
         data = sharding.batch_sharding(self.mesh)
         warmup = self.sc.warmup_epochs * self.steps_per_epoch
-        losses = []
+        losses, first_step, where = [], self.step + 1, f"generation {t}"
         for _ in range(ec.steps_per_generation):
             batch = self.dataset.train_batch(self.step, self.sc.batch_size, data, seed=seed)
             metrics = trainer.weight_step(state, *batch, self.learning_rate(self.step), seed)
@@ -322,17 +324,18 @@ class Evolution:
                     self.step, self.sc.batch_size, data, seed=seed, split="val"
                 )
                 trainer.fitness_step(state, *val, self.sc.fitness_learning_rate, seed, compensation)
+                alphas = trainer.alphas(state)
+                failures.check_alphas(STAGE, self.step + 1, alphas, first_step, losses, where)
             self.step += 1
+        failures.check_steps(STAGE, first_step, [{"loss": v} for v in losses], where)
         loss = float(np.mean([float(v) for v in losses]))
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"stage 'evolve': non-finite supernet loss in generation {t}")
         compile_s = pieces.compile_seconds() - compiled
         clock.add("compile", compile_s)
         clock.add("train", time.time() - start - compile_s)
         # 4-6. Eq. 5, n', mutation with inheritance, removal.
         start = time.time()
         self.bank.store(trainer, state)
-        alpha_star = trainer.alphas(state)
+        alpha_star = trainer.alphas(state)  # Finite: checked after each fitness step.
         for l, idx in enumerate(picked):
             for k, i in enumerate(idx):
                 ind = self.populations[l][i]
@@ -460,63 +463,72 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
     dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
     evo = Evolution(config, dataset, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=2)
-    elapsed, clock, resumed = 0.0, Clock(), ckpt.latest_step() is not None
-    if resumed:
-        meta = ckpt.restore_meta()
-        evo.load_meta(meta["evolution"])
-        elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
-    clock.add("other", time.time() - start_time)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), max_to_keep=2, stage=STAGE
+    )
+    elapsed, clock, setup_s = 0.0, Clock(), time.time() - start_time
     start = time.time()  # The bank's side of inheritance: restored, or fresh populations.
-    if resumed:
+    if ckpt.latest_step() is not None:
         replicated = sharding.replicated(mesh)
-        target = jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-            evo.bank.abstract_pytree(evo.genomes()),
-        )
-        tree, _ = ckpt.restore(target)
+
+        def target(meta: dict[str, Any]) -> Any:
+            """The bank's structure for this step's populations (which genomes it holds)."""
+            evo.load_meta(meta["evolution"])
+            return jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                evo.bank.abstract_pytree(evo.genomes()),
+            )
+
+        # The newest readable step; evo then holds that same step's meta (the last target call).
+        _, tree, meta = ckpt.restore_latest(target)
+        elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
         evo.bank.load_pytree(tree, evo.genomes())
         logging.info("evolve: resumed after generation %d of %d", evo.generation, ec.generations)
     else:
         evo.init()
+    clock.add("other", setup_s)  # Added only now: a resume replaces the clock.
     clock.add("inherit", time.time() - start)
 
     writer = writers.create_writer(stage_dir)
-    while evo.generation < ec.generations:
-        t = evo.generation
-        figures = evo.run_generation(clock, writer)
-        start = time.time()
-        if evo.generation % ec.checkpoint_every == 0 or evo.generation == ec.generations:
-            run_s = elapsed + time.time() - start_time
-            ckpt.save(
-                evo.generation,
-                evo.bank.to_pytree(),
-                {"evolution": evo.meta(), "elapsed_s": run_s, "clock": clock.totals},
+    try:
+        while evo.generation < ec.generations:
+            t = evo.generation
+            figures = evo.run_generation(clock, writer)
+            start = time.time()
+            if evo.generation % ec.checkpoint_every == 0 or evo.generation == ec.generations:
+                run_s = elapsed + time.time() - start_time
+                ckpt.save(
+                    evo.generation,
+                    evo.bank.to_pytree(),
+                    {"evolution": evo.meta(), "elapsed_s": run_s, "clock": clock.totals},
+                )
+            clock.add("inherit", time.time() - start)
+            best = [max(i.alpha for i in pop) for pop in evo.populations]
+            writer.write_scalars(
+                t,
+                {
+                    **figures,
+                    **{f"alpha_max/layer_{l}": a for l, a in enumerate(best)},
+                    **{f"time/{k}_s": v for k, v in clock.totals.items()},
+                },
             )
-        clock.add("inherit", time.time() - start)
-        best = [max(i.alpha for i in pop) for pop in evo.populations]
-        writer.write_scalars(
-            t,
-            {
-                **figures,
-                **{f"alpha_max/layer_{l}": a for l, a in enumerate(best)},
-                **{f"time/{k}_s": v for k, v in clock.totals.items()},
-            },
-        )
-        logging.info(
-            "evolve: generation %d/%d  loss %.4f  compile %.1fs inherit %.1fs train %.1fs (totals)",
-            t + 1,
-            ec.generations,
-            figures["supernet_loss"],
-            clock.totals["compile"],
-            clock.totals["inherit"],
-            clock.totals["train"],
-        )
-    start = time.time()
-    ckpt.close()
-    if evo.compiler is not None:
-        evo.compiler.close()
+            logging.info(
+                "evolve: generation %d/%d  loss %.4f  "
+                "compile %.1fs inherit %.1fs train %.1fs (totals)",
+                t + 1,
+                ec.generations,
+                figures["supernet_loss"],
+                clock.totals["compile"],
+                clock.totals["inherit"],
+                clock.totals["train"],
+            )
+    finally:  # Even on failure: a save in flight completes, the compile threads stop.
+        start = time.time()
+        ckpt.close()
+        if evo.compiler is not None:
+            evo.compiler.close()
     space = evo.space_json()
+    distributed.check_same("evolve: the learned space", space)
     files.write_json(os.path.join(stage_dir, "space.json"), space)
     files.write_json(os.path.join(stage_dir, "children.json"), evo.children)
     populations = [[ind.to_json() for ind in pop] for pop in evo.populations]

@@ -43,7 +43,7 @@ def _stage_dir(workdir: str) -> str:
 
 def _finished_summary(workdir: str) -> dict[str, Any]:
     path = os.path.join(_stage_dir(workdir), "summary.json")
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: {workdir!r} holds no finished training; run "
             f"`python -m autospace_jax.main --mode=train --workdir={workdir} ...` first"
@@ -83,7 +83,7 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
     image_shape = load_normalisation(workdir).image_shape
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     step = int(summary["steps"])
-    if not os.path.isdir(os.path.join(ckpt_dir, str(step))):
+    if not files.exists(os.path.join(ckpt_dir, str(step))):
         raise FileNotFoundError(
             f"{os.path.join(ckpt_dir, str(step))} does not exist: the final checkpoint of the "
             f"training in {workdir!r} is missing"

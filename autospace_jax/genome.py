@@ -117,19 +117,28 @@ def validate(genome: Genome, palette: str | None = None) -> None:
             f"edges {[f'{i}-{j}' for i, j in EDGES]}"
         )
     for (i, j), op in zip(EDGES, genome.ops):
-        if op not in ops:
+        # isinstance first: an unhashable op (a list from hand-edited JSON) must not reach `in`.
+        if not isinstance(op, str) or op not in ops:
             where = f"palette {palette!r}" if palette else "any palette"
             raise GenomeError(f"edge {i}-{j} has op {op!r}; accepted in {where}: {list(ops)}")
-    if genome.expansion not in EXPANSIONS:
+    # bool is an int subclass and 6.0 == 6: both would pass `in EXPANSIONS` yet change the id.
+    if type(genome.expansion) is not int or genome.expansion not in EXPANSIONS:
         raise GenomeError(f"expansion={genome.expansion!r}; accepted: {list(EXPANSIONS)}")
-    if genome.aggregation not in AGGREGATIONS:
+    if not isinstance(genome.aggregation, str) or genome.aggregation not in AGGREGATIONS:
         raise GenomeError(f"aggregation={genome.aggregation!r}; accepted: {list(AGGREGATIONS)}")
 
 
 def from_json(obj: Any, where: str = "genome") -> Genome:
-    """Parses :meth:`Genome.to_json` output; ``where`` names the source in errors."""
+    """Parses :meth:`Genome.to_json` output; ``where`` names the source in errors.
+
+    Raises:
+      GenomeError: one message naming ``where``, the field and what is accepted.
+    """
     if not isinstance(obj, dict):
-        raise GenomeError(f"{where}: expected an object, got {type(obj).__name__}")
+        raise GenomeError(
+            f"{where}: expected an object {{'edges', 'expansion', 'aggregation'}}, "
+            f"got {type(obj).__name__}"
+        )
     unknown = set(obj) - {"edges", "expansion", "aggregation"}
     if unknown or "edges" not in obj:
         raise GenomeError(
@@ -137,9 +146,18 @@ def from_json(obj: Any, where: str = "genome") -> Genome:
         )
     edges = obj["edges"]
     names = [f"{i}-{j}" for i, j in EDGES]
-    if not isinstance(edges, dict) or set(edges) != set(names):
-        got = sorted(edges) if isinstance(edges, dict) else edges
-        raise GenomeError(f"{where}: 'edges' has keys {got}; required exactly {names}")
+    if not isinstance(edges, dict):
+        raise GenomeError(
+            f"{where}: 'edges' must be an object {{'i-j': op}}, got {type(edges).__name__}; "
+            f"required exactly the keys {names}"
+        )
+    if set(edges) != set(names):
+        missing = [n for n in names if n not in edges]
+        unknown = sorted(set(edges) - set(names))
+        raise GenomeError(
+            f"{where}: 'edges' has keys {sorted(edges)} (missing {missing}, unknown {unknown}); "
+            f"required exactly {names}"
+        )
     try:
         return Genome(
             ops=tuple(edges[n] for n in names),

@@ -30,9 +30,11 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding
 from PIL import Image
 
+from autospace_jax import files
 from autospace_jax import sharding as sharding_lib
 
 SPLITS = ("train", "val", "test")
@@ -317,54 +319,58 @@ def _load_digits(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
     path = cfg.path
-    if not path or not os.path.isfile(path):
+    if not path or not files.is_file(path):
         raise FileNotFoundError(
             f"data.path={path!r} is not a file; source 'npz' needs a .npz with "
             f"{_JPEG_KEYS} or {_PLAIN_KEYS}"
         )
-    key = (os.path.abspath(path), os.stat(path).st_mtime_ns, cfg.image_size)
+    key = (_absolute(path), epath.Path(path).stat().mtime, cfg.image_size)
     cache_file = None
     if cache_dir:
         digest = hashlib.sha1(repr(key).encode()).hexdigest()[:16]
         cache_file = os.path.join(cache_dir, f"input_pipeline_cache_{digest}.npz")
     a = _NPZ_CACHE.get(key)
-    if a is None and cache_file and os.path.isfile(cache_file):
-        with np.load(cache_file) as f:
-            a = {k: f[k] for k in f.files}
+    if a is None and cache_file and files.is_file(cache_file):
+        a = _read_npz(cache_file)
     if a is None:
         a = _decode_npz(path, cfg.image_size)
-    if cache_file and not os.path.isfile(cache_file):
-        os.makedirs(cache_dir, exist_ok=True)
-        # Write-then-rename: several hosts may share the cache directory.
-        tmp = f"{cache_file}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **a)
-        os.replace(tmp, cache_file)
+    if cache_file and not files.is_file(cache_file):
+        buffer = io.BytesIO()
+        np.savez(buffer, **a)
+        files.write_bytes(cache_file, buffer.getvalue())  # Atomic: hosts may share the cache.
     _NPZ_CACHE[key] = a
     num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1
     num_classes = len(a["class_names"]) if "class_names" in a else num_classes
     return a["x_train"], a["y_train"], a["x_test"], a["y_test"], num_classes
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+    """All arrays of a local or gs:// .npz (read whole: np.load needs a seekable file)."""
+    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
+        return {k: f[k] for k in f.files}
+
+
 def _decode_npz(path: str, image_size: int) -> dict[str, np.ndarray]:
-    with np.load(path) as f:
-        files = set(f.files)
-        if all(k in files for k in _JPEG_KEYS):
-            out = {
-                f"x_{s}": _decode_jpegs(f[f"jpeg_{s}"], f[f"offsets_{s}"])
-                for s in ("train", "test")
-            }
-        elif all(k in files for k in _PLAIN_KEYS):
-            out = {f"x_{s}": f[f"x_{s}"] for s in ("train", "test")}
-        else:
-            missing_jpeg = sorted(set(_JPEG_KEYS) - files)
-            missing_plain = sorted(set(_PLAIN_KEYS) - files)
-            raise ValueError(
-                f"data.path={path!r} has arrays {sorted(files)}; the JPEG format misses "
-                f"{missing_jpeg} and the plain format misses {missing_plain}"
-            )
-        out.update({f"y_{s}": f[f"y_{s}"].astype(np.int32) for s in ("train", "test")})
-        if "class_names" in files:
-            out["class_names"] = f["class_names"]
+    f = _read_npz(path)
+    if all(k in f for k in _JPEG_KEYS):
+        out = {
+            f"x_{s}": _decode_jpegs(f[f"jpeg_{s}"], f[f"offsets_{s}"]) for s in ("train", "test")
+        }
+    elif all(k in f for k in _PLAIN_KEYS):
+        out = {f"x_{s}": f[f"x_{s}"] for s in ("train", "test")}
+    else:
+        raise ValueError(
+            f"data.path={path!r} has arrays {sorted(f)}; the JPEG format misses "
+            f"{sorted(set(_JPEG_KEYS) - set(f))} and the plain format misses "
+            f"{sorted(set(_PLAIN_KEYS) - set(f))}"
+        )
+    out.update({f"y_{s}": f[f"y_{s}"].astype(np.int32) for s in ("train", "test")})
+    if "class_names" in f:
+        out["class_names"] = f["class_names"]
     for s in ("train", "test"):
         x = out[f"x_{s}"]
         if x.dtype != np.uint8 or x.ndim not in (3, 4):

@@ -15,7 +15,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import config_checks, distributed, evolution, pipeline, train
+from autospace_jax import (
+    checkpoint,
+    config_checks,
+    distributed,
+    evolution,
+    failures,
+    pipeline,
+    train,
+)
+from autospace_jax import genome as genome_lib
 from autospace_jax.search import stage
 
 MODES = {
@@ -30,6 +39,10 @@ config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", l
 flags.DEFINE_string("workdir", None, "Run folder: every stage reads and writes here.")
 flags.DEFINE_string("mode", None, f"One of {sorted(MODES)}; default: the config's mode.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+# Errors about the user's inputs or run folder, not bugs: one line, then exit 1.
+CLEAR_ERRORS = (genome_lib.GenomeError, checkpoint.CheckpointError, failures.NonFiniteError)
 
 
 class QuietLibraries(py_logging.Filter):
@@ -62,7 +75,10 @@ def main(argv):
         jax.process_count(),
         cache or "off",
     )
-    MODES[mode](config, FLAGS.workdir)
+    try:
+        MODES[mode](config, FLAGS.workdir)
+    except CLEAR_ERRORS as e:  # Their messages name the file/stage/step: no traceback needed.
+        sys.exit(f"FATAL {type(e).__name__}: {e}")
 
 
 def use_compilation_cache(setting: str, workdir: str) -> str | None:

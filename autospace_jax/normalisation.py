@@ -10,7 +10,6 @@ may be gone by then, so the train stage writes it to
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import numpy as np
@@ -80,7 +79,7 @@ def save(path: str, norm: Normalisation) -> None:
 
 
 def load(path: str) -> Normalisation:
-    if not os.path.exists(path):
+    if not files.exists(path):
         raise FileNotFoundError(
             f"{path} does not exist: the training run predates saved normalisations or did "
             "not finish; re-run --mode=train in a new --workdir"

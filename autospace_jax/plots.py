@@ -16,6 +16,7 @@ leak memory. Each figure is still cleared after saving to free it promptly.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections import defaultdict
@@ -31,6 +32,7 @@ from matplotlib.text import TextPath
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Affine2D
 
+from autospace_jax import files
 from autospace_jax.genome import EDGES, Genome, is_skip, live_edges
 
 # ----------------------------------------------------------------------------
@@ -57,13 +59,11 @@ def _new_figure(width: float, height: float, dpi: float) -> Figure:
 
 
 def _save(fig: Figure, path: str) -> None:
-    fig.savefig(path, dpi=fig.dpi)
+    """PNG through :mod:`files`, so ``path`` may be on gs:// and its parents are created."""
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=fig.dpi)
     fig.clear()  # Drop the artists now rather than whenever the GC runs.
-
-
-def _ensure_parent(path: str) -> None:
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
+    files.write_bytes(path, png.getvalue())
 
 
 def _alpha_series(
@@ -114,7 +114,6 @@ def plot_fitness_history(history: list[list[dict]], path: str) -> None:
       None. Raises ValueError naming the entry when an individual lacks
       ``id`` or ``alpha``.
     """
-    _ensure_parent(path)
     num_gens = len(history)
     num_layers = max((len(gen) for gen in history), default=0)
     cols = _grid_columns(num_layers)
@@ -452,7 +451,6 @@ def draw_cells(layers: list[list[tuple[Genome, float]]], path: str) -> None:
     Returns:
       None.
     """
-    _ensure_parent(path)
     num_layers = len(layers)
     parts = max(1, math.ceil(num_layers / MAX_ROWS_PER_FILE))
     per_part = math.ceil(num_layers / parts) if num_layers else 0

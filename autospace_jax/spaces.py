@@ -11,11 +11,12 @@ candidates per layer). Two kinds:
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from absl import logging
+from etils import epath
+
 from autospace_jax import arch as arch_lib
-from autospace_jax import files
 from autospace_jax import genome as genome_lib
 from autospace_jax.supernet import SupernetSpec
 
@@ -34,41 +35,85 @@ def manual_irb(skeleton: arch_lib.Skeleton) -> SupernetSpec:
 
 
 def load_space(path: str) -> SupernetSpec:
-    """Reads an evolve ``space.json``; errors name the file and the problem."""
-    if not os.path.isfile(path):
+    """Reads an evolve ``space.json`` (local or any etils.epath URL, e.g. gs://).
+
+    Raises:
+      FileNotFoundError: the file does not exist.
+      GenomeError: one message naming the file, the field and what is accepted.
+    """
+    if not epath.Path(path).exists():
         raise FileNotFoundError(
             f"space file {path!r} does not exist (run --mode=evolve first, or use "
             "--config.search.space=manual_irb)"
         )
-    try:
-        obj = files.read_json(path)
-    except ValueError as e:
-        raise genome_lib.GenomeError(f"{path}: not valid JSON ({e})") from None
+    obj = arch_lib.read_json(path, "space")
     if not isinstance(obj, dict) or not {"skeleton", "layers"} <= set(obj):
-        raise genome_lib.GenomeError(f"{path}: expected an object with 'skeleton' and 'layers'")
-    skeleton = arch_lib.arch_from_json(
-        {"skeleton": obj["skeleton"], "genomes": [_first(layer, path) for layer in obj["layers"]]},
-        path,
-    ).skeleton
-    candidates = []
-    for l, layer in enumerate(obj["layers"]):
-        genomes = [
-            genome_lib.from_json(
-                c.get("genome") if isinstance(c, dict) else c, f"{path}: layers[{l}][{k}]"
-            )
-            for k, c in enumerate(layer)
-        ]
-        candidates.append(tuple(genomes))
+        got = f"keys {sorted(obj)}" if isinstance(obj, dict) else type(obj).__name__
+        raise genome_lib.GenomeError(
+            f"{path}: expected an object with 'skeleton' and 'layers', got {got}"
+        )
+    skeleton = arch_lib.skeleton_from_json(obj["skeleton"], path)
+    palette = _palette(obj.get("palette"), path)
+    layers = obj["layers"]
+    if not isinstance(layers, list):
+        raise genome_lib.GenomeError(
+            f"{path}: 'layers' is a {type(layers).__name__}; accepted: a list of candidate "
+            "lists, one per layer of the skeleton"
+        )
+    if len(layers) != skeleton.num_layers:
+        raise genome_lib.GenomeError(
+            f"{path}: 'layers' has {len(layers)} entries for a skeleton of "
+            f"{skeleton.num_layers} layers; accepted: one candidate list per layer"
+        )
+    candidates = tuple(_layer(layer, path, l, palette) for l, layer in enumerate(layers))
     try:
-        return SupernetSpec(skeleton, tuple(candidates))
-    except genome_lib.GenomeError as e:
+        return SupernetSpec(skeleton, candidates)
+    except genome_lib.GenomeError as e:  # A genome that does not fit its layer.
         raise genome_lib.GenomeError(f"{path}: {e}") from None
 
 
-def _first(layer: Any, path: str) -> Any:
-    if not isinstance(layer, list) or not layer or not isinstance(layer[0], dict):
-        raise genome_lib.GenomeError(f"{path}: every entry of 'layers' must be a non-empty list")
-    return layer[0].get("genome")
+def _palette(name: Any, path: str) -> str | None:
+    """The optional ``palette`` evolve drew the genomes from (None: any op)."""
+    if name is not None and (not isinstance(name, str) or name not in genome_lib.PALETTES):
+        raise genome_lib.GenomeError(
+            f"{path}: palette={name!r}; accepted: {sorted(genome_lib.PALETTES)} or no 'palette'"
+        )
+    return name
+
+
+def _layer(layer: Any, path: str, l: int, palette: str | None) -> tuple[genome_lib.Genome, ...]:
+    """``layers[l]``: ``[{"genome": ..., <figures>}, ...]``, >= 1 distinct candidates."""
+    where = f"{path}: layers[{l}]"
+    if not isinstance(layer, list) or not layer:
+        got = "empty" if layer == [] else f"a {type(layer).__name__}"
+        raise genome_lib.GenomeError(
+            f"{where} is {got}; accepted: a non-empty list of {{'genome': ...}} candidates"
+        )
+    genomes = []
+    for k, candidate in enumerate(layer):
+        if not isinstance(candidate, dict) or "genome" not in candidate:
+            got = (
+                f"keys {sorted(candidate)}"
+                if isinstance(candidate, dict)
+                else type(candidate).__name__
+            )
+            raise genome_lib.GenomeError(
+                f"{where}[{k}]: expected an object with a 'genome' key, got {got}"
+            )
+        genome = genome_lib.from_json(candidate["genome"], f"{where}[{k}].genome")
+        try:
+            genome_lib.validate(genome, palette)
+        except genome_lib.GenomeError as e:
+            raise genome_lib.GenomeError(
+                f"{where}[{k}].genome: {e} (set by the file's 'palette' key)"
+            ) from None
+        if genome in genomes:
+            raise genome_lib.GenomeError(
+                f"{where}[{k}] repeats layers[{l}][{genomes.index(genome)}] ({genome}); the "
+                "candidates of a layer must be distinct"
+            )
+        genomes.append(genome)
+    return tuple(genomes)
 
 
 def resolve(name: str, workdir: str, skeleton: arch_lib.Skeleton) -> tuple[SupernetSpec, str]:
@@ -79,11 +124,17 @@ def resolve(name: str, workdir: str, skeleton: arch_lib.Skeleton) -> tuple[Super
     """
     if name == "manual_irb":
         return manual_irb(skeleton), name
-    path = os.path.join(workdir, "evolve", "space.json") if name == "learned" else name
+    path = str(epath.Path(workdir) / "evolve" / "space.json") if name == "learned" else name
     space = load_space(path)
     if space.skeleton.num_classes != skeleton.num_classes:
-        raise ValueError(
+        raise genome_lib.GenomeError(
             f"{path}: skeleton.num_classes={space.skeleton.num_classes} but the dataset has "
             f"{skeleton.num_classes} classes"
         )
+    if space.skeleton != skeleton:  # The file wins: its genomes were evolved for its layers.
+        logging.warning(
+            "%s: its skeleton (%d layers) differs from config.model (%d layers); searching "
+            "the file's skeleton",
+            path, space.skeleton.num_layers, skeleton.num_layers,
+        )  # fmt: skip
     return space, path

@@ -287,6 +287,9 @@ class SupernetTrainer:
             opt_state[f"fitness/layer_{l}"] = self.tx.init(
                 {"fitness": variables["fitness"][f"layer_{l}"]}
             )
+        # On the host like ``variables``: device_put of host arrays is what places a
+        # state identically on every process of a multi-host mesh.
+        opt_state = jax.tree.map(np.asarray, opt_state)
         state = SupernetState(variables=variables, opt_state=opt_state)
         if replicated is not None:
             state.variables = jax.device_put(state.variables, replicated)
@@ -449,10 +452,17 @@ class SupernetTrainer:
                 key = f"layer_{l}/cell_{k}"
                 x = pieces.forward_eval(self._module(key), self._vars(state, key), x)
             logits = pieces.forward_eval(self.head, self._vars(state, "head"), x)
-            hits = np.asarray(jnp.argmax(logits, -1) == labels) * np.asarray(mask)
-            correct += float(hits.sum())
-            count += float(np.asarray(mask).sum())
+            hits, total = _hits(logits, labels, mask)
+            correct, count = correct + float(hits), count + float(total)
         return {"accuracy": correct / max(count, 1.0)}
+
+
+@jax.jit
+def _hits(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> tuple[Any, Any]:
+    """Correct and real (unpadded) examples of a batch, reduced on the devices: with several
+    hosts the batch is spread over processes and only replicated scalars can be fetched."""
+    mask = mask.astype(jnp.float32)
+    return ((jnp.argmax(logits, -1) == labels) * mask).sum(), mask.sum()
 
 
 def _get(tree: dict, key: str) -> Any:

@@ -30,6 +30,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    failures,
     files,
     initializers,
     input_pipeline,
@@ -82,16 +83,6 @@ def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.Gradien
     )
 
 
-def check_finite(metrics: dict[str, Any], step: int, stage: str) -> None:
-    """Stops the run on NaN/Inf, before anything non-finite is checkpointed."""
-    bad = {k: float(v) for k, v in metrics.items() if not np.isfinite(v)}
-    if bad:
-        raise FloatingPointError(
-            f"stage {stage!r}: non-finite {bad} at step {step}; the last checkpoint "
-            "(before this step) is kept intact"
-        )
-
-
 def evaluate(
     eval_step, variables: Any, dataset, split: str, batch_size: int, mesh
 ) -> dict[str, float]:
@@ -128,10 +119,10 @@ def resolve_arch(
 ) -> tuple[arch_lib.Arch, str]:
     """The arch to train: train.arch, else the workdir's search/arch.json, else the reference."""
     path = config.train.arch or os.path.join(workdir, "search", "arch.json")
-    if config.train.arch or os.path.exists(path):
+    if config.train.arch or files.exists(path):
         arch = arch_lib.load_arch(path)
         if arch.skeleton.num_classes != info.num_classes:
-            raise ValueError(
+            raise genome_lib.GenomeError(
                 f"{path}: skeleton.num_classes={arch.skeleton.num_classes} but dataset "
                 f"{config.data.source!r} has {info.num_classes} classes"
             )
@@ -232,7 +223,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     # --- model, abstract state, init or restore ---------------------------------------
     model = cells.Network(arch)
     optimizer = sgd(tc, total_steps, tc.warmup_epochs * steps_per_epoch)
-    ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), tc.max_checkpoints)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), tc.max_checkpoints, stage=STAGE
+    )
     cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2])
     trained_arch = os.path.join(stage_dir, "arch.json")
     state = init_state(model, optimizer, info.image_shape, config.seed, mesh)
@@ -272,27 +265,34 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     batch_sharding = sharding.batch_sharding(mesh)
     first_step = int(state.step)
     pending: list[dict[str, jax.Array]] = []
-    for step in range(first_step, total_steps):
-        images, labels = dataset.train_batch(step, tc.batch_size, batch_sharding, seed=config.seed)
-        state, metrics = train_step(state, images, labels)
-        pending.append(metrics)
-        done = step + 1
-        progress(done)
-        is_ckpt = done % tc.checkpoint_every_steps == 0 or done == total_steps
-        if done % tc.log_every_steps == 0 or is_ckpt:
-            means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
-            check_finite(means, done, STAGE)
-            writer.write_scalars(done, {f"train_{k}": v for k, v in means.items()})
-            pending = []
-        if done % (tc.eval_every_epochs * steps_per_epoch) == 0 and done < total_steps:
-            variables = {"params": state.params, "batch_stats": state.batch_stats}
-            val = evaluate(eval_step, variables, dataset, "val", tc.eval_batch_size, mesh)
-            writer.write_scalars(done, {f"val_{k}": v for k, v in val.items()})
-        if is_ckpt:
-            ckpt.save(done, state, {"elapsed_s": meta["elapsed_s"] + time.time() - start_time})
+    try:
+        for step in range(first_step, total_steps):
+            images, labels = dataset.train_batch(
+                step, tc.batch_size, batch_sharding, seed=config.seed
+            )
+            state, metrics = train_step(state, images, labels)
+            pending.append(metrics)
+            done = step + 1
+            progress(done)
+            is_ckpt = done % tc.checkpoint_every_steps == 0 or done == total_steps
+            if done % tc.log_every_steps == 0 or is_ckpt:
+                # Every step since the last check, before anything is checkpointed.
+                pending = jax.device_get(pending)
+                failures.check_steps(STAGE, done - len(pending) + 1, pending)
+                means = {k: float(np.mean([m[k] for m in pending])) for k in pending[0]}
+                writer.write_scalars(done, {f"train_{k}": v for k, v in means.items()})
+                pending = []
+            if done % (tc.eval_every_epochs * steps_per_epoch) == 0 and done < total_steps:
+                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                val = evaluate(eval_step, variables, dataset, "val", tc.eval_batch_size, mesh)
+                writer.write_scalars(done, {f"val_{k}": v for k, v in val.items()})
+            if is_ckpt:
+                elapsed = meta["elapsed_s"] + time.time() - start_time
+                ckpt.save(done, state, {"elapsed_s": elapsed})
+    finally:  # Even on failure, an async save in flight completes: it is the one to resume.
+        ckpt.close()
 
     # --- final evaluation and summary -------------------------------------------------
-    ckpt.close()
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     val = evaluate(eval_step, variables, dataset, "val", tc.eval_batch_size, mesh)
     test = evaluate(eval_step, variables, dataset, "test", tc.eval_batch_size, mesh)

@@ -113,3 +113,23 @@ def test_depthwise_shift_form_equals_grouped_conv(size, channels, kernel, stride
 
     for a, b in zip(outputs("shift"), outputs("grouped")):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("size, c_in, c_out, stride", [(8, 6, 10, 1), (9, 4, 8, 2), (7, 3, 5, 2)])
+def test_pointwise_matmul_equals_conv(size, c_in, c_out, stride):
+    rng = np.random.default_rng(size)
+    x = jnp.asarray(rng.standard_normal((2, size, size, c_in)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((1, 1, c_in, c_out)), jnp.float32)
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+
+    def outputs(f):
+        grads = jax.jit(jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1)))(x, w)
+        return [jax.jit(f)(x, w), *grads]
+
+    matmul = functools.partial(cells.pointwise_conv, stride=stride)
+    for a, b in zip(outputs(matmul), outputs(conv)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

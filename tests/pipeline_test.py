@@ -1,7 +1,10 @@
-"""--mode=pipeline: evolve -> search -> train; a kill mid-way and a re-run give the same result."""
+"""--mode=pipeline: evolve -> search -> train; SIGKILLs at many points give the same result."""
 
 import json
 import os
+import random
+
+import pytest
 
 from tests import runner
 
@@ -10,7 +13,7 @@ TINY = [
     "--config.evolution.population_size=3",
     "--config.evolution.cells_per_layer=2",
     "--config.evolution.steps_per_generation=4",
-    "--config.evolution.generations=3",
+    "--config.evolution.generations=4",
     "--config.supernet.batch_size=32",
     "--config.supernet.warmup_epochs=0",
     "--config.search.steps=20",
@@ -22,28 +25,54 @@ TINY = [
     "--config.train.checkpoint_every_steps=10",
 ]
 
+# (stage, first checkpoint step that must exist before the kill; 0 = the stage's
+# folder exists but maybe no checkpoint yet). Three points inside every stage.
+KILL_POINTS = [
+    ("evolve", 0), ("evolve", 1), ("evolve", 3),
+    ("search", 5), ("search", 10), ("search", 15),
+    ("train", 10), ("train", 40), ("train", 70),
+]  # fmt: skip
 
-def _summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
+
+def _read(workdir, *path):
+    with open(os.path.join(workdir, *path)) as f:
         return json.load(f)
 
 
-def test_pipeline_killed_during_search_finishes_like_an_uninterrupted_run(tmp_path):
-    straight = str(tmp_path / "straight")
-    runner.run(runner.command(straight, *TINY), check=True)
-    expected = _summary(straight)
-    assert set(expected["stage_wall_time_s"]) == {"evolve", "search", "train"}
-    assert expected["space_size_per_layer"] == [2, 2]
+def _ready(workdir, stage, step):
+    if step == 0:
+        return lambda: os.path.isdir(os.path.join(workdir, stage, "checkpoints"))
+    return lambda: runner.checkpoints(os.path.join(workdir, stage, "checkpoints"), step)
 
-    killed = str(tmp_path / "killed")
-    ckpt = os.path.join(killed, "search", "checkpoints")
-    runner.kill_when(runner.command(killed, *TINY), lambda: runner.checkpoints(ckpt))
-    assert os.path.exists(os.path.join(killed, "evolve", "space.json"))
-    assert not os.path.exists(os.path.join(killed, "search", "arch.json"))
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    runner.run(runner.command(workdir, *TINY), check=True)
+    return workdir
+
+
+def test_uninterrupted_pipeline_summary(straight):
+    summary = _read(straight, "summary.json")
+    assert set(summary["stage_wall_time_s"]) == {"evolve", "search", "train"}
+    assert summary["space_size_per_layer"] == [2, 2]
+    assert 0.0 < summary["test_accuracy"] <= 1.0
+
+
+def test_nine_sigkills_three_per_stage_change_nothing(straight, tmp_path):
+    """SIGKILL at 9 points (3 in each stage, a random delay after each trigger),
+    re-running after each: the final space, arch and metrics equal an uninterrupted run."""
+    killed, delays = str(tmp_path / "killed"), random.Random(0)
+    for stage, step in KILL_POINTS:
+        runner.kill_when(
+            runner.command(killed, *TINY), _ready(killed, stage, step), delay=delays.uniform(0, 0.3)
+        )
     runner.run(runner.command(killed, *TINY), check=True)
 
-    got = _summary(killed)
+    for name in ("space.json", "children.json", "history.json"):
+        assert _read(killed, "evolve", name) == _read(straight, "evolve", name), name
+    assert _read(killed, "search", "arch.json") == _read(straight, "search", "arch.json")
+    got, expected = _read(killed, "summary.json"), _read(straight, "summary.json")
     for key in ("test_accuracy", "madds", "params", "arch", "space_size_per_layer"):
         assert got[key] == expected[key], key
-    with open(os.path.join(killed, "search", "summary.json")) as f:
-        assert json.load(f)["resumed_from_step"] > 0
+    assert _read(killed, "search", "summary.json")["resumed_from_step"] > 0

@@ -37,13 +37,14 @@ def checkpoints(folder: str, at_least: int = 0) -> bool:
     )
 
 
-def kill_when(cmd: list[str], ready, timeout: float = 300) -> None:
-    """Starts ``cmd``, SIGKILLs it as soon as ``ready()`` holds; fails if it ended first."""
+def kill_when(cmd: list[str], ready, timeout: float = 300, delay: float = 0.0) -> None:
+    """Starts ``cmd``, SIGKILLs it ``delay`` s after ``ready()`` holds; fails if it ended first."""
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.02)
+    time.sleep(delay)
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from autospace_jax import cells, checkpoint, madds, pieces, sharding
+from autospace_jax import cells, checkpoint, failures, madds, pieces, sharding
 from autospace_jax import supernet as sn
 
 
@@ -26,6 +26,9 @@ class SearchContext:
     checkpointer: checkpoint.Checkpointer
     madds_table: list[np.ndarray]  # [l][k]: MAdds of candidate k of layer l.
     base_madds: int  # Stem + head.
+    resumed_step: int = 0  # The checkpoint step this run resumed from.
+    # (step, loss) of the weight steps since the last save, checked before it.
+    pending_losses: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
 
     @property
     def seed(self) -> int:
@@ -57,9 +60,44 @@ class SearchContext:
             * (1 + math.cos(math.pi * step / max(total, 1)))
         )
 
+    def weight_step(self, step: int, path=None) -> None:
+        """One weight step on training batch ``step`` (0-based), learning rate cosine over
+        ``search.steps``; ``path`` None lets the binary gates sample it. The loss stays on
+        the device until :meth:`save` checks it."""
+        lr = self.learning_rate(step, self.config.search.steps)
+        metrics = self.trainer.weight_step(self.state, *self.batch(step), lr, self.seed, path)
+        self.pending_losses.append((step + 1, metrics["loss"]))
+
+    def fitness_step(self, step: int, extra_gradients: list[np.ndarray] | None = None) -> None:
+        """One fitness (alpha) step on validation batch ``step`` (0-based), then the
+        NaN check the next step's gate sampling needs (:func:`failures.check_alphas`)."""
+        lr = self.config.supernet.fitness_learning_rate
+        images, labels = self.batch(step, "val")
+        self.trainer.fitness_step(
+            self.state, images, labels, lr, self.seed, extra_gradients=extra_gradients
+        )
+        first = self.pending_losses[0][0] if self.pending_losses else step + 1
+        alphas = self.trainer.alphas(self.state)
+        losses = [v for _, v in self.pending_losses]
+        failures.check_alphas(self.checkpointer.stage, step + 1, alphas, first, losses)
+
     # --- checkpoints: the supernet plus an algorithm's own arrays and JSON ---------------
 
+    def check(self, step: int, extra: dict[str, Any]) -> None:
+        """NaN/Inf in the losses since the last check, the fitness logits or the
+        algorithm's own arrays (``extra``, e.g. the RL controller) stop the search."""
+        stage = self.checkpointer.stage
+        if self.pending_losses:
+            first = self.pending_losses[0][0]
+            failures.check_steps(stage, first, [{"loss": v} for _, v in self.pending_losses])
+            self.pending_losses = []
+        fitness = self.state.variables["fitness"]
+        failures.check_tree(stage, step, "fitness logits (alpha)", fitness)
+        failures.check_tree(stage, step, f"{self.config.search.algorithm} state", extra)
+
     def save(self, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Checks (:meth:`check`), then checkpoints the supernet, ``extra`` and ``meta``."""
+        self.check(step, extra)
         tree = {
             "variables": self.state.variables,
             "opt_state": self.state.opt_state,
@@ -68,7 +106,8 @@ class SearchContext:
         self.checkpointer.save(step, tree, {"step": step, **meta})
 
     def restore(self, extra: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """Latest checkpoint into this context (``extra``: the structure to restore into)."""
+        """The newest readable checkpoint into this context (``extra``: the structure to
+        restore into); None when there is none."""
         if self.checkpointer.latest_step() is None:
             return None
         target = {
@@ -76,9 +115,9 @@ class SearchContext:
             "opt_state": self.state.opt_state,
             "extra": extra,
         }
-        tree, meta = self.checkpointer.restore(target)
+        step, tree, meta = self.checkpointer.restore_latest(lambda _: target)
         self.state.variables, self.state.opt_state = tree["variables"], tree["opt_state"]
-        self.state.step = meta["step"]
+        self.state.step, self.resumed_step = meta["step"], step
         return tree["extra"], meta
 
     # --- evaluation with recalibrated BatchNorm ---------------------------------------------

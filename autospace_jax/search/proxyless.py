@@ -49,18 +49,13 @@ def derive(ctx: SearchContext, alphas: list[np.ndarray]) -> list[int]:
 
 
 def run(ctx: SearchContext) -> tuple[list[int], dict]:
-    sc, sn_cfg = ctx.config.search, ctx.config.supernet
+    sc = ctx.config.search
     restored = ctx.restore({})
     start = restored[1]["step"] if restored else 0
     for step in range(start, sc.steps):
-        lr = ctx.learning_rate(step, sc.steps)
-        ctx.trainer.weight_step(ctx.state, *ctx.batch(step), lr, ctx.seed)
+        ctx.weight_step(step)
         if step >= sc.warmup_steps:
-            alphas = ctx.trainer.alphas(ctx.state)
-            ctx.trainer.fitness_step(
-                ctx.state, *ctx.batch(step, "val"), sn_cfg.fitness_learning_rate, ctx.seed,
-                extra_gradients=madds_gradient(ctx, alphas),
-            )  # fmt: skip
+            ctx.fitness_step(step, madds_gradient(ctx, ctx.trainer.alphas(ctx.state)))
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(step + 1, {}, {})
     alphas = ctx.trainer.alphas(ctx.state)

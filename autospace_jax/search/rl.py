@@ -109,9 +109,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
             path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
         else:
             path = controller.sample(rng)
-        ctx.trainer.weight_step(
-            ctx.state, *ctx.batch(step), ctx.learning_rate(step, sc.steps), ctx.seed, path
-        )
+        ctx.weight_step(step, path)
         if step >= sc.warmup_steps and step % sc.rl_every == 0:
             images, labels = ctx.batch(step, "val")
             paths = [controller.sample(rng) for _ in range(sc.rl_samples)]

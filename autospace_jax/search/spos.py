@@ -42,9 +42,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
     for step in range(meta["step"], sc.steps):
         rng = np.random.default_rng((ctx.seed, step, 5))
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
-        ctx.trainer.weight_step(
-            ctx.state, *ctx.batch(step), ctx.learning_rate(step, sc.steps), ctx.seed, path
-        )
+        ctx.weight_step(step, path)
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(step + 1, {}, {"scores": {}, "population": [], "round": 0})
 

@@ -9,7 +9,7 @@ from typing import Any
 from absl import logging
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import checkpoint, files, input_pipeline, madds, sharding, spaces
+from autospace_jax import checkpoint, distributed, files, input_pipeline, madds, sharding, spaces
 from autospace_jax import supernet as sn
 from autospace_jax.search import ALGORITHMS
 from autospace_jax.search.context import SearchContext, network_madds
@@ -38,7 +38,9 @@ def build_context(config: Any, workdir: str) -> tuple[SearchContext, str]:
         space=space,
         trainer=trainer,
         state=state,
-        checkpointer=checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), max_to_keep=2),
+        checkpointer=checkpoint.Checkpointer(
+            os.path.join(stage_dir, "checkpoints"), max_to_keep=2, stage=STAGE
+        ),
         madds_table=table,
         base_madds=base,
     ), space_source
@@ -69,11 +71,13 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
         [len(c) for c in space.candidates], ctx.path_madds([int(m.argmin()) for m in table]),
         ctx.max_madds(), sc.target_madds or "none",
     )  # fmt: skip
-    previous = ctx.checkpointer.latest_step()
-    path, figures = ALGORITHMS[sc.algorithm](ctx)
-    ctx.checkpointer.close()
+    try:
+        path, figures = ALGORITHMS[sc.algorithm](ctx)
+    finally:  # Even on failure, a save in flight completes: it is the one to resume.
+        ctx.checkpointer.close()
 
     arch = space.arch(path)
+    distributed.check_same("search: the chosen arch", arch_lib.arch_to_json(arch))
     cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2])
     val_accuracy = ctx.val_accuracy(path, sc.bn_batches)
     arch_lib.save_arch(
@@ -88,7 +92,7 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
         "params": cost.params,
         "target_madds": sc.target_madds,
         "val_accuracy": val_accuracy,
-        "resumed_from_step": previous or 0,
+        "resumed_from_step": ctx.resumed_step,
         **figures,
         "config": config.to_dict(),
     }
