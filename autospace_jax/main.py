@@ -25,7 +25,7 @@ from autospace_jax import (
     train,
 )
 from autospace_jax import genome as genome_lib
-from autospace_jax.search import stage
+from autospace_jax.search import context, stage
 
 MODES = {
     "evolve": evolution.evolve,
@@ -42,7 +42,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 # Errors about the user's inputs or run folder, not bugs: one line, then exit 1.
-CLEAR_ERRORS = (genome_lib.GenomeError, checkpoint.CheckpointError, failures.NonFiniteError)
+CLEAR_ERRORS = (
+    genome_lib.GenomeError,
+    checkpoint.CheckpointError,
+    failures.NonFiniteError,
+    context.UnreachableTarget,
+)
 
 
 class QuietLibraries(py_logging.Filter):

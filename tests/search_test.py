@@ -146,3 +146,10 @@ def test_search_resumes_from_its_checkpoint(tmp_path):
     assert resumed["resumed_from_step"] == 20
     for key in ("path", "madds", "params", "val_accuracy", "expected_madds", "probabilities"):
         assert resumed[key] == straight[key], key
+
+
+def test_unreachable_target_names_the_span_of_the_space():
+    table = [np.array([100, 300]), np.array([50, 70])]  # Paths: 160, 180, 360, 380 (+ 10).
+    log_probs = [np.log(np.full(2, 0.5))] * 2
+    with pytest.raises(context.UnreachableTarget, match=r"its paths span 160\.\.380 MAdds"):
+        context.most_probable_within(log_probs, table, 10, 200.0, 300.0)

@@ -168,6 +168,10 @@ def network_madds(space: sn.SupernetSpec, image_shape) -> tuple[list[np.ndarray]
     return table, base.madds
 
 
+class UnreachableTarget(ValueError):
+    """No path of the space meets the MAdds target within the tolerance."""
+
+
 def most_probable_within(
     log_probs: list[np.ndarray],
     table: list[np.ndarray],
@@ -210,7 +214,10 @@ def most_probable_within(
         total = base + sum(table[l][k] for l, k in enumerate(path))
         if low <= total <= high:
             return path
-    raise ValueError(
+    span = [base + sum(f(m) for m in table) for f in (np.min, np.max)]
+    raise UnreachableTarget(
         f"no architecture of this space has MAdds in [{low:.0f}, {high:.0f}] "
-        "(config.search.target_madds +- config.search.tolerance)"
+        f"(config.search.target_madds +- config.search.tolerance); its paths span "
+        f"{span[0]:.0f}..{span[1]:.0f} MAdds, not every value between: pick a target in "
+        "that range, a larger tolerance, or 0 for no target"
     )
