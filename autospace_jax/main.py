@@ -47,6 +47,7 @@ CLEAR_ERRORS = (
     checkpoint.CheckpointError,
     failures.NonFiniteError,
     context.UnreachableTarget,
+    FileNotFoundError,  # Ours name the missing space/arch/data file and how to make it.
 )
 
 
