@@ -285,9 +285,8 @@ class Evolution:
             chosen = tournament([pop[i] for i in ready], ec.cells_per_layer, ec.tournament_size,
                                 rng)  # fmt: skip
             picked.append([ready[j] for j in chosen])
-        if self.compiler is not None:  # Picked cells still compiling in the background.
-            keys = [(l, self.populations[l][i].genome) for l, idx in enumerate(picked) for i in idx]
-            clock.add("compile", self.compiler.wait(keys))
+        if self.compiler is not None:
+            clock.add("compile", self._compile_picked(picked))
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
         spec = sn.SupernetSpec(
@@ -348,26 +347,44 @@ class Evolution:
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
 
+    def _compile_job(self, l: int, genome: genome_lib.Genome) -> tuple:
+        """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
+        cons = self.constraints[l]
+        x = jax.ShapeDtypeStruct(
+            (self.sc.batch_size, cons.size, cons.size, cons.c_in), np.float32,
+            sharding=sharding.batch_sharding(self.mesh),
+        )  # fmt: skip
+        module = cells.Cell(genome, cons.c_out, cons.stride)
+        return module, x, sharding.replicated(self.mesh), self.tx
+
+    def _compile_picked(self, picked: list[list[int]]) -> float:
+        """Makes this generation's picked cells ready (critical path); returns the seconds.
+
+        Cells the background compiler has (or is compiling) are waited for; the
+        rest (generation 0's, or a resumed run's) compile now, one per core.
+        """
+        start = time.perf_counter()
+        keys = [(l, self.populations[l][i].genome) for l, idx in enumerate(picked) for i in idx]
+        now = [key for key in dict.fromkeys(keys) if key not in self.compiled]
+        self.compiled.update(now)
+        pieces.precompile_cells([self._compile_job(*key) for key in now], os.cpu_count() or 1)
+        self.compiler.wait(keys)
+        return time.perf_counter() - start
+
     def _precompile_rest(self, picked: list[list[int]]) -> None:
         """Queues every individual not compiled yet, except this generation's picks
-        (those compile now, on first use), fittest first, for the background compiler."""
-        x_sharding, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        (compiled by now, or on first use), fittest first, for the background compiler."""
         todo = []
-        for l, (pop, cons) in enumerate(zip(self.populations, self.constraints)):
+        for l, pop in enumerate(self.populations):
             for i, ind in enumerate(pop):
                 if (l, ind.genome) not in self.compiled:
                     self.compiled.add((l, ind.genome))
                     if i not in picked[l]:
-                        todo.append((-ind.alpha, l, ind.genome.id, ind.genome, cons))
+                        todo.append((-ind.alpha, l, ind.genome.id, ind.genome))
         if self.compiler is None:
             return
-        for _, l, _, genome, cons in sorted(todo, key=lambda job: job[:3]):
-            x = jax.ShapeDtypeStruct(
-                (self.sc.batch_size, cons.size, cons.size, cons.c_in), np.float32,
-                sharding=x_sharding,
-            )  # fmt: skip
-            module = cells.Cell(genome, cons.c_out, cons.stride)
-            self.compiler.submit((l, genome), module, x, replicated, self.tx)
+        for _, l, _, genome in sorted(todo, key=lambda job: job[:3]):
+            self.compiler.submit((l, genome), *self._compile_job(l, genome))
 
     def _reproduce(self, picked: list[list[int]]) -> None:
         t, ec = self.generation, self.ec

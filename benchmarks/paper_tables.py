@@ -4,7 +4,7 @@
   python benchmarks/paper_tables.py --data any.npz        # x_train/y_train/x_test/y_test
   python benchmarks/paper_tables.py --data tfds:cifar10 --data-dir $TFDS_DATA_DIR
 
-Scale (``--scale=full``, about 1.5 h here): images resized to 16x16, a
+Scale (``--scale=full``; two runs at a time, ``--jobs=2``): images resized to 16x16, a
 class-balanced subset of 1,000 train / 200 test images per class (10% of train
 held out for fitness/arch steps), the 5-layer default skeleton, evolution of
 12 generations x 25 steps, searches of 200 steps, final training 5 epochs, 3
@@ -12,7 +12,9 @@ seeds. ``--scale=tiny`` runs every experiment once, on tiny settings (the test).
 
 Every run writes its own folder under ``--out`` and each library stage skips
 when its summary exists, so re-running after an interruption continues where
-it stopped. Experiments:
+it stopped. ``--jobs`` runs (default 2) go at a time, each in a worker process;
+the main process then assembles the tables from the cached runs, so the numbers
+do not depend on ``--jobs``. Experiments:
 
 * Table 3: learned space vs ``manual_irb``, ``proxyless`` at two MAdds budgets.
 * Table 4: the same with ``rl`` and ``spos`` at the higher budget.
@@ -38,9 +40,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import multiprocessing
 import os
 import sys
 import time
+from concurrent import futures
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -172,14 +176,14 @@ class Runs:
         summary = stage.search(c, workdir)
         return {**summary, "arch_path": os.path.join(workdir, "search", "arch.json")}
 
+    def train_seed(self, name: str, arch_path: str, seed: int) -> dict:
+        return train.train_and_evaluate(
+            _seeded(_with(self.base, train__arch=arch_path), seed),
+            os.path.join(self.out, "train", name, f"seed{seed}"),
+        )
+
     def train(self, name: str, arch_path: str) -> list[dict]:
-        return [
-            train.train_and_evaluate(
-                _seeded(_with(self.base, train__arch=arch_path), seed),
-                os.path.join(self.out, "train", name, f"seed{seed}"),
-            )
-            for seed in self.s.seeds
-        ]
+        return [self.train_seed(name, arch_path, seed) for seed in self.s.seeds]
 
 
 def _seeded(c: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
@@ -301,27 +305,35 @@ def render(results: dict) -> str:
     return "\n\n".join(parts)
 
 
-def direct_ea(runs: Runs, skeleton) -> dict:
-    """Table 2's first row: the fittest cell per layer of the evolution without reference."""
+def direct_ea_arch(runs: Runs, skeleton) -> str:
+    """Table 2's direct EA model: the fittest cell per layer of the evolution without
+    reference."""
     direct = spaces.load_space(runs.space_path("no_reference"))
-    direct_arch = os.path.join(runs.out, "direct_ea_arch.json")
-    arch_lib.save_arch(direct_arch, direct.arch([0] * skeleton.num_layers))
+    path = os.path.join(runs.out, "direct_ea_arch.json")
+    arch_lib.save_arch(path, direct.arch([0] * skeleton.num_layers))
+    return path
+
+
+def direct_ea(runs: Runs, skeleton) -> dict:
+    """Table 2's first row."""
+    trained = runs.train("direct_ea", direct_ea_arch(runs, skeleton))
     return {"space": "full (open)", "algorithm": "EA", "budget": None,
-            **model_row("direct_ea", runs.train("direct_ea", direct_arch))}  # fmt: skip
+            **model_row("direct_ea", trained)}  # fmt: skip
+
+
+def depth_net(runs: Runs, skeleton, d: int) -> dict:
+    """Table 6: depth network ``d`` trained alone (its true accuracy)."""
+    arch_path = os.path.join(runs.out, "table6", f"net{d + 1}_arch.json")
+    os.makedirs(os.path.dirname(arch_path), exist_ok=True)
+    arch_lib.save_arch(arch_path, arch_lib.uniform(skeleton, DEPTH_NETS[d]))
+    return train.train_and_evaluate(
+        _with(runs.base, train__arch=arch_path), os.path.join(runs.out, "table6", f"net{d + 1}")
+    )
 
 
 def table6(runs: Runs, dataset, skeleton) -> dict:
     """True order of the depth networks (trained), then alpha from each random init."""
-    truth_acc = []
-    for d, g in enumerate(DEPTH_NETS):
-        arch_path = os.path.join(runs.out, "table6", f"net{d + 1}_arch.json")
-        os.makedirs(os.path.dirname(arch_path), exist_ok=True)
-        arch_lib.save_arch(arch_path, arch_lib.uniform(skeleton, g))
-        trained = train.train_and_evaluate(
-            _with(runs.base, train__arch=arch_path),
-            os.path.join(runs.out, "table6", f"net{d + 1}"),
-        )
-        truth_acc.append(trained["test_accuracy"])
+    truth_acc = [depth_net(runs, skeleton, d)["test_accuracy"] for d in range(len(DEPTH_NETS))]
     truth = [int(i) for i in np.argsort(truth_acc)]
     inits = [fitness_ranking(runs, dataset, skeleton, truth, i) for i in range(runs.s.t6_inits)]
     return {"truth_accuracy": truth_acc, "truth_order": truth, "inits": inits}
@@ -359,45 +371,134 @@ def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
     return out
 
 
+# --- parallel runs: every run is cached, so workers fill the cache and the main process
+# then assembles the tables from it exactly as a sequential run would. -------------------
+
+_CONTEXT: dict = {}
+
+
+def _setup_logging() -> None:
+    logging.use_absl_handler()
+    logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
+    logging.set_verbosity(logging.INFO)
+
+
+def _context(out: str, scale: str):
+    """(runs, dataset, skeleton) of this process, built once per process.
+
+    All runs and workers share one persistent compilation cache in ``out``: the
+    same cells recur across searches, seeds and spaces.
+    """
+    if not _CONTEXT:
+        main_lib.use_compilation_cache("", out)
+        s = SCALES[scale]
+        runs = Runs(out, base_config(os.path.join(out, "data.npz"), s), s)
+        dataset = input_pipeline.load(runs.base.data, seed=0, cache_dir=out)
+        skeleton = arch_lib.skeleton_from_config(runs.base.model, dataset.info.num_classes)
+        _CONTEXT.update(runs=runs, dataset=dataset, skeleton=skeleton)
+    return _CONTEXT["runs"], _CONTEXT["dataset"], _CONTEXT["skeleton"]
+
+
+def run_task(out: str, scale: str, task: tuple) -> tuple:
+    """One run in a pool worker (a no-op when its result is cached)."""
+    if not _CONTEXT:
+        _setup_logging()
+    runs, dataset, skeleton = _context(out, scale)
+    kind, *a = task
+    if kind == "evolve":
+        runs.evolve(*a)
+    elif kind == "depth_net":
+        depth_net(runs, skeleton, *a)
+    elif kind == "t6_init":
+        fitness_ranking(runs, dataset, skeleton, *a)
+    elif kind == "search":
+        runs.search(*a)
+    else:
+        runs.train_seed(*a)
+    return task
+
+
+class Pool:
+    """``jobs`` worker processes (spawned: a forked JAX runtime is unsafe).
+
+    Each run is single-process and uses about one core here (small programs), so
+    two workers use both cores of this machine. ``jobs=1`` runs nothing ahead: the
+    main process then does every run in order.
+    """
+
+    def __init__(self, out: str, scale: str, jobs: int):
+        self.out, self.scale = out, scale
+        ctx = multiprocessing.get_context("spawn")
+        self.pool = futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else None
+
+    def run(self, tasks: list[tuple], then=lambda task: []) -> None:
+        """Runs ``tasks`` (longest first is best) and, as each finishes, ``then(task)``."""
+        if self.pool is None:
+            return
+        pending = {self.pool.submit(run_task, self.out, self.scale, t) for t in tasks}
+        while pending:
+            done, pending = futures.wait(pending, return_when=futures.FIRST_COMPLETED)
+            for f in done:
+                for t in then(f.result()):
+                    pending.add(self.pool.submit(run_task, self.out, self.scale, t))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
 def run_all(args, s: Scale) -> dict:
     start = time.time()
     data_path = prepare_data(args.data, args.data_dir, args.out, s)
-    runs = Runs(args.out, base_config(data_path, s), s)
-    dataset = input_pipeline.load(runs.base.data, seed=0, cache_dir=args.out)
+    runs, dataset, skeleton = _context(args.out, args.scale)
+    assert runs.base.data.path == data_path
     info = dataset.info
-    skeleton = arch_lib.skeleton_from_config(runs.base.model, info.num_classes)
+    pool = Pool(args.out, args.scale, args.jobs)
+    try:
+        pool.run([("evolve", "reference", True), ("evolve", "no_reference", False)]
+                 + [("depth_net", d) for d in reversed(range(len(DEPTH_NETS)))])  # fmt: skip
 
-    # Fig. 3 (and the learned space of Tables 2-4).
-    evolved = {"with reference": runs.evolve("reference", True),
-               "without reference": runs.evolve("no_reference", False)}  # fmt: skip
-    spaces_ = {"manual": "manual_irb", "learned": runs.space_path("reference")}
-    all_madds = [path_madds(spaces.resolve(space, "", skeleton)[0], info.image_shape)
-                 for space in spaces_.values()]  # fmt: skip
-    lo, hi = max(m[0] for m in all_madds), min(m[-1] for m in all_madds)
-    tolerance = runs.base.search.tolerance
-    budgets = [feasible_budget(lo + b * (hi - lo), all_madds, tolerance) for b in s.budgets]
-    logging.info("paper_tables: MAdds range both spaces share %d..%d, budgets %s", lo, hi, budgets)
+        # Fig. 3 (and the learned space of Tables 2-4).
+        evolved = {"with reference": runs.evolve("reference", True),
+                   "without reference": runs.evolve("no_reference", False)}  # fmt: skip
+        spaces_ = {"manual": "manual_irb", "learned": runs.space_path("reference")}
+        all_madds = [path_madds(spaces.resolve(space, "", skeleton)[0], info.image_shape)
+                     for space in spaces_.values()]  # fmt: skip
+        lo, hi = max(m[0] for m in all_madds), min(m[-1] for m in all_madds)
+        tolerance = runs.base.search.tolerance
+        budgets = [feasible_budget(lo + b * (hi - lo), all_madds, tolerance) for b in s.budgets]
+        logging.info("paper_tables: MAdds range both spaces share %d..%d, budgets %s", lo, hi,
+                     budgets)  # fmt: skip
+        searched = [(sp, "proxyless", b) for b in budgets for sp in spaces_]
+        searched += [(sp, alg, budgets[-1]) for alg in ("rl", "spos") for sp in spaces_]
+
+        def name(space: str, algorithm: str, budget: int) -> str:
+            return f"{space}_{algorithm}_{budget}"
+
+        def trains_after(task: tuple) -> list[tuple]:
+            if task[0] != "search":
+                return []
+            arch_path = os.path.join(args.out, "search", task[1], "search", "arch.json")
+            return [("train", task[1], arch_path, seed) for seed in s.seeds]
+
+        truth_acc = [depth_net(runs, skeleton, d)["test_accuracy"] for d in range(len(DEPTH_NETS))]
+        truth = [int(i) for i in np.argsort(truth_acc)]
+        direct_arch = direct_ea_arch(runs, skeleton)
+        pool.run([("search", name(*m), spaces_[m[0]], m[1], m[2]) for m in searched]
+                 + [("t6_init", truth, i) for i in range(s.t6_inits)]
+                 + [("train", "direct_ea", direct_arch, seed) for seed in s.seeds],
+                 then=trains_after)  # fmt: skip
+    finally:
+        pool.close()
 
     def searched_model(space: str, algorithm: str, budget: int) -> dict:
-        name = f"{space}_{algorithm}_{budget}"
-        found = runs.search(name, spaces_[space], algorithm, budget)
-        row = model_row(name, runs.train(name, found["arch_path"]))
+        found = runs.search(name(space, algorithm, budget), spaces_[space], algorithm, budget)
+        row = model_row(name(space, algorithm, budget),
+                        runs.train(name(space, algorithm, budget), found["arch_path"]))  # fmt: skip
         return {"space": space, "algorithm": algorithm, "budget": budget, **row}
 
-    if args.parts != "all":  # A helper process: only the runs of these parts, no results.json.
-        for part in args.parts.split(","):
-            if part == "table6":
-                table6(runs, dataset, skeleton)
-            elif part == "table2":
-                direct_ea(runs, skeleton)
-            else:  # <space>:<algorithm>:<budget index>, e.g. learned:spos:1
-                space, algorithm, budget = part.split(":")
-                searched_model(space, algorithm, budgets[int(budget)])
-        return {}
-
-    table3 = [searched_model(sp, "proxyless", b) for b in budgets for sp in spaces_]
-    table4 = [searched_model(sp, alg, budgets[-1]) for alg in ("rl", "spos") for sp in spaces_]
-
+    table3 = [searched_model(*m) for m in searched if m[1] == "proxyless"]
+    table4 = [searched_model(*m) for m in searched if m[1] != "proxyless"]
     table2 = [direct_ea(runs, skeleton)] + [dict(r) for r in table4 if r["algorithm"] == "rl"]
     results = {
         "data": args.data,
@@ -421,21 +522,15 @@ def main():
     p.add_argument("--out", default=os.path.join(_report.ROOT, "runs", "paper_tables"))
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
-    p.add_argument(
-        "--parts", default="all",
-        help="comma list of table6, table2, <space>:<algorithm>:<budget index>: run only "
-        "these runs (a second process beside a full one uses the other core; the full one "
-        "then finds them cached)",
-    )  # fmt: skip
+    p.add_argument("--jobs", type=int, default=2,
+                   help="runs at a time, each in its own process (1: all in this one)")  # fmt: skip
     args = p.parse_args()
     if not args.data.startswith("tfds:") and not os.path.isfile(args.data):
         sys.exit(f"--data={args.data!r}: no such file (give an npz or tfds:<name>)")
-    logging.use_absl_handler()
-    logging.get_absl_handler().addFilter(main_lib.QuietLibraries())
-    logging.set_verbosity(logging.INFO)
+    if args.jobs < 1:
+        sys.exit(f"--jobs={args.jobs}: give 1 or more")
+    _setup_logging()
     results = run_all(args, SCALES[args.scale])
-    if not results:
-        return
     body = render(results)
     print(body)
     if not args.no_write:
