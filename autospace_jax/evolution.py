@@ -326,6 +326,7 @@ class Evolution:
                 alphas = trainer.alphas(state)
                 failures.check_alphas(STAGE, self.step + 1, alphas, first_step, losses, where)
             self.step += 1
+        losses = jax.device_get(losses)  # One transfer for the check and the mean.
         failures.check_steps(STAGE, first_step, [{"loss": v} for v in losses], where)
         loss = float(np.mean([float(v) for v in losses]))
         compile_s = pieces.compile_seconds() - compiled

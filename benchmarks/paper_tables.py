@@ -107,9 +107,13 @@ DEPTH_NETS = (  # Table 6: the same block (depthwise 3x3, r = 6) chained 1, 2, 3
 # --- data and configs -------------------------------------------------------------------
 
 
+def data_file(out: str) -> str:
+    return os.path.join(out, "data.npz")
+
+
 def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
     """A class-balanced, resized subset of ``data`` as a plain npz in ``out``."""
-    path = os.path.join(out, "data.npz")
+    path = data_file(out)
     if os.path.isfile(path):
         return path
     cfg = ml_collections.ConfigDict(
@@ -172,9 +176,11 @@ class Runs:
     def search(self, name: str, space: str, algorithm: str, target: int) -> dict:
         c = _with(self.base, search__space=space, search__algorithm=algorithm,
                   search__target_madds=int(target))  # fmt: skip
-        workdir = os.path.join(self.out, "search", name)
-        summary = stage.search(c, workdir)
-        return {**summary, "arch_path": os.path.join(workdir, "search", "arch.json")}
+        summary = stage.search(c, os.path.join(self.out, "search", name))
+        return {**summary, "arch_path": self.arch_path(name)}
+
+    def arch_path(self, search_name: str) -> str:
+        return os.path.join(self.out, "search", search_name, "search", "arch.json")
 
     def train_seed(self, name: str, arch_path: str, seed: int) -> dict:
         return train.train_and_evaluate(
@@ -392,7 +398,7 @@ def _context(out: str, scale: str):
     if not _CONTEXT:
         main_lib.use_compilation_cache("", out)
         s = SCALES[scale]
-        runs = Runs(out, base_config(os.path.join(out, "data.npz"), s), s)
+        runs = Runs(out, base_config(data_file(out), s), s)
         dataset = input_pipeline.load(runs.base.data, seed=0, cache_dir=out)
         skeleton = arch_lib.skeleton_from_config(runs.base.model, dataset.info.num_classes)
         _CONTEXT.update(runs=runs, dataset=dataset, skeleton=skeleton)
@@ -449,9 +455,8 @@ class Pool:
 
 def run_all(args, s: Scale) -> dict:
     start = time.time()
-    data_path = prepare_data(args.data, args.data_dir, args.out, s)
+    prepare_data(args.data, args.data_dir, args.out, s)
     runs, dataset, skeleton = _context(args.out, args.scale)
-    assert runs.base.data.path == data_path
     info = dataset.info
     pool = Pool(args.out, args.scale, args.jobs)
     try:
@@ -478,8 +483,7 @@ def run_all(args, s: Scale) -> dict:
         def trains_after(task: tuple) -> list[tuple]:
             if task[0] != "search":
                 return []
-            arch_path = os.path.join(args.out, "search", task[1], "search", "arch.json")
-            return [("train", task[1], arch_path, seed) for seed in s.seeds]
+            return [("train", task[1], runs.arch_path(task[1]), seed) for seed in s.seeds]
 
         truth_acc = [depth_net(runs, skeleton, d)["test_accuracy"] for d in range(len(DEPTH_NETS))]
         truth = [int(i) for i in np.argsort(truth_acc)]
@@ -492,9 +496,9 @@ def run_all(args, s: Scale) -> dict:
         pool.close()
 
     def searched_model(space: str, algorithm: str, budget: int) -> dict:
-        found = runs.search(name(space, algorithm, budget), spaces_[space], algorithm, budget)
-        row = model_row(name(space, algorithm, budget),
-                        runs.train(name(space, algorithm, budget), found["arch_path"]))  # fmt: skip
+        run = name(space, algorithm, budget)
+        found = runs.search(run, spaces_[space], algorithm, budget)
+        row = model_row(run, runs.train(run, found["arch_path"]))
         return {"space": space, "algorithm": algorithm, "budget": budget, **row}
 
     table3 = [searched_model(*m) for m in searched if m[1] == "proxyless"]
