@@ -6,7 +6,8 @@ birth generation). Each generation t = 0..T-1:
 1. tournament selection of K cells per layer (tournament size S) among the
    individuals born before generation t-1 (a child of generation t can be
    picked from t+2 on: its cell compiles in the background during t+1, see
-   ``evolution.background_compile``);
+   ``evolution.background_compile``; cells are compiled per canonical genome,
+   so a child computing what its parent computes needs no compile at all);
 2. a supernet of the picked cells, alpha from the population, weights from the
    :class:`~autospace_jax.weight_bank.WeightBank`;
 3. f iterations: a weight step on a training batch, then (after the warm-up)
@@ -188,14 +189,15 @@ class Clock:
 class Evolution:
     """The host loop's state and steps; :func:`evolve` runs it as a stage."""
 
-    def __init__(self, config: Any, dataset: input_pipeline.Dataset, mesh):
+    def __init__(self, config: Any, image_shape: tuple[int, int, int], num_classes: int, mesh):
+        """Everything but the data (see :meth:`attach`), so compiling can start before it loads."""
         self.config, self.ec, self.sc = config, config.evolution, config.supernet
-        self.dataset, self.mesh = dataset, mesh
-        info = dataset.info
-        self.skeleton = arch_lib.skeleton_from_config(config.model, info.num_classes)
+        self.image_shape, self.mesh = tuple(image_shape), mesh
+        self.dataset: input_pipeline.Dataset | None = None
+        self.skeleton = arch_lib.skeleton_from_config(config.model, num_classes)
         self.reference = genome_lib.reference(config.genome.reference)
         self.constraints = []
-        for size, c_in, c_out, stride in self.skeleton.layer_shapes(info.image_shape[0]):
+        for size, c_in, c_out, stride in self.skeleton.layer_shapes(self.image_shape[0]):
             ref_cost = madds.cell_cost(self.reference, size, c_in, c_out, stride).madds
             self.constraints.append(
                 Constraints(
@@ -208,7 +210,7 @@ class Evolution:
                 )
             )
         self.tx = sn.optimizer(self.sc.weight_decay, self.sc.momentum, self.sc.nesterov)
-        self.bank = WeightBank(self.skeleton, info.image_shape, self.tx, config.seed)
+        self.bank = WeightBank(self.skeleton, self.image_shape, self.tx, config.seed)
         self.populations: list[list[Individual]] = []
         self.generation = 0
         self.step = 0
@@ -218,16 +220,27 @@ class Evolution:
         # Compiling generation t+1's new cells while t trains needs them known
         # before t+1 starts: a child born at the end of generation t can be picked
         # from t+2 on (always, so results do not depend on background_compile).
-        self.compiler = pieces.BackgroundCompiler() if self.ec.background_compile else None
-        self.compiled: set[tuple[int, genome_lib.Genome]] = set()
-        self.steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
+        threads = os.cpu_count() or 1
+        self.compiler = pieces.Compiler(threads) if self.ec.background_compile else None
+        self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
         self.total_steps = self.ec.generations * self.ec.steps_per_generation
 
     # --- state ------------------------------------------------------------------------
 
+    def attach(self, dataset: input_pipeline.Dataset) -> None:
+        """The data to train on; its shapes must be those the supernet was built for."""
+        info = dataset.info
+        expected = (self.image_shape, self.skeleton.num_classes)
+        if (info.image_shape, info.num_classes) != expected:
+            raise ValueError(
+                f"evolve: the loaded data has images {info.image_shape} and "
+                f"{info.num_classes} classes; input_pipeline.peek said {expected}"
+            )
+        self.dataset = dataset
+
     def init(self) -> None:
+        """Fresh populations; their weights come from :meth:`init_weights`."""
         use_ref = self.reference if self.ec.use_reference else None
-        self.bank.init_shared()
         for l, cons in enumerate(self.constraints):
             rng = _rng(self.config.seed, -1, f"init/{l}")
             genomes = initial_population(cons, self.ec.population_size, rng, use_ref, self.ec.tau)
@@ -238,9 +251,14 @@ class Evolution:
                     for g, a in zip(genomes, alphas)
                 ]
             )
-            for g in genomes:
-                self.bank.add(l, g)
         self._record()
+
+    def init_weights(self) -> None:
+        """Fresh stem, head and cells of the populations :meth:`init` made."""
+        self.bank.init_shared()
+        for l, pop in enumerate(self.populations):
+            for ind in pop:
+                self.bank.add(l, ind.genome)
 
     def _record(self) -> None:
         """history[t][l]: layer l's population (id, alpha) before generation t; t = T: final."""
@@ -275,18 +293,39 @@ class Evolution:
             0.5 * self.sc.learning_rate * (1 + math.cos(math.pi * step / max(self.total_steps, 1)))
         )
 
-    def run_generation(self, clock: Clock, writer) -> dict[str, float]:
-        t, ec, seed = self.generation, self.ec, self.config.seed
-        # 1. Tournament selection among the individuals old enough to be compiled.
-        rng = _rng(seed, t, "select")
+    def select(self) -> list[list[int]]:
+        """Step 1: per layer, tournament selection among the individuals old enough to be
+        compiled. A pure function of (seed, generation, populations)."""
+        t, ec = self.generation, self.ec
+        rng = _rng(self.config.seed, t, "select")
         picked = []
         for pop in self.populations:
             ready = [i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < t]
             chosen = tournament([pop[i] for i in ready], ec.cells_per_layer, ec.tournament_size,
                                 rng)  # fmt: skip
             picked.append([ready[j] for j in chosen])
-        if self.compiler is not None:
-            clock.add("compile", self._compile_picked(picked))
+        return picked
+
+    def prepare(self) -> None:
+        """Starts compiling what this generation needs and is not compiled yet, one thread
+        per core: its picked cells (generation 0's, a resumed run's) and, the first time,
+        the stem and head. Returns at once: the caller loads data or assembles the
+        supernet meanwhile, and :meth:`run_generation` waits for the rest."""
+        if self.compiler is None or self.generation >= self.ec.generations:
+            return
+        if "shared" not in self.compiled:
+            self.compiled.add("shared")
+            self.compiler.submit("shared", self._compile_shared, urgent=True)
+        for key in self._picked_keys(self.select()):
+            if key not in self.compiled:
+                self.compiled.add(key)
+                self.compiler.submit(key, pieces.precompile_cell, *self._compile_job(*key),
+                                     urgent=True)  # fmt: skip
+
+    def run_generation(self, clock: Clock, writer) -> dict[str, float]:
+        t, ec, seed = self.generation, self.ec, self.config.seed
+        picked = self.select()
+        self.prepare()
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
         spec = sn.SupernetSpec(
@@ -308,11 +347,13 @@ class Evolution:
             for l, idx in enumerate(picked)
         ]
         clock.add("inherit", time.time() - start)
+        if self.compiler is not None:  # Assembled while they compiled.
+            clock.add("compile", self.compiler.wait(["shared", *self._picked_keys(picked)]))
         self._precompile_rest(picked)
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
         data = sharding.batch_sharding(self.mesh)
-        warmup = self.sc.warmup_epochs * self.steps_per_epoch
+        warmup = self.sc.warmup_epochs * self.dataset.steps_per_epoch(self.sc.batch_size)
         losses, first_step, where = [], self.step + 1, f"generation {t}"
         for _ in range(ec.steps_per_generation):
             batch = self.dataset.train_batch(self.step, self.sc.batch_size, data, seed=seed)
@@ -355,22 +396,32 @@ class Evolution:
             (self.sc.batch_size, cons.size, cons.size, cons.c_in), np.float32,
             sharding=sharding.batch_sharding(self.mesh),
         )  # fmt: skip
-        module = cells.Cell(genome, cons.c_out, cons.stride)
-        return module, x, sharding.replicated(self.mesh), self.tx
+        return (
+            sn.piece_cell(genome, cons.c_out, cons.stride),
+            x,
+            sharding.replicated(self.mesh),
+            self.tx,
+        )
 
-    def _compile_picked(self, picked: list[list[int]]) -> float:
-        """Makes this generation's picked cells ready (critical path); returns the seconds.
+    def _picked_keys(self, picked: list[list[int]]) -> list[tuple[int, genome_lib.Genome]]:
+        return [
+            (l, genome_lib.canonical(self.populations[l][i].genome))
+            for l, idx in enumerate(picked)
+            for i in idx
+        ]
 
-        Cells the background compiler has (or is compiling) are waited for; the
-        rest (generation 0's, or a resumed run's) compile now, one per core.
-        """
-        start = time.perf_counter()
-        keys = [(l, self.populations[l][i].genome) for l, idx in enumerate(picked) for i in idx]
-        now = [key for key in dict.fromkeys(keys) if key not in self.compiled]
-        self.compiled.update(now)
-        pieces.precompile_cells([self._compile_job(*key) for key in now], os.cpu_count() or 1)
-        self.compiler.wait(keys)
-        return time.perf_counter() - start
+    def _compile_shared(self) -> None:
+        """Stem and head programs, as the supernet trainer will call them."""
+        sk, bs = self.skeleton, self.sc.batch_size
+        data, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
+        images = jax.ShapeDtypeStruct((bs, *self.image_shape), np.float32, sharding=data)
+        pieces.precompile_cell(cells.Stem(sk.stem, sk.stem_stride), images, replicated, self.tx)
+        last = self.constraints[-1]
+        size = -(-last.size // last.stride)
+        x = jax.ShapeDtypeStruct((bs, size, size, last.c_out), np.float32, sharding=data)
+        labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
+        head = cells.Head(sk.head, sk.num_classes)
+        pieces.precompile_head(head, x, labels, self.sc.label_smoothing, replicated, self.tx)
 
     def _precompile_rest(self, picked: list[list[int]]) -> None:
         """Queues every individual not compiled yet, except this generation's picks
@@ -378,14 +429,15 @@ class Evolution:
         todo = []
         for l, pop in enumerate(self.populations):
             for i, ind in enumerate(pop):
-                if (l, ind.genome) not in self.compiled:
-                    self.compiled.add((l, ind.genome))
+                key = (l, genome_lib.canonical(ind.genome))
+                if key not in self.compiled:
+                    self.compiled.add(key)
                     if i not in picked[l]:
-                        todo.append((-ind.alpha, l, ind.genome.id, ind.genome))
+                        todo.append((-ind.alpha, l, ind.genome.id, key[1]))
         if self.compiler is None:
             return
         for _, l, _, genome in sorted(todo, key=lambda job: job[:3]):
-            self.compiler.submit((l, genome), *self._compile_job(l, genome))
+            self.compiler.submit((l, genome), pieces.precompile_cell, *self._compile_job(l, genome))
 
     def _reproduce(self, picked: list[list[int]]) -> None:
         t, ec = self.generation, self.ec
@@ -479,36 +531,51 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     background_before = pieces.background_compile_seconds()
     mesh = sharding.create_mesh()
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
-    dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
-    evo = Evolution(config, dataset, mesh)
+    # An npz's shapes are known before its images are decoded: the first generation's
+    # programs then compile while the data loads (evo.prepare below).
+    dataset, peeked = None, input_pipeline.peek(config.data)
+    if peeked is None:
+        dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
+        peeked = (dataset.info.image_shape, dataset.info.num_classes)
+    evo = Evolution(config, *peeked, mesh)
     ckpt = checkpoint.Checkpointer(
         os.path.join(stage_dir, "checkpoints"), max_to_keep=2, stage=STAGE
     )
     elapsed, clock, setup_s = 0.0, Clock(), time.time() - start_time
-    start = time.time()  # The bank's side of inheritance: restored, or fresh populations.
-    if ckpt.latest_step() is not None:
-        replicated = sharding.replicated(mesh)
-
-        def target(meta: dict[str, Any]) -> Any:
-            """The bank's structure for this step's populations (which genomes it holds)."""
-            evo.load_meta(meta["evolution"])
-            return jax.tree.map(
-                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                evo.bank.abstract_pytree(evo.genomes()),
-            )
-
-        # The newest readable step; evo then holds that same step's meta (the last target call).
-        _, tree, meta = ckpt.restore_latest(target)
-        elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
-        evo.bank.load_pytree(tree, evo.genomes())
-        logging.info("evolve: resumed after generation %d of %d", evo.generation, ec.generations)
-    else:
-        evo.init()
-    clock.add("other", setup_s)  # Added only now: a resume replaces the clock.
-    clock.add("inherit", time.time() - start)
-
     writer = writers.create_writer(stage_dir)
     try:
+        start = time.time()  # The bank's side of inheritance: restored, or fresh populations.
+        if ckpt.latest_step() is not None:
+            replicated = sharding.replicated(mesh)
+
+            def target(meta: dict[str, Any]) -> Any:
+                """The bank's structure for this step's populations (which genomes it holds)."""
+                evo.load_meta(meta["evolution"])
+                return jax.tree.map(
+                    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                    evo.bank.abstract_pytree(evo.genomes()),
+                )
+
+            # The newest readable step; evo then holds that same step's meta (the last
+            # target call).
+            _, tree, meta = ckpt.restore_latest(target)
+            elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
+            evo.prepare()
+            evo.bank.load_pytree(tree, evo.genomes())
+            logging.info(
+                "evolve: resumed after generation %d of %d", evo.generation, ec.generations
+            )
+        else:
+            evo.init()
+            evo.prepare()
+            evo.init_weights()
+        clock.add("other", setup_s)  # Added only now: a resume replaces the clock.
+        clock.add("inherit", time.time() - start)
+        start = time.time()
+        if dataset is None:
+            dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
+        evo.attach(dataset)
+        clock.add("other", time.time() - start)
         while evo.generation < ec.generations:
             t = evo.generation
             figures = evo.run_generation(clock, writer)

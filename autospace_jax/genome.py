@@ -33,6 +33,7 @@ the paper counts them; :func:`enumerate_space` yields exactly these.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -185,6 +186,24 @@ def live_edges(genome: Genome) -> tuple[tuple[int, int], ...]:
             backward.add(i)
     return tuple(
         (i, j) for i, j in EDGES if genome.op(i, j) != "zero" and i in forward and j in backward
+    )
+
+
+def canonical(genome: Genome) -> Genome:
+    """The genome computing the same function with the same weights, in one form per function.
+
+    Dead edges become ``zero``; the aggregation becomes ``add`` when no node
+    has two live inputs (it is then never applied); the skip cell's expansion
+    becomes 1 (nothing is expanded). Most mutations of a sparse cell touch
+    only such fields (about 60 % of the digits run's children), so compiled
+    programs are keyed on this form: such a child reuses its parent's.
+    """
+    live = live_edges(genome)
+    fan_in = collections.Counter(j for _, j in live)
+    return Genome(
+        ops=tuple(op if edge in live else "zero" for edge, op in zip(EDGES, genome.ops)),
+        expansion=genome.expansion if live else 1,
+        aggregation=genome.aggregation if max(fan_in.values(), default=0) > 1 else "add",
     )
 
 

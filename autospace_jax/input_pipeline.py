@@ -271,6 +271,30 @@ def load(
     )
 
 
+def peek(data_config: Any) -> tuple[tuple[int, int, int], int] | None:
+    """``(image_shape, num_classes)`` of an ``npz`` source from its labels and one image.
+
+    Decoding CIFAR-10's 60k JPEGs takes seconds; work that needs only these
+    shapes (the evolve stage's first compilation) can run meanwhile. None for
+    the other sources and for a file :func:`load` will reject (it says why).
+    """
+    if data_config.source != "npz" or not data_config.path or not files.is_file(data_config.path):
+        return None
+    f = _read_npz(data_config.path)
+    if all(k in f for k in _JPEG_KEYS):
+        offsets = f["offsets_train"]
+        shape = _decode_jpeg(f["jpeg_train"][offsets[0] : offsets[1]]).shape
+    elif all(k in f for k in _PLAIN_KEYS):
+        shape = f["x_train"].shape[1:]
+    else:
+        return None
+    if len(shape) not in (2, 3):
+        return None
+    h, w, c = (*shape, 1) if len(shape) == 2 else shape
+    size = data_config.image_size
+    return ((size, size, c) if size else (h, w, c)), _npz_num_classes(f)
+
+
 def read_source(
     data_config: Any, cache_dir: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:
@@ -339,9 +363,13 @@ def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
         np.savez(buffer, **a)
         files.write_bytes(cache_file, buffer.getvalue())  # Atomic: hosts may share the cache.
     _NPZ_CACHE[key] = a
-    num_classes = int(max(a["y_train"].max(), a["y_test"].max())) + 1
-    num_classes = len(a["class_names"]) if "class_names" in a else num_classes
-    return a["x_train"], a["y_train"], a["x_test"], a["y_test"], num_classes
+    return a["x_train"], a["y_train"], a["x_test"], a["y_test"], _npz_num_classes(a)
+
+
+def _npz_num_classes(a: dict[str, np.ndarray]) -> int:
+    if "class_names" in a:
+        return len(a["class_names"])
+    return int(max(a["y_train"].max(), a["y_test"].max())) + 1
 
 
 def _absolute(path: str) -> str:
@@ -383,12 +411,13 @@ def _decode_npz(path: str, image_size: int) -> dict[str, np.ndarray]:
 
 
 def _decode_jpegs(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    images = []
-    for start, end in itertools.pairwise(offsets):
-        with Image.open(io.BytesIO(data[start:end].tobytes())) as img:
-            images.append(np.asarray(img.convert("L" if img.mode == "L" else "RGB")))
-    x = np.stack(images)
+    x = np.stack([_decode_jpeg(data[a:b]) for a, b in itertools.pairwise(offsets)])
     return x[..., None] if x.ndim == 3 else x
+
+
+def _decode_jpeg(data: np.ndarray) -> np.ndarray:
+    with Image.open(io.BytesIO(data.tobytes())) as img:
+        return np.asarray(img.convert("L" if img.mode == "L" else "RGB"))
 
 
 def _load_tfds(cfg: Any) -> _Raw:

@@ -41,13 +41,17 @@ def compile_seconds() -> float:
     """Seconds spent in piece calls that traced and compiled (cumulative, this process).
 
     Only calls that traced count: a piece compiled ahead of time by
-    :class:`BackgroundCompiler` costs its caller nothing here.
+    :class:`Compiler` costs its caller nothing here.
     """
     return _SECONDS["compile"]
 
 
 def background_compile_seconds() -> float:
-    """Seconds :class:`BackgroundCompiler` spent compiling (cumulative, off the critical path)."""
+    """Seconds :class:`Compiler`'s threads spent compiling (cumulative, summed over threads).
+
+    Off the critical path except where the host loop waits for a job; that wait
+    is the caller's to count.
+    """
     return _SECONDS["background"]
 
 
@@ -187,12 +191,7 @@ def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) 
     ``f(...)`` looks up, so that call neither traces nor compiles (checked by
     :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry.
     """
-    abstract = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
-    variables = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
-    )
-    # The skip cell has no variables: {} as the trainer passes it.
-    variables = {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+    variables = _abstract_variables(module, x, replicated)
     compiled = forward.__wrapped__.lower(module, variables, x).compile()
     # The backward's cache key includes its inputs' shardings: those the forward's
     # outputs (the VJP residuals) will really carry.
@@ -202,7 +201,20 @@ def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) 
         compiled.output_shardings,
     )
     backward.__wrapped__.lower(vjp, y).compile()
-    params = {"params": variables["params"]}
+    _precompile_update(tx, variables["params"], replicated)
+
+
+def _abstract_variables(module: nn.Module, x: jax.ShapeDtypeStruct, replicated) -> dict:
+    abstract = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    variables = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+    # The skip cell has no variables: {} as the trainer passes it.
+    return {k: variables.get(k, {}) for k in ("params", "batch_stats")}
+
+
+def _precompile_update(tx, params: dict, replicated) -> None:
+    params = {"params": params}
     opt_state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
         jax.eval_shape(tx.init, params),
@@ -211,36 +223,39 @@ def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) 
     update.__wrapped__.lower(tx, params, params, opt_state, lr).compile()
 
 
-def precompile_cells(jobs: list[tuple], threads: int) -> None:
-    """:func:`precompile_cell` for each job, ``threads`` at a time.
+def precompile_head(
+    module: nn.Module, x: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct,
+    label_smoothing: float, replicated, tx,
+) -> None:  # fmt: skip
+    """Compiles ``module``'s :func:`head_loss` and update ahead of time (any thread)."""
+    variables = _abstract_variables(module, x, replicated)
+    head_loss.__wrapped__.lower(module, variables, x, labels, label_smoothing).compile()
+    _precompile_update(tx, variables["params"], replicated)
 
-    XLA releases the GIL while it compiles, so cells compile in parallel; only
-    tracing and lowering (a few % of a cell's compile) take turns.
-    """
-    with futures.ThreadPoolExecutor(threads, thread_name_prefix="compile") as pool:
-        for f in [pool.submit(precompile_cell, *job) for job in jobs]:
-            f.result()
 
+class Compiler:
+    """Threads that compile pieces ahead of time while the host loop does other work.
 
-class BackgroundCompiler:
-    """One worker thread that compiles cells while the host loop trains others.
-
-    Compilation only (no execution), so it cannot meet the multi-device
+    ``urgent`` jobs (needed before the next step can run) get one thread per
+    core; the others share one background thread, so training keeps a core.
+    Compilation only (no execution), so no job can meet the multi-device
     all-reduce rendezvous that :func:`_serialize` guards against.
     """
 
-    def __init__(self):
-        self._pool = futures.ThreadPoolExecutor(1, thread_name_prefix="precompile")
+    def __init__(self, threads: int):
+        self._urgent = futures.ThreadPoolExecutor(threads, thread_name_prefix="compile")
+        self._background = futures.ThreadPoolExecutor(1, thread_name_prefix="precompile")
         self._pending: dict[Any, futures.Future] = {}
 
-    def submit(self, key, module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) -> None:
-        """Queues :func:`precompile_cell` for ``module``, to be claimed by ``key``."""
-        self._pending[key] = self._pool.submit(self._run, module, x, replicated, tx)
+    def submit(self, key, fn, *args, urgent: bool = False) -> None:
+        """Queues ``fn(*args)`` (e.g. :func:`precompile_cell`), to be claimed by ``key``."""
+        pool = self._urgent if urgent else self._background
+        self._pending[key] = pool.submit(self._run, fn, *args)
 
     @staticmethod
-    def _run(*job) -> None:
+    def _run(fn, *args) -> None:
         start = time.perf_counter()
-        precompile_cell(*job)
+        fn(*args)
         _SECONDS["background"] += time.perf_counter() - start
 
     def wait(self, keys) -> float:
@@ -252,8 +267,9 @@ class BackgroundCompiler:
         return time.perf_counter() - start
 
     def close(self) -> None:
-        """Drops queued jobs, waits for the running one."""
+        """Drops queued jobs, waits for the running ones."""
         for f in self._pending.values():
             f.cancel()
         self._pending.clear()
-        self._pool.shutdown(wait=True)
+        self._urgent.shutdown(wait=True)
+        self._background.shutdown(wait=True)

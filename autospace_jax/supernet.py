@@ -222,6 +222,12 @@ class SupernetState:
     step: int = 0
 
 
+def piece_cell(genome: genome_lib.Genome, c_out: int, stride: int) -> cells.Cell:
+    """The module the pieces compile for ``genome``: built from its canonical form, so
+    genomes that compute the same function (and have the same weights) share programs."""
+    return cells.Cell(genome_lib.canonical(genome), c_out, stride)
+
+
 class SupernetTrainer:
     """Runs weight and fitness steps of one supernet over host-chained pieces."""
 
@@ -238,7 +244,7 @@ class SupernetTrainer:
         sk = spec.skeleton
         self.stem = cells.Stem(sk.stem, sk.stem_stride)
         self.layers = [
-            [cells.Cell(g, c_out, stride) for g in genomes]
+            [piece_cell(g, c_out, stride) for g in genomes]
             for genomes, (c_out, stride) in zip(spec.candidates, sk.layers)
         ]
         self.head = cells.Head(sk.head, sk.num_classes)

@@ -56,9 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.evolution.offspring = 1  # Children per layer per generation (fittest picked cells).
     c.evolution.removal = "oldest"  # oldest (aging) | worst (lowest alpha).
     c.evolution.checkpoint_every = 1  # Generations between checkpoints.
-    # Compile new cells in a background thread while the previous generation
-    # trains (results are identical either way; a child is picked from its
-    # second generation on in both cases).
+    # Compile ahead of time in threads: the first generation's cells, stem and head
+    # while the data loads and the weights initialise, later cells in a background
+    # thread while the previous generation trains (results are identical either way;
+    # a child is picked from its second generation on in both cases).
     c.evolution.background_compile = True
 
     # NAS inside a space (paper §3.3): writes <workdir>/search/arch.json.

@@ -38,6 +38,27 @@ def test_random_cells_shapes(stride, c_out):
         }
 
 
+def test_canonical_genome_computes_the_same_function():
+    """Programs are compiled per canonical genome: it must be the same cell, weights included."""
+    rng = random.Random(7)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 8, 8, 8)), jnp.float32)
+    changed = 0
+    for _ in range(12):
+        genome = g.random_genome(rng)
+        canon = g.canonical(genome)
+        assert g.canonical(canon) == canon and g.live_edges(canon) == g.live_edges(genome)
+        changed += canon != genome
+        y, variables = _run(cells.Cell(genome, 8, 1), x, train=True)
+        abstract = jax.eval_shape(
+            functools.partial(cells.Cell(canon, 8, 1).init, train=False), jax.random.key(0), x
+        )
+        assert jax.tree.structure(abstract) == jax.tree.structure(variables)
+        apply = jax.jit(cells.Cell(canon, 8, 1).apply, static_argnames=("train", "mutable"))
+        y_canon = apply(variables, x, train=True, mutable=("batch_stats",))[0]
+        np.testing.assert_array_equal(y, y_canon)
+    assert changed > 4  # Most random genomes have dead edges or an unused aggregation.
+
+
 def test_skip_cell_is_identity_and_residual_added():
     x = jnp.ones((1, 4, 4, 8))
     y, variables = _run(cells.Cell(g.SKIP, 8, 1), x)

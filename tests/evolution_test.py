@@ -189,6 +189,14 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path):
     from configs import digits
 
     config = digits.get_config()
+    # An npz source: its shapes are peeked, so the first generation compiles while it loads.
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    images = (images.reshape(-1, 8, 8) * 15).astype(np.uint8)
+    np.savez(tmp_path / "digits.npz", x_train=images[:1500], y_train=labels[:1500],
+             x_test=images[1500:], y_test=labels[1500:])  # fmt: skip
+    config.data.source, config.data.path = "npz", str(tmp_path / "digits.npz")
     config.model.stem, config.model.widths, config.model.head = 8, (8, 16), 16
     config.model.blocks, config.model.strides = (1, 1), (1, 2)
     ev = config.evolution

@@ -252,6 +252,18 @@ def test_plain_npz_rgb_and_grayscale(tmp_path):
     assert gray.arrays("train")[0].shape[1:] == (10, 10, 1)
 
 
+@pytest.mark.parametrize("image_size", [0, 16])
+def test_peek_agrees_with_load(cifar_like, tmp_path, image_size):
+    """evolve builds its supernet from peek() before load() finishes decoding."""
+    paths = [cifar_like, _write_plain_npz(tmp_path / "gray.npz", (10, 10))]
+    for path in paths:
+        cfg = _config(source="npz", path=path, image_size=image_size)
+        info = input_pipeline.load(cfg, seed=0).info
+        assert input_pipeline.peek(cfg) == (info.image_shape, info.num_classes)
+    assert input_pipeline.peek(_config(source="digits")) is None
+    assert input_pipeline.peek(_config(source="npz", path=str(tmp_path / "missing.npz"))) is None
+
+
 def test_augmentation_only_on_train_and_only_from_32px(cifar_like):
     on = input_pipeline.load(_config(source="npz", path=cifar_like, val_fraction=0.25), seed=0)
     off = input_pipeline.load(
