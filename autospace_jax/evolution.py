@@ -45,6 +45,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    config_checks,
     distributed,
     failures,
     files,
@@ -236,7 +237,17 @@ class Evolution:
                 f"evolve: the loaded data has images {info.image_shape} and "
                 f"{info.num_classes} classes; input_pipeline.peek said {expected}"
             )
-        self.dataset = dataset
+        steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
+        if self.sc.warmup_epochs * steps_per_epoch >= self.total_steps:
+            config_checks.fail(
+                "supernet.warmup_epochs",
+                self.sc.warmup_epochs,
+                f"0 to {(self.total_steps - 1) // steps_per_epoch}: an epoch is "
+                f"{steps_per_epoch} steps here and evolve runs {self.total_steps} "
+                "(evolution.generations x evolution.steps_per_generation), so alpha would "
+                "never be trained (or raise those)",
+            )
+        self.dataset, self.warmup_steps = dataset, self.sc.warmup_epochs * steps_per_epoch
 
     def init(self) -> None:
         """Fresh populations; their weights come from :meth:`init_weights`."""
@@ -353,7 +364,7 @@ class Evolution:
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
         data = sharding.batch_sharding(self.mesh)
-        warmup = self.sc.warmup_epochs * self.dataset.steps_per_epoch(self.sc.batch_size)
+        warmup = self.warmup_steps
         losses, first_step, where = [], self.step + 1, f"generation {t}"
         for _ in range(ec.steps_per_generation):
             batch = self.dataset.train_batch(self.step, self.sc.batch_size, data, seed=seed)
@@ -538,6 +549,8 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
         peeked = (dataset.info.image_shape, dataset.info.num_classes)
     evo = Evolution(config, *peeked, mesh)
+    if dataset is not None:
+        evo.attach(dataset)  # Bad settings fail here, before anything compiles.
     ckpt = checkpoint.Checkpointer(
         os.path.join(stage_dir, "checkpoints"), max_to_keep=2, stage=STAGE
     )
@@ -572,9 +585,8 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         clock.add("other", setup_s)  # Added only now: a resume replaces the clock.
         clock.add("inherit", time.time() - start)
         start = time.time()
-        if dataset is None:
-            dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
-        evo.attach(dataset)
+        if evo.dataset is None:
+            evo.attach(input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir))
         clock.add("other", time.time() - start)
         while evo.generation < ec.generations:
             t = evo.generation

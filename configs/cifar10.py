@@ -20,6 +20,9 @@ def get_config():
     c.model.blocks = (2, 2, 2, 1, 1)
     c.model.strides = (1, 2, 2, 1, 2)
     c.model.head = 512
+    # Evolve's 200 steps are under one epoch (703 steps at batch 64): fitness steps
+    # from the start, or alpha would never be trained.
+    c.supernet.warmup_epochs = 0
     c.train.batch_size = 128
     c.train.epochs = 30
     c.train.weight_decay = 5e-4

@@ -215,3 +215,14 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path):
             spaces[background] = json.load(f)["layers"]
         assert (summary["background_compile_time_s"] > 0) == background
     assert spaces[True] == spaces[False]
+
+
+def test_a_warmup_that_outlasts_evolve_is_rejected(tmp_path):
+    from autospace_jax.config_checks import ConfigError
+    from configs import digits
+
+    config = digits.get_config()
+    config.evolution.steps_per_generation, config.evolution.generations = 2, 2
+    config.supernet.warmup_epochs = 1  # 20 steps per epoch at batch 64 > 4 evolve steps.
+    with pytest.raises(ConfigError, match=r"supernet.warmup_epochs=1 .*accepted: 0 to 0"):
+        evo.evolve(config, str(tmp_path))
