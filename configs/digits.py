@@ -1,6 +1,6 @@
 """scikit-learn's bundled digits (8x8 grayscale, 10 classes): the CPU default.
 
-Runs the whole method (evolve, search, train) in about 4 minutes on 2 CPU cores:
+Runs the whole method (evolve, search, train) in about 70 s on 2 CPU cores:
 
 python -m autospace_jax.main --config=configs/digits.py --workdir=runs/digits
 """
