@@ -42,6 +42,11 @@ class Skeleton:
             size, c_in = -(-size // stride), c_out
         return out
 
+    def head_shape(self, image_size: int) -> tuple[int, int, int]:
+        """(H, W, C) of the head's input (the last layer's output) for a square input."""
+        size, _, c_out, stride = self.layer_shapes(image_size)[-1]
+        return (-(-size // stride),) * 2 + (c_out,)
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"layers": [list(l) for l in self.layers]}
 

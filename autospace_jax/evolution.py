@@ -224,6 +224,7 @@ class Evolution:
         threads = os.cpu_count() or 1
         self.compiler = pieces.Compiler(threads) if self.ec.background_compile else None
         self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
+        self.warmup_steps = 0  # Weight-only steps; set by attach (needs the data's size).
         self.total_steps = self.ec.generations * self.ec.steps_per_generation
 
     # --- state ------------------------------------------------------------------------
@@ -317,17 +318,18 @@ class Evolution:
             picked.append([ready[j] for j in chosen])
         return picked
 
-    def prepare(self) -> None:
+    def prepare(self, picked: list[list[int]] | None = None) -> None:
         """Starts compiling what this generation needs and is not compiled yet, one thread
-        per core: its picked cells (generation 0's, a resumed run's) and, the first time,
-        the stem and head. Returns at once: the caller loads data or assembles the
-        supernet meanwhile, and :meth:`run_generation` waits for the rest."""
+        per core: its picked cells (``picked``, or :meth:`select`'s; generation 0's, a
+        resumed run's) and, the first time, the stem and head. Returns at once: the
+        caller loads data or assembles the supernet meanwhile, and
+        :meth:`run_generation` waits for the rest."""
         if self.compiler is None or self.generation >= self.ec.generations:
             return
         if "shared" not in self.compiled:
             self.compiled.add("shared")
             self.compiler.submit("shared", self._compile_shared, urgent=True)
-        for key in self._picked_keys(self.select()):
+        for key in self._picked_keys(self.select() if picked is None else picked):
             if key not in self.compiled:
                 self.compiled.add(key)
                 self.compiler.submit(key, pieces.precompile_cell, *self._compile_job(*key),
@@ -336,7 +338,7 @@ class Evolution:
     def run_generation(self, clock: Clock, writer) -> dict[str, float]:
         t, ec, seed = self.generation, self.ec, self.config.seed
         picked = self.select()
-        self.prepare()
+        self.prepare(picked)
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
         spec = sn.SupernetSpec(
@@ -427,9 +429,8 @@ class Evolution:
         data, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
         images = jax.ShapeDtypeStruct((bs, *self.image_shape), np.float32, sharding=data)
         pieces.precompile_cell(cells.Stem(sk.stem, sk.stem_stride), images, replicated, self.tx)
-        last = self.constraints[-1]
-        size = -(-last.size // last.stride)
-        x = jax.ShapeDtypeStruct((bs, size, size, last.c_out), np.float32, sharding=data)
+        head_in = sk.head_shape(self.image_shape[0])
+        x = jax.ShapeDtypeStruct((bs, *head_in), np.float32, sharding=data)
         labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
         head = cells.Head(sk.head, sk.num_classes)
         pieces.precompile_head(head, x, labels, self.sc.label_smoothing, replicated, self.tx)

@@ -71,11 +71,9 @@ class WeightBank:
         """Fresh stem and head."""
         sk = self.skeleton
         stem = cells.Stem(sk.stem, sk.stem_stride)
-        last_size, _, last_c, last_stride = sk.layer_shapes(self.image_shape[0])[-1]
-        head_in = (-(-last_size // last_stride),) * 2 + (last_c,)
         for name, module, in_shape in (
             ("stem", stem, self.image_shape),
-            ("head", cells.Head(sk.head, sk.num_classes), head_in),
+            ("head", cells.Head(sk.head, sk.num_classes), sk.head_shape(self.image_shape[0])),
         ):
             variables = initializers.host_init(self._abstract(module, in_shape), self.seed)
             self.shared[name] = self._entry(variables)
