@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import files
+from autospace_jax import files, gates
 from autospace_jax import genome as genome_lib
 
 
@@ -88,6 +88,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.offspring": _int_at_least(0),
     "evolution.removal": _one_of(("oldest", "worst")),
     "evolution.checkpoint_every": _int_at_least(1),
+    "evolution.fitness_estimate": _one_of(gates.FITNESS_ESTIMATES),
+    "evolution.fitness_batch_size": _int_at_least(1),
+    "evolution.final_rounds": _int_at_least(2),
     "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),
     "search.algorithm": _one_of(("proxyless", "rl", "spos")),
@@ -117,6 +120,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "supernet.weight_decay": _num_in(0.0, 1.0),
     "supernet.label_smoothing": _num_in(0.0, 1.0, high_open=True),
     "supernet.fitness_learning_rate": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+    "supernet.fitness_b1": _num_in(0.0, 1.0, high_open=True),
     "supernet.fitness_init_std": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.warmup_epochs": _int_at_least(0),
     "supernet.compensation_clip": ((lambda v: _is_num(v) and v >= 1), "a number >= 1"),
@@ -175,6 +179,13 @@ def validate(config: Any) -> None:
             ev.population_size,
             f">= evolution.cells_per_layer + evolution.offspring ({ev.cells_per_layer} + "
             f"{ev.offspring}): a generation's children are not picked in the next one",
+        )
+    if ev.fitness_batch_size % config.supernet.batch_size:
+        fail(
+            "evolution.fitness_batch_size",
+            ev.fitness_batch_size,
+            f"a multiple of supernet.batch_size ({config.supernet.batch_size}): it runs as "
+            "chunks of the weight step's batch, with the programs that step compiled",
         )
     se = config.search
     if se.algorithm in ("rl", "spos") and se.target_madds <= 0:

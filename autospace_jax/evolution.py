@@ -1,37 +1,46 @@
-"""Differentiable evolution of the search space (paper §3.2, Eq. 2, 5, Fig. 2; DESIGN §4).
+"""Differentiable evolution of the search space (paper §3.2, Eq. 2, 4, 5, Fig. 2; DESIGN §4).
 
-``--mode=evolve``: per layer, a population of P individuals (genome, alpha, n',
-birth generation). Each generation t = 0..T-1:
+``--mode=evolve`` reads top to bottom in :func:`evolve`: mesh -> data ->
+populations and weight bank -> init or restore -> generations -> final rounds
+-> outputs. The population logic (tournament, mutation under the constraints,
+Eq. 5, breeding, the final top-K rule) is :mod:`autospace_jax.population`, pure
+and tested alone; this module runs the supernets that produce the fitness.
+
+Per layer, a population of P individuals (genome, alpha, n', birth). Each
+generation t = 0..T-1:
 
 1. tournament selection of K cells per layer (tournament size S) among the
    individuals born before generation t-1 (a child of generation t can be
-   picked from t+2 on: its cell compiles in the background during t+1, see
-   ``evolution.background_compile``; cells are compiled per canonical genome,
-   so a child computing what its parent computes needs no compile at all);
+   picked from t+2 on: its cell compiles in the background during t+1);
 2. a supernet of the picked cells, alpha from the population, weights from the
    :class:`~autospace_jax.weight_bank.WeightBank`;
-3. f iterations: a weight step on a training batch, then (after the warm-up)
-   a fitness step on a validation batch with the Eq. 4 compensation
-   ``n(d)/n'(d)``, where n is the supernet's iteration count so far and n' the
-   cell's own, clipped at ``supernet.compensation_clip``;
+3. f supernet iterations (:func:`supernet.train_iterations`): a weight step on
+   paths drawn uniformly, then (after ``supernet.warmup_epochs``) a fitness step
+   whose dL/dg_k is the measured loss of each sampled path
+   (``evolution.fitness_estimate``; chosen, with the optimizer, the fitness
+   batch and the warm-up, from BENCHMARKS "Fitness signal"); the weights'
+   learning rate a cosine from ``supernet.learning_rate`` to 0 *within* the
+   generation, so a cell born late trains at the full rate before it is scored;
 4. Eq. 5 for each picked cell, and n' += f;
-5. the ``offspring`` fittest picked cells of each layer produce one child each
-   (mutation repeated until the child is valid in the layer, new to the
-   population, cheaper than the layer's MAdds_max and, in the first half of
-   the generations only, within Hamming distance tau of the reference);
-   a child starts with its parent's alpha and inherits its weights edge by edge;
+5. breeding: the fittest ``offspring`` of the K winners produce one child each,
+   a new function under the layer's constraints; the child starts with its
+   parent's alpha and inherits its weights edge by edge;
 6. the population is cut back to P (the oldest, or the least fit, go).
 
-At the end the top-K individuals per layer by alpha form ``evolve/space.json``.
-Every random choice comes from a generator seeded by (seed, generation, purpose)
-and the whole state is checkpointed after each generation, so a killed run
-resumes exactly.
+Final rounds ("after the network converges"): per layer the final candidates
+(individuals trained for at least one generation, the 2K fittest) train
+together in rounds of f iterations with Eq. 5 after each, until a round leaves
+the top-K set of every layer as it was (at least 2 rounds, at most
+``evolution.final_rounds``). That top-K per layer is ``evolve/space.json``.
+
+Every random choice comes from a generator seeded by (seed, generation,
+purpose) and the whole state is checkpointed after each generation and round,
+so a killed run resumes exactly.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import collections
 import os
 import random
 import time
@@ -43,134 +52,27 @@ from absl import logging
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import (
-    cells,
     checkpoint,
     config_checks,
     distributed,
-    failures,
     files,
     input_pipeline,
     madds,
     pieces,
     plots,
+    precompile,
     sharding,
     writers,
 )
+from autospace_jax import gates as gates_lib
 from autospace_jax import genome as genome_lib
+from autospace_jax import population as pop_lib
 from autospace_jax import supernet as sn
+from autospace_jax.population import Individual
 from autospace_jax.weight_bank import WeightBank
 
 STAGE = "evolve"
-MAX_TRIES = 2000
-
-
-@dataclasses.dataclass
-class Individual:
-    genome: genome_lib.Genome
-    alpha: float
-    n_prime: int = 0  # Iterations trained over its life in the population.
-    birth: int = 0  # Generation it was born in (its age is t - birth).
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "genome": self.genome.to_json(),
-            "alpha": self.alpha,
-            "n_prime": self.n_prime,
-            "birth": self.birth,
-        }
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> Individual:
-        return cls(genome_lib.from_json(obj["genome"]), obj["alpha"], obj["n_prime"], obj["birth"])
-
-
-@dataclasses.dataclass(frozen=True)
-class Constraints:
-    """What a genome must satisfy to join layer ``layer``'s population."""
-
-    stride: int
-    c_in: int
-    c_out: int
-    size: int
-    max_madds: float
-    palette: str
-
-    def madds(self, g: genome_lib.Genome) -> int:
-        return madds.cell_cost(g, self.size, self.c_in, self.c_out, self.stride).madds
-
-    def ok(self, g: genome_lib.Genome) -> bool:
-        try:
-            genome_lib.validate(g, self.palette)
-            genome_lib.check_for_layer(g, self.stride, self.c_in, self.c_out)
-        except genome_lib.GenomeError:
-            return False
-        return self.madds(g) < self.max_madds
-
-
-def momentum_update(alpha_star: float, alpha_pop: float, epsilon: float) -> float:
-    """Eq. 5: alpha^(t) = epsilon * alpha* + (1 - epsilon) * alpha^(t-1)."""
-    return epsilon * alpha_star + (1.0 - epsilon) * alpha_pop
-
-
-def tournament(population: list[Individual], k: int, size: int, rng: random.Random) -> list[int]:
-    """K times: draw ``size`` not-yet-picked individuals at random, keep the fittest."""
-    left, picked = list(range(len(population))), []
-    for _ in range(k):
-        draw = rng.sample(left, min(size, len(left)))
-        best = max(draw, key=lambda i: (population[i].alpha, population[i].genome.id))
-        picked.append(best)
-        left.remove(best)
-    return picked
-
-
-def mutate_within(
-    parent: genome_lib.Genome,
-    constraints: Constraints,
-    taken: set[genome_lib.Genome],
-    rng: random.Random,
-    reference: genome_lib.Genome | None,
-    tau: float,
-) -> genome_lib.Genome | None:
-    """Mutations of ``parent`` until one is allowed (None after MAX_TRIES)."""
-    for _ in range(MAX_TRIES):
-        child = genome_lib.mutate(parent, rng, constraints.palette)
-        if child in taken or not constraints.ok(child):
-            continue
-        if reference is not None and genome_lib.hamming(child, reference) >= tau:
-            continue
-        return child
-    return None
-
-
-def initial_population(
-    constraints: Constraints,
-    size: int,
-    rng: random.Random,
-    reference: genome_lib.Genome | None,
-    tau: float,
-) -> list[genome_lib.Genome]:
-    """Mutations of the reference within tau (it included), or uniform random genomes."""
-    genomes: list[genome_lib.Genome] = []
-    if reference is not None and constraints.ok(reference):
-        genomes.append(reference)
-    for _ in range(MAX_TRIES):
-        if len(genomes) == size:
-            return genomes
-        if reference is not None:
-            g = reference
-            for _ in range(rng.randint(1, 3)):
-                g = genome_lib.mutate(g, rng, constraints.palette)
-            if genome_lib.hamming(g, reference) >= tau:
-                continue
-        else:
-            g = genome_lib.random_genome(rng, constraints.palette)
-        if g not in genomes and constraints.ok(g):
-            genomes.append(g)
-    raise ValueError(
-        f"could not find {size} distinct genomes (config.evolution.population_size) within "
-        f"tau={tau} (config.evolution.tau) under MAdds_max={constraints.max_madds:.0f} "
-        "(config.evolution.max_madds_factor); raise tau or the factor, or lower the population"
-    )
+MIN_FINAL_ROUNDS = 2  # A top-K is called stable when one round left it unchanged.
 
 
 def _rng(seed: int, generation: int, purpose: str) -> random.Random:
@@ -201,7 +103,7 @@ class Evolution:
         for size, c_in, c_out, stride in self.skeleton.layer_shapes(self.image_shape[0]):
             ref_cost = madds.cell_cost(self.reference, size, c_in, c_out, stride).madds
             self.constraints.append(
-                Constraints(
+                pop_lib.Constraints(
                     stride,
                     c_in,
                     c_out,
@@ -210,22 +112,20 @@ class Evolution:
                     config.genome.palette,
                 )
             )
-        self.tx = sn.optimizer(self.sc.weight_decay, self.sc.momentum, self.sc.nesterov)
+        self.tx = sn.optimizer(
+            self.sc.weight_decay, self.sc.momentum, self.sc.nesterov, self.sc.fitness_b1
+        )
         self.bank = WeightBank(self.skeleton, self.image_shape, self.tx, config.seed)
+        self.precompiler = precompile.Precompiler(self, self.ec.background_compile)
         self.populations: list[list[Individual]] = []
-        self.generation = 0
+        self.generation = 0  # T..: final rounds.
         self.step = 0
         self.history: list[list[list[dict]]] = []
         self.children: list[dict[str, Any]] = []
+        self.rejected = collections.Counter({reason: 0 for reason in pop_lib.REASONS})
         self.losses: list[float] = []
-        # Compiling generation t+1's new cells while t trains needs them known
-        # before t+1 starts: a child born at the end of generation t can be picked
-        # from t+2 on (always, so results do not depend on background_compile).
-        threads = os.cpu_count() or 1
-        self.compiler = pieces.Compiler(threads) if self.ec.background_compile else None
-        self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
+        self.final: dict[str, Any] = {"candidates": [], "tops": []}  # ids, per layer.
         self.warmup_steps = 0  # Weight-only steps; set by attach (needs the data's size).
-        self.total_steps = self.ec.generations * self.ec.steps_per_generation
 
     # --- state ------------------------------------------------------------------------
 
@@ -239,23 +139,32 @@ class Evolution:
                 f"{info.num_classes} classes; input_pipeline.peek said {expected}"
             )
         steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
-        if self.sc.warmup_epochs * steps_per_epoch >= self.total_steps:
+        total = self.ec.generations * self.ec.steps_per_generation
+        if self.sc.warmup_epochs * steps_per_epoch >= total:
             config_checks.fail(
                 "supernet.warmup_epochs",
                 self.sc.warmup_epochs,
-                f"0 to {(self.total_steps - 1) // steps_per_epoch}: an epoch is "
-                f"{steps_per_epoch} steps here and evolve runs {self.total_steps} "
-                "(evolution.generations x evolution.steps_per_generation), so alpha would "
-                "never be trained (or raise those)",
+                f"0 to {(total - 1) // steps_per_epoch}: an epoch is {steps_per_epoch} steps "
+                f"here and evolve runs {total} (evolution.generations x "
+                "evolution.steps_per_generation), so alpha would never be trained (or raise those)",
+            )
+        val = len(dataset.arrays("val")[1])
+        if self.ec.fitness_batch_size > val:
+            config_checks.fail(
+                "evolution.fitness_batch_size",
+                self.ec.fitness_batch_size,
+                f"1 to {val}, the images of the validation split",
             )
         self.dataset, self.warmup_steps = dataset, self.sc.warmup_epochs * steps_per_epoch
 
     def init(self) -> None:
-        """Fresh populations; their weights come from :meth:`init_weights`."""
+        """Fresh populations of distinct functions; their weights come from :meth:`init_weights`."""
         use_ref = self.reference if self.ec.use_reference else None
         for l, cons in enumerate(self.constraints):
             rng = _rng(self.config.seed, -1, f"init/{l}")
-            genomes = initial_population(cons, self.ec.population_size, rng, use_ref, self.ec.tau)
+            genomes = pop_lib.initial_population(
+                cons, self.ec.population_size, rng, use_ref, self.ec.tau
+            )
             alphas = np.random.default_rng((self.config.seed, l)).standard_normal(len(genomes))
             self.populations.append(
                 [
@@ -273,9 +182,12 @@ class Evolution:
                 self.bank.add(l, ind.genome)
 
     def _record(self) -> None:
-        """history[t][l]: layer l's population (id, alpha) before generation t; t = T: final."""
+        """history[t][l]: layer l's population (ids, alpha) before generation or round t."""
         self.history.append(
-            [[{"id": i.genome.id, "alpha": i.alpha} for i in pop] for pop in self.populations]
+            [
+                [{"id": i.genome.id, "canonical_id": i.function.id, "alpha": i.alpha} for i in pop]
+                for pop in self.populations
+            ]
         )
 
     def meta(self) -> dict[str, Any]:
@@ -285,190 +197,209 @@ class Evolution:
             "populations": [[ind.to_json() for ind in pop] for pop in self.populations],
             "history": self.history,
             "children": self.children,
+            "rejected": dict(self.rejected),
             "losses": self.losses,
+            "final": self.final,
         }
 
     def load_meta(self, meta: dict[str, Any]) -> None:
         self.generation, self.step = meta["generation"], meta["step"]
         self.populations = [[Individual.from_json(i) for i in pop] for pop in meta["populations"]]
         self.history, self.children = meta["history"], meta["children"]
-        self.losses = meta["losses"]
+        self.rejected = collections.Counter(meta["rejected"])
+        self.losses, self.final = meta["losses"], meta["final"]
 
     def genomes(self) -> list[list[genome_lib.Genome]]:
         return [[ind.genome for ind in pop] for pop in self.populations]
 
-    # --- one generation ---------------------------------------------------------------
+    # --- phases -----------------------------------------------------------------------
 
-    def learning_rate(self, step: int) -> float:
-        """Cosine decay of the weights' learning rate over the whole stage."""
-        return (
-            0.5 * self.sc.learning_rate * (1 + math.cos(math.pi * step / max(self.total_steps, 1)))
-        )
+    @property
+    def evolving(self) -> bool:
+        return self.generation < self.ec.generations
+
+    def done(self) -> bool:
+        """After the final rounds: the top-K stable, or the last round run."""
+        rounds = len(self.final["tops"]) - 1  # tops[0]: before the first round.
+        if self.evolving or rounds < MIN_FINAL_ROUNDS:
+            return False
+        return rounds >= self.ec.final_rounds or pop_lib.converged(*self.final["tops"][-2:])
 
     def select(self) -> list[list[int]]:
-        """Step 1: per layer, tournament selection among the individuals old enough to be
-        compiled. A pure function of (seed, generation, populations)."""
-        t, ec = self.generation, self.ec
-        rng = _rng(self.config.seed, t, "select")
+        """Per layer, the indices of the cells of this generation's supernet: tournament
+        winners among the individuals old enough to be compiled, or the final candidates.
+        A pure function of (seed, generation, populations)."""
+        if not self.evolving:
+            return [self._indices(l, ids) for l, ids in enumerate(self.final["candidates"])]
+        rng = _rng(self.config.seed, self.generation, "select")
         picked = []
         for pop in self.populations:
-            ready = [i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < t]
-            chosen = tournament([pop[i] for i in ready], ec.cells_per_layer, ec.tournament_size,
-                                rng)  # fmt: skip
-            picked.append([ready[j] for j in chosen])
+            ready = [
+                i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < self.generation
+            ]
+            winners = pop_lib.tournament(
+                [pop[i] for i in ready], self.ec.cells_per_layer, self.ec.tournament_size, rng
+            )
+            picked.append([ready[j] for j in winners])
         return picked
 
-    def prepare(self, picked: list[list[int]] | None = None) -> None:
-        """Starts compiling what this generation needs and is not compiled yet, one thread
-        per core: its picked cells (``picked``, or :meth:`select`'s; generation 0's, a
-        resumed run's) and, the first time, the stem and head. Returns at once: the
-        caller loads data or assembles the supernet meanwhile, and
-        :meth:`run_generation` waits for the rest."""
-        if self.compiler is None or self.generation >= self.ec.generations:
-            return
-        if "shared" not in self.compiled:
-            self.compiled.add("shared")
-            self.compiler.submit("shared", self._compile_shared, urgent=True)
-        for key in self._picked_keys(self.select() if picked is None else picked):
-            if key not in self.compiled:
-                self.compiled.add(key)
-                self.compiler.submit(key, pieces.precompile_cell, *self._compile_job(*key),
-                                     urgent=True)  # fmt: skip
+    def _indices(self, l: int, ids: list[str]) -> list[int]:
+        where = {ind.genome.id: i for i, ind in enumerate(self.populations[l])}
+        return [where[i] for i in ids]
 
-    def run_generation(self, clock: Clock, writer) -> dict[str, float]:
-        t, ec, seed = self.generation, self.ec, self.config.seed
+    def _tops(self) -> list[list[str]]:
+        """Per layer, the ids of the K fittest final candidates."""
+        tops = []
+        for l, ids in enumerate(self.final["candidates"]):
+            pop = self.populations[l]
+            idx = pop_lib.top_k(pop, self._indices(l, ids), self.ec.cells_per_layer)
+            tops.append([pop[i].genome.id for i in idx])
+        return tops
+
+    def begin_final_rounds(self) -> None:
+        """Fixes the final candidates of every layer (population.final_candidates)."""
+        f = self.ec.steps_per_generation
+        self.final["candidates"] = [
+            [pop[i].genome.id for i in pop_lib.final_candidates(pop, self.ec.cells_per_layer, f)]
+            for pop in self.populations
+        ]
+        self.final["tops"] = [self._tops()]
+
+    def keys(self, picked: list[list[int]]) -> list[tuple[int, genome_lib.Genome]]:
+        """(layer, function) of every picked cell: what the precompiler compiles."""
+        return [(l, self.populations[l][i].function) for l, idx in enumerate(picked) for i in idx]
+
+    # --- one generation or final round ------------------------------------------------
+
+    def run_generation(self, clock: Clock) -> dict[str, float]:
+        t, ec = self.generation, self.ec
+        if t == ec.generations and not self.final["candidates"]:
+            self.begin_final_rounds()
         picked = self.select()
-        self.prepare(picked)
+        self.precompiler.start(self.keys(picked))
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
         spec = sn.SupernetSpec(
             self.skeleton,
             [[self.populations[l][i].genome for i in idx] for l, idx in enumerate(picked)],
         )
-        trainer = sn.SupernetTrainer.from_config(spec, self.sc)
+        trainer = sn.SupernetTrainer.from_config(
+            spec, self.sc, fitness_estimate=ec.fitness_estimate
+        )
         alphas = [
             np.array([self.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)
         ]
         state = self.bank.assemble(trainer, alphas, self.step, sharding.replicated(self.mesh))
         n = self.step + ec.steps_per_generation
         compensation = [
-            sn.compensation_factor(
+            gates_lib.compensation_factor(
                 np.full(len(idx), n),
                 [self.populations[l][i].n_prime + ec.steps_per_generation for i in idx],
                 self.sc.compensation_clip,
             )
             for l, idx in enumerate(picked)
         ]
+        new_cells = {
+            (l, i): self._weights(trainer, state, l, k)
+            for l, idx in enumerate(picked)
+            for k, i in enumerate(idx)
+            if self.populations[l][i].n_prime == 0 and self.populations[l][i].birth > 0
+        }
         clock.add("inherit", time.time() - start)
-        if self.compiler is not None:  # Assembled while they compiled.
-            clock.add("compile", self.compiler.wait(["shared", *self._picked_keys(picked)]))
-        self._precompile_rest(picked)
+        later = self._unpicked(picked) if self.evolving else []  # Final rounds: fixed cells.
+        clock.add("compile", self.precompiler.ready(self.keys(picked), later))
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
-        data = sharding.batch_sharding(self.mesh)
-        warmup = self.warmup_steps
-        losses, first_step, where = [], self.step + 1, f"generation {t}"
-        for _ in range(ec.steps_per_generation):
-            batch = self.dataset.train_batch(self.step, self.sc.batch_size, data, seed=seed)
-            metrics = trainer.weight_step(state, *batch, self.learning_rate(self.step), seed)
-            losses.append(metrics["loss"])
-            if self.step >= warmup:
-                val = self.dataset.train_batch(
-                    self.step, self.sc.batch_size, data, seed=seed, split="val"
-                )
-                trainer.fitness_step(state, *val, self.sc.fitness_learning_rate, seed, compensation)
-                alphas = trainer.alphas(state)
-                failures.check_alphas(STAGE, self.step + 1, alphas, first_step, losses, where)
-            self.step += 1
-        losses = jax.device_get(losses)  # One transfer for the check and the mean.
-        failures.check_steps(STAGE, first_step, [{"loss": v} for v in losses], where)
-        loss = float(np.mean([float(v) for v in losses]))
+        where = f"generation {t}" if self.evolving else f"final round {t - ec.generations + 1}"
+        losses = sn.train_iterations(
+            trainer,
+            state,
+            self.dataset,
+            steps=ec.steps_per_generation,
+            seed=self.config.seed,
+            data=sharding.batch_sharding(self.mesh),
+            batch_size=self.sc.batch_size,
+            learning_rate=self.sc.learning_rate,
+            fitness_learning_rate=self.sc.fitness_learning_rate,
+            fitness_batch_size=ec.fitness_batch_size,
+            warmup_steps=self.warmup_steps,
+            compensation=compensation,
+            stage=STAGE,
+            where=where,
+        )
+        self.step = state.step
+        loss = float(np.mean(losses))
         compile_s = pieces.compile_seconds() - compiled
         clock.add("compile", compile_s)
         clock.add("train", time.time() - start - compile_s)
-        # 4-6. Eq. 5, n', mutation with inheritance, removal.
+        # 4-6. Eq. 5 and n'; breeding and culling while evolving; the final top-K after.
         start = time.time()
         self.bank.store(trainer, state)
+        self._record_first_training(trainer, state, picked, new_cells)
         alpha_star = trainer.alphas(state)  # Finite: checked after each fitness step.
         for l, idx in enumerate(picked):
             for k, i in enumerate(idx):
                 ind = self.populations[l][i]
-                ind.alpha = momentum_update(float(alpha_star[l][k]), ind.alpha, ec.momentum)
+                ind.alpha = pop_lib.momentum_update(float(alpha_star[l][k]), ind.alpha, ec.momentum)
                 ind.n_prime += ec.steps_per_generation
-        self._reproduce(picked)
+        if self.evolving:
+            self._reproduce(picked)
+        else:
+            self.final["tops"].append(self._tops())
         self.generation += 1
         self.losses.append(loss)
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
 
-    def _compile_job(self, l: int, genome: genome_lib.Genome) -> tuple:
-        """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
-        cons = self.constraints[l]
-        x = jax.ShapeDtypeStruct(
-            (self.sc.batch_size, cons.size, cons.size, cons.c_in), np.float32,
-            sharding=sharding.batch_sharding(self.mesh),
-        )  # fmt: skip
-        return (
-            sn.piece_cell(genome, cons.c_out, cons.stride),
-            x,
-            sharding.replicated(self.mesh),
-            self.tx,
-        )
+    @staticmethod
+    def _weights(trainer: sn.SupernetTrainer, state: sn.SupernetState, l: int, k: int):
+        """Cell k of layer l's parameters as one host vector (empty for the skip cell)."""
+        params = state.variables["params"][f"layer_{l}"].get(f"cell_{k}", {})
+        leaves = jax.device_get(jax.tree.leaves(params))
+        return np.concatenate([np.ravel(a) for a in leaves]) if leaves else np.zeros(0)
 
-    def _picked_keys(self, picked: list[list[int]]) -> list[tuple[int, genome_lib.Genome]]:
+    def _record_first_training(self, trainer, state, picked, before) -> None:
+        """A child's first generation in a supernet: how far its weights moved,
+        ||w_after - w_before|| / ||w_before|| (``first_update`` in children.json): a
+        cell born late must still train before it is scored."""
+        where = {(c["layer"], c["canonical_id"]): c for c in self.children}
+        for (l, i), w in before.items():
+            if not w.size:
+                continue
+            ind = self.populations[l][i]
+            after = self._weights(trainer, state, l, picked[l].index(i))
+            child = where.get((l, ind.function.id))
+            if child is not None:
+                child["first_update"] = float(np.linalg.norm(after - w) / np.linalg.norm(w))
+
+    def _unpicked(self, picked: list[list[int]]) -> list[tuple]:
+        """(priority, key) of every individual not picked: the fittest compile first."""
         return [
-            (l, genome_lib.canonical(self.populations[l][i].genome))
-            for l, idx in enumerate(picked)
-            for i in idx
+            ((-ind.alpha, l, ind.genome.id), (l, ind.function))
+            for l, pop in enumerate(self.populations)
+            for i, ind in enumerate(pop)
+            if i not in picked[l]
         ]
-
-    def _compile_shared(self) -> None:
-        """Stem and head programs, as the supernet trainer will call them."""
-        sk, bs = self.skeleton, self.sc.batch_size
-        data, replicated = sharding.batch_sharding(self.mesh), sharding.replicated(self.mesh)
-        images = jax.ShapeDtypeStruct((bs, *self.image_shape), np.float32, sharding=data)
-        pieces.precompile_cell(cells.Stem(sk.stem, sk.stem_stride), images, replicated, self.tx)
-        head_in = sk.head_shape(self.image_shape[0])
-        x = jax.ShapeDtypeStruct((bs, *head_in), np.float32, sharding=data)
-        labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
-        head = cells.Head(sk.head, sk.num_classes)
-        pieces.precompile_head(head, x, labels, self.sc.label_smoothing, replicated, self.tx)
-
-    def _precompile_rest(self, picked: list[list[int]]) -> None:
-        """Queues every individual not compiled yet, except this generation's picks
-        (compiled by now, or on first use), fittest first, for the background compiler."""
-        todo = []
-        for l, pop in enumerate(self.populations):
-            for i, ind in enumerate(pop):
-                key = (l, genome_lib.canonical(ind.genome))
-                if key not in self.compiled:
-                    self.compiled.add(key)
-                    if i not in picked[l]:
-                        todo.append((-ind.alpha, l, ind.genome.id, key[1]))
-        if self.compiler is None:
-            return
-        for _, l, _, genome in sorted(todo, key=lambda job: job[:3]):
-            self.compiler.submit((l, genome), pieces.precompile_cell, *self._compile_job(l, genome))
 
     def _reproduce(self, picked: list[list[int]]) -> None:
         t, ec = self.generation, self.ec
         first_half = t < ec.generations / 2
         reference = self.reference if (ec.use_reference and first_half) else None
         rng = _rng(self.config.seed, t, "mutate")
-        for l, idx in enumerate(picked):
+        for l, winners in enumerate(picked):
             pop, cons = self.populations[l], self.constraints[l]
-            parents = sorted(idx, key=lambda i: (-pop[i].alpha, pop[i].genome.id))[: ec.offspring]
-            for i in parents:
+            for i in pop_lib.parents(pop, winners, ec.offspring):
                 parent = pop[i]
-                taken = {ind.genome for ind in pop}
-                child = mutate_within(parent.genome, cons, taken, rng, reference, ec.tau)
+                living = {ind.function for ind in pop}
+                child, rejected = pop_lib.breed(parent.genome, cons, living, rng, reference, ec.tau)
+                self.rejected.update(rejected)
                 if child is None:
                     logging.warning(
                         "evolve: layer %d, no allowed child of %s after %d tries",
                         l,
                         parent.genome,
-                        MAX_TRIES,
+                        pop_lib.MAX_TRIES,
                     )
                     continue
                 inherited = self.bank.add(l, child, parent=parent.genome)
@@ -479,27 +410,26 @@ class Evolution:
                         "layer": l,
                         "parent": parent.genome.to_json(),
                         "child": child.to_json(),
+                        "canonical_id": genome_lib.canonical(child).id,
                         "madds": cons.madds(child),
                         "max_madds": cons.max_madds,
-                        "hamming_to_reference": genome_lib.hamming(child, self.reference),
+                        "hamming_to_reference": pop_lib.distance(child, self.reference),
                         "first_half": first_half,
                         "inherited": inherited,
+                        "rejected": dict(rejected),
                     }
                 )
-            while len(pop) > ec.population_size:
-                if ec.removal == "oldest":
-                    victim = min(pop, key=lambda ind: (ind.birth, ind.alpha, ind.genome.id))
-                else:
-                    victim = min(pop, key=lambda ind: (ind.alpha, ind.birth, ind.genome.id))
-                pop.remove(victim)
+            for victim in pop_lib.cull(pop, ec.population_size, ec.removal):
                 self.bank.remove(l, victim.genome)
 
     # --- result -----------------------------------------------------------------------
 
     def learned_space(self) -> list[list[Individual]]:
-        """Top-K individuals per layer by alpha."""
-        k = self.ec.cells_per_layer
-        return [sorted(pop, key=lambda i: (-i.alpha, i.genome.id))[:k] for pop in self.populations]
+        """Per layer, the final top-K (after the final rounds), fittest first."""
+        return [
+            [self.populations[l][i] for i in self._indices(l, ids)]
+            for l, ids in enumerate(self.final["tops"][-1])
+        ]
 
     def space_json(self) -> dict[str, Any]:
         layers = []
@@ -509,11 +439,11 @@ class Evolution:
                     {
                         "genome": i.genome.to_json(),
                         "id": i.genome.id,
+                        "canonical_id": i.function.id,
                         "alpha": i.alpha,
+                        "n_prime": i.n_prime,
                         "madds": cons.madds(i.genome),
-                        "params": madds.cell_cost(
-                            i.genome, cons.size, cons.c_in, cons.c_out, cons.stride
-                        ).params,
+                        "params": cons.cost(i.genome).params,
                     }
                     for i in top
                 ]
@@ -524,6 +454,57 @@ class Evolution:
             "layers": layers,
             "config": self.config.to_dict(),
         }
+
+    def diagnostics(self) -> dict[str, Any]:
+        """What shows whether the evolution learned (summary.json, the log's last table)."""
+        space = self.learned_space()
+        tried = sum(self.rejected.values()) + len(self.children)
+        rounds = len(self.final["tops"]) - 1
+        return {
+            "distinct_functions": [len({i.function for i in top}) for top in space],
+            "n_prime": [[i.n_prime for i in top] for top in space],
+            "alpha_spread": [
+                max(i.alpha for i in top) - min(i.alpha for i in top) for top in space
+            ],
+            # Mutations whose child computed a function already there (the parent's, walked
+            # on, or another living individual's), of all mutations tried.
+            "duplicate_share": (self.rejected["neutral"] + self.rejected["duplicate"])
+            / max(tried, 1),
+            "rejected": dict(self.rejected),
+            # Mean first_update of the children born in the first and the second half.
+            "first_update": [
+                float(np.mean(u)) if u else None
+                for u in (
+                    [
+                        c["first_update"]
+                        for c in self.children
+                        if "first_update" in c and c["generation"] < self.ec.generations / 2
+                    ],
+                    [
+                        c["first_update"]
+                        for c in self.children
+                        if "first_update" in c and c["generation"] >= self.ec.generations / 2
+                    ],
+                )
+            ],
+            "final_rounds": rounds,
+            "final_converged": rounds > 0 and pop_lib.converged(*self.final["tops"][-2:]),
+        }
+
+
+def _diagnostics_table(d: dict[str, Any]) -> str:
+    stable = "top-K stable" if d["final_converged"] else "top-K not stable"
+    reasons = ", ".join(f"{k} {v}" for k, v in d["rejected"].items())
+    lines = [
+        f"final rounds {d['final_rounds']} ({stable}); functional duplicates: "
+        f"{100 * d['duplicate_share']:.0f}% of the mutations tried (rejected: {reasons})",
+        "layer  distinct functions  n' of each cell  alpha spread",
+    ]
+    for l, (n, n_prime, spread) in enumerate(
+        zip(d["distinct_functions"], d["n_prime"], d["alpha_spread"])
+    ):
+        lines.append(f"{l:5d}  {n:18d}  {str(n_prime):15s}  {spread:.4f}")
+    return "\n".join(lines)
 
 
 def evolve(config: Any, workdir: str) -> dict[str, Any]:
@@ -540,15 +521,18 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     if summary is not None:
         return summary
 
+    # --- mesh and data. An npz's shapes are known before its images are decoded: the
+    # first generation's programs then compile while the data loads.
     background_before = pieces.background_compile_seconds()
     mesh = sharding.create_mesh()
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
-    # An npz's shapes are known before its images are decoded: the first generation's
-    # programs then compile while the data loads (evo.prepare below).
+    sharding.check_batch_size(ec.fitness_batch_size, mesh, "evolution.fitness_batch_size")
     dataset, peeked = None, input_pipeline.peek(config.data)
     if peeked is None:
         dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
         peeked = (dataset.info.image_shape, dataset.info.num_classes)
+
+    # --- populations and weight bank.
     evo = Evolution(config, *peeked, mesh)
     if dataset is not None:
         evo.attach(dataset)  # Bad settings fail here, before anything compiles.
@@ -558,7 +542,8 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     elapsed, clock, setup_s = 0.0, Clock(), time.time() - start_time
     writer = writers.create_writer(stage_dir)
     try:
-        start = time.time()  # The bank's side of inheritance: restored, or fresh populations.
+        # --- init or restore.
+        start = time.time()
         if ckpt.latest_step() is not None:
             replicated = sharding.replicated(mesh)
 
@@ -570,18 +555,17 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
                     evo.bank.abstract_pytree(evo.genomes()),
                 )
 
-            # The newest readable step; evo then holds that same step's meta (the last
-            # target call).
+            # The newest readable step; evo then holds that step's meta (the last target call).
             _, tree, meta = ckpt.restore_latest(target)
             elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
-            evo.prepare()
+            evo.precompiler.start(evo.keys(evo.select()) if not evo.done() else [])
             evo.bank.load_pytree(tree, evo.genomes())
             logging.info(
                 "evolve: resumed after generation %d of %d", evo.generation, ec.generations
             )
         else:
             evo.init()
-            evo.prepare()
+            evo.precompiler.start(evo.keys(evo.select()))
             evo.init_weights()
         clock.add("other", setup_s)  # Added only now: a resume replaces the clock.
         clock.add("inherit", time.time() - start)
@@ -589,11 +573,13 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         if evo.dataset is None:
             evo.attach(input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir))
         clock.add("other", time.time() - start)
-        while evo.generation < ec.generations:
+
+        # --- generations, then final rounds until the top-K is stable.
+        while not evo.done():
             t = evo.generation
-            figures = evo.run_generation(clock, writer)
+            figures = evo.run_generation(clock)
             start = time.time()
-            if evo.generation % ec.checkpoint_every == 0 or evo.generation == ec.generations:
+            if evo.generation % ec.checkpoint_every == 0 or not evo.evolving:
                 run_s = elapsed + time.time() - start_time
                 ckpt.save(
                     evo.generation,
@@ -610,11 +596,14 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
                     **{f"time/{k}_s": v for k, v in clock.totals.items()},
                 },
             )
+            what = (
+                f"generation {t + 1}/{ec.generations}"
+                if t < ec.generations
+                else f"final round {t - ec.generations + 1} (at most {ec.final_rounds})"
+            )
             logging.info(
-                "evolve: generation %d/%d  loss %.4f  "
-                "compile %.1fs inherit %.1fs train %.1fs (totals)",
-                t + 1,
-                ec.generations,
+                "evolve: %s  loss %.4f  compile %.1fs inherit %.1fs train %.1fs (totals)",
+                what,
                 figures["supernet_loss"],
                 clock.totals["compile"],
                 clock.totals["inherit"],
@@ -623,8 +612,9 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     finally:  # Even on failure: a save in flight completes, the compile threads stop.
         start = time.time()
         ckpt.close()
-        if evo.compiler is not None:
-            evo.compiler.close()
+        evo.precompiler.close()
+
+    # --- outputs.
     space = evo.space_json()
     distributed.check_same("evolve: the learned space", space)
     files.write_json(os.path.join(stage_dir, "space.json"), space)
@@ -632,16 +622,16 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     populations = [[ind.to_json() for ind in pop] for pop in evo.populations]
     files.write_json(
         os.path.join(stage_dir, "history.json"),
-        {"history": evo.history, "populations": populations},
+        {"history": evo.history, "populations": populations, "final": evo.final},
     )
     learned = [[(i.genome, i.alpha) for i in top] for top in evo.learned_space()]
     plots.plot_fitness_history(evo.history, os.path.join(stage_dir, "plots", "alpha_history.png"))
     plots.draw_cells(learned, os.path.join(stage_dir, "plots", "learned_cells.png"))
     writer.close()
     clock.add("other", time.time() - start)
-    wall = elapsed + time.time() - start_time
+    diagnostics = evo.diagnostics()
     summary = {
-        "wall_time_s": wall,
+        "wall_time_s": elapsed + time.time() - start_time,
         "generations": ec.generations,
         "steps": evo.step,
         "compile_time_s": clock.totals["compile"],
@@ -651,9 +641,14 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         "other_time_s": clock.totals["other"],
         "supernet_loss": evo.losses,
         "children": len(evo.children),
+        **diagnostics,
         "config": config.to_dict(),
     }
     files.write_json(summary_path, summary)
     madds_table = [[layer["madds"] for layer in layers] for layers in space["layers"]]
-    logging.info("evolve: learned space\n%s", plots.space_table(learned, madds_table))
+    logging.info(
+        "evolve: learned space\n%s\n%s",
+        plots.space_table(learned, madds_table),
+        _diagnostics_table(diagnostics),
+    )
     return summary

@@ -5,7 +5,7 @@ candidates per layer). Two kinds:
 
 * ``learned``: the top-K cells per layer that ``evolve`` wrote to ``space.json``;
 * ``manual_irb``: the paper's manually-designed baseline, IRB with kernel
-  {3, 5, 7} x expansion {3, 6} (extended palette), plus the skip cell in the
+  {3, 5, 7} x expansion {3, 6} (the default palette), plus the skip cell in the
   layers that have a residual (it is invalid elsewhere).
 """
 

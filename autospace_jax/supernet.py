@@ -13,19 +13,24 @@ small checks. Training uses ProxylessNAS binary gates in two-path mode, run by
 * **weight step** (training batch): only the active cell runs, forward and
   backward; SGD + momentum updates the modules that ran (inactive cells are
   untouched, as ProxylessNAS's PyTorch optimizer skips parameters without grad);
-* **fitness step** (held-out validation batch): both sampled cells run; the
-  layer output is ``g_a o_a(x) + g_b o_b(x)`` with the one-hot gates, so
-  ``dL/dg_k = <dL/dout, o_k(x)>``; alpha gets Eq. 4 with the count compensation
-  ``n(d)/n'(d)`` (data, one array per layer, clipped); Adam updates alpha.
+* **fitness step** (held-out validation batch): dL/dg_k of both sampled paths,
+  either ``gradient`` (both cells run, the layer output is
+  ``g_a o_a(x) + g_b o_b(x)`` with the one-hot gates, so
+  ``dL/dg_k = <dL/dout, o_k(x)>``, ProxylessNAS) or ``loss`` (the loss of the
+  path through each, measured: :meth:`SupernetTrainer.path_losses`); alpha gets
+  Eq. 4 (``gates.fitness_gradient``) and Adam, each logit's step scaled by the
+  count compensation ``n(d)/n'(d)`` (data, one array per layer, clipped).
 
 Both optimizers live in one state through ``optax.multi_transform`` (labels
-``weights`` and ``fitness``), applied module by module.
+``weights`` and ``fitness``), applied module by module. :func:`train_iterations`
+is one evolve generation of weight and fitness steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,9 +41,10 @@ import numpy as np
 import optax
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, initializers, pieces
+from autospace_jax import cells, failures, initializers, pieces
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Arch, Skeleton
+from autospace_jax.gates import FITNESS_ESTIMATES, Gates, fitness_gradient, sample_gates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,85 +115,18 @@ class Supernet(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# Binary gates and Eq. 4.
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Gates:
-    """One layer's sample: the two paths drawn (``pair``) and the active one."""
-
-    pair: tuple[int, ...]
-    active: int
-
-
-def _softmax(a: np.ndarray) -> np.ndarray:
-    e = np.exp(a - a.max())
-    return e / e.sum()
-
-
-def sample_gates(alphas: Sequence[np.ndarray], rng: np.random.Generator) -> list[Gates]:
-    """ProxylessNAS two-path binary gates for every layer.
-
-    Two distinct paths are drawn from p = softmax(alpha) without replacement;
-    the active one is drawn from p renormalised over the pair. A layer with one
-    candidate always runs it.
-    """
-    out = []
-    for alpha in alphas:
-        alpha = np.asarray(alpha, np.float64)
-        if len(alpha) == 1:
-            out.append(Gates((0,), 0))
-            continue
-        pair = tuple(int(i) for i in rng.choice(len(alpha), 2, replace=False, p=_softmax(alpha)))
-        active = pair[int(rng.choice(2, p=_softmax(alpha[list(pair)])))]
-        out.append(Gates(pair, active))
-    return out
-
-
-def fitness_gradient(
-    alpha: np.ndarray, gates: Gates, dl_dg: Sequence[float], compensation: np.ndarray
-) -> np.ndarray:
-    """Eq. 4: dL/dalpha_i = sum_k dL/dg_k p_k (delta_ik - p_i) n(d_i)/n'(d_i).
-
-    The sum runs over the two sampled paths with p renormalised over them
-    (ProxylessNAS two-path mode); logits outside the pair get no gradient.
-
-    Args:
-      alpha: the layer's K fitness logits.
-      gates: the layer's sample.
-      dl_dg: dL/dg_k for each path of ``gates.pair``, in order.
-      compensation: n(d_i)/n'(d_i) for each of the K cells, already clipped.
-
-    Returns:
-      The K-vector dL/dalpha.
-    """
-    grad = np.zeros(len(alpha), np.float32)
-    if len(gates.pair) < 2:
-        return grad
-    idx = list(gates.pair)
-    p = _softmax(np.asarray(alpha, np.float64)[idx])
-    for a, i in enumerate(idx):
-        total = sum(dl_dg[b] * p[b] * (float(a == b) - p[a]) for b in range(len(idx)))
-        grad[i] = total * compensation[i]
-    return grad
-
-
-def compensation_factor(n: np.ndarray, n_prime: np.ndarray, clip: float) -> np.ndarray:
-    """n(d)/n'(d) of Eq. 4, clipped to ``clip`` (n' = 0, a cell never trained, gets ``clip``)."""
-    n, n_prime = np.asarray(n, np.float64), np.asarray(n_prime, np.float64)
-    ratio = np.divide(n, n_prime, out=np.full_like(n, np.inf), where=n_prime > 0)
-    return np.minimum(ratio, clip).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
 # Training: host-chained pieces.
 # ----------------------------------------------------------------------------
 
 
 @functools.cache
-def optimizer(weight_decay: float, momentum: float, nesterov: bool) -> optax.GradientTransformation:
+def optimizer(
+    weight_decay: float, momentum: float, nesterov: bool, fitness_b1: float
+) -> optax.GradientTransformation:
     """Directions for both groups; learning rates are applied by ``pieces.update``.
+
+    Weights: SGD with (Nesterov) momentum and decoupled-from-BN weight decay.
+    Fitness logits: Adam with ``b1 = fitness_b1`` (ProxylessNAS uses 0).
 
     Cached: the transformation is a static argument of the compiled update
     piece, so every supernet with these hyperparameters shares its programs.
@@ -197,7 +136,7 @@ def optimizer(weight_decay: float, momentum: float, nesterov: bool) -> optax.Gra
         optax.trace(decay=momentum, nesterov=nesterov),
     )
     return optax.multi_transform(
-        {"weights": weights, "fitness": optax.scale_by_adam()},
+        {"weights": weights, "fitness": optax.scale_by_adam(b1=fitness_b1)},
         lambda tree: {k: ("fitness" if k == "fitness" else "weights") for k in tree},
     )
 
@@ -239,7 +178,26 @@ class SupernetTrainer:
         momentum: float = 0.9,
         nesterov: bool = True,
         label_smoothing: float = 0.0,
+        fitness_b1: float = 0.0,
+        fitness_estimate: str = "gradient",
+        tied: bool = False,
     ):
+        """Args:
+        spec: the skeleton and candidates.
+        weight_decay, momentum, nesterov: the weights' SGD.
+        label_smoothing: of the cross-entropy.
+        fitness_b1: Adam's b1 for alpha.
+        fitness_estimate: how a fitness step measures dL/dg_k (:data:`FITNESS_ESTIMATES`).
+        tied: one gate draw for every layer (all layers need the same number of
+          candidates): the supernet then holds K whole networks, as in the paper's
+          Table 6, and every layer's alpha gets the same update.
+        """
+        if fitness_estimate not in FITNESS_ESTIMATES:
+            raise ValueError(
+                f"fitness_estimate={fitness_estimate!r}; accepted: {list(FITNESS_ESTIMATES)}"
+            )
+        if tied and len({len(c) for c in spec.candidates}) != 1:
+            raise ValueError("tied gates need the same number of candidates in every layer")
         self.spec = spec
         sk = spec.skeleton
         self.stem = cells.Stem(sk.stem, sk.stem_stride)
@@ -248,19 +206,25 @@ class SupernetTrainer:
             for genomes, (c_out, stride) in zip(spec.candidates, sk.layers)
         ]
         self.head = cells.Head(sk.head, sk.num_classes)
-        self.tx = optimizer(weight_decay, momentum, nesterov)
+        self.tx = optimizer(weight_decay, momentum, nesterov, fitness_b1)
         self.label_smoothing = label_smoothing
+        self.fitness_estimate, self.tied = fitness_estimate, tied
 
     # --- state ------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, spec: SupernetSpec, supernet_config: Any) -> SupernetTrainer:
+    def from_config(cls, spec: SupernetSpec, supernet_config: Any, **kwargs) -> SupernetTrainer:
+        """A trainer with ``config.supernet``'s settings (``kwargs`` override them); search
+        keeps the gradient estimate (ProxylessNAS-G), evolve passes
+        ``fitness_estimate=evolution.fitness_estimate``."""
+        kwargs = {"fitness_b1": supernet_config.fitness_b1, **kwargs}
         return cls(
             spec,
             weight_decay=supernet_config.weight_decay,
             momentum=supernet_config.momentum,
             nesterov=supernet_config.nesterov,
             label_smoothing=supernet_config.label_smoothing,
+            **kwargs,
         )
 
     def init(
@@ -282,6 +246,8 @@ class SupernetTrainer:
             layer["alpha"] = (rng.standard_normal(layer["alpha"].shape) * fitness_std).astype(
                 np.float32
             )
+            if self.tied:  # One score per network, held by every layer.
+                layer["alpha"] = variables["fitness"]["layer_0"]["alpha"]
         return self.state_from_variables(variables, replicated)
 
     def state_from_variables(self, variables: dict[str, Any], replicated=None) -> SupernetState:
@@ -301,6 +267,14 @@ class SupernetTrainer:
             state.variables = jax.device_put(state.variables, replicated)
             state.opt_state = jax.device_put(state.opt_state, replicated)
         return state
+
+    def reset_fitness_optimizer(self, state: SupernetState) -> None:
+        """A fresh Adam state for every layer's alpha (as a rebuilt supernet has)."""
+        for l in range(len(self.layers)):
+            key, fitness = f"fitness/layer_{l}", state.variables["fitness"][f"layer_{l}"]
+            fresh = jax.tree.map(np.asarray, self.tx.init({"fitness": fitness}))
+            where = getattr(fitness["alpha"], "sharding", None)  # Beside alpha, on device.
+            state.opt_state[key] = fresh if where is None else jax.device_put(fresh, where)
 
     def module_keys(self) -> list[str]:
         keys = ["stem"]
@@ -331,7 +305,10 @@ class SupernetTrainer:
     def gates(self, state: SupernetState, seed: int, stream: int) -> list[Gates]:
         """The step's sample, from (seed, step, stream): identical on every host."""
         rng = np.random.default_rng((seed, state.step, stream))
-        return sample_gates(self.alphas(state), rng)
+        alphas = self.alphas(state)
+        if self.tied:
+            return sample_gates(alphas[:1], rng) * len(alphas)
+        return sample_gates(alphas, rng)
 
     def _forward(self, state, gates, images, both: bool):
         """Chains the stem and the sampled cells; returns what backward needs."""
@@ -391,26 +368,62 @@ class SupernetTrainer:
     ):
         """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay.
 
-        ``extra_gradients`` (per layer, K each) are added to Eq. 4's, e.g. the
-        MAdds term of Eq. 6.
+        ``images`` and ``labels`` are one batch, or lists of batches of the weight
+        step's size that form one (the estimates are averaged): a larger fitness
+        batch then runs the programs the weight step compiled. ``compensation``
+        (per layer, K each: Eq. 4's clipped n/n') scales each logit's step.
+        ``extra_gradients`` (per layer, K each) are added to Eq. 4's, e.g. the MAdds
+        term of Eq. 6.
         """
         gates = self.gates(state, seed, stream=1)
-        dl_dg = self.gate_gradients(state, gates, images, labels)
+        batches = list(zip(images, labels)) if isinstance(images, list) else [(images, labels)]
+        estimate = self.path_losses if self.fitness_estimate == "loss" else self.gate_gradients
+        dl_dg = [np.mean(d, axis=0) for d in zip(*(estimate(state, gates, *b) for b in batches))]
+        if self.tied and self.fitness_estimate == "gradient":  # A network's gate: every layer's.
+            dl_dg = [np.sum(dl_dg, axis=0)] * len(gates)
         alphas = self.alphas(state)
         for l, (alpha, g) in enumerate(zip(alphas, gates)):
-            comp = np.ones(len(alpha), np.float32) if compensation is None else compensation[l]
-            grad = fitness_gradient(alpha, g, dl_dg[l], comp)
+            grad = fitness_gradient(alpha, g, dl_dg[l])
             if extra_gradients is not None:
                 grad = grad + np.asarray(extra_gradients[l], np.float32)
+            step = learning_rate
+            if compensation is not None:
+                step = jnp.asarray(learning_rate * np.asarray(compensation[l], np.float32))
             key = f"fitness/layer_{l}"
             new, state.opt_state[key] = pieces.update(
                 self.tx,
                 {"fitness": state.variables["fitness"][f"layer_{l}"]},
                 {"fitness": {"alpha": jnp.asarray(grad)}},
                 state.opt_state[key],
-                learning_rate,
+                step,
             )
             state.variables["fitness"][f"layer_{l}"] = new["fitness"]
+
+    def path_losses(self, state: SupernetState, gates: list[Gates], images, labels):
+        """dL/dg_k measured: for each layer's pair (a, b), the losses of path A (every
+        layer's a) and path B (every layer's b) on one batch, ``[L_A, L_B]``.
+
+        The exact effect of the binary gate rather than its linearisation
+        ``<dL/dout, o_k>``: cells of a layer are different functions, and the
+        first-order term ranked three cells of known quality no better than chance
+        (BENCHMARKS "Fitness signal"). A layer's comparison carries the other
+        layers' differences as noise of mean zero (their pairs are drawn
+        independently); two forwards, no backward.
+        """
+        paths = ([g.pair[0] for g in gates], [g.pair[-1] for g in gates])
+        losses = jax.device_get([self._path_head(state, path, images, labels)[0] for path in paths])
+        return [[float(v) for v in losses][: len(g.pair)] for g in gates]
+
+    def _path_head(self, state: SupernetState, path: Sequence[int], images, labels):
+        """(loss, top-1) of one path on one batch, with batch statistics."""
+        x, _, _ = pieces.forward(self.stem, self._vars(state, "stem"), images)
+        for l, k in enumerate(path):
+            key = f"layer_{l}/cell_{k}"
+            x, _, _ = pieces.forward(self._module(key), self._vars(state, key), x)
+        loss, accuracy, _, _, _ = pieces.head_loss(
+            self.head, self._vars(state, "head"), x, labels, self.label_smoothing
+        )
+        return loss, accuracy
 
     def gate_gradients(self, state: SupernetState, gates: list[Gates], images, labels):
         """dL/dg_k for each layer's sampled pair, k in ``gates[l].pair`` order."""
@@ -440,14 +453,7 @@ class SupernetTrainer:
     def batch_accuracy(self, state: SupernetState, path: Sequence[int], images, labels) -> float:
         """Top-1 of one path on one batch with batch statistics (shared BN running
         statistics do not fit any single path of a weight-sharing supernet)."""
-        x, _, _ = pieces.forward(self.stem, self._vars(state, "stem"), images)
-        for l, k in enumerate(path):
-            key = f"layer_{l}/cell_{k}"
-            x, _, _ = pieces.forward(self._module(key), self._vars(state, key), x)
-        _, accuracy, _, _, _ = pieces.head_loss(
-            self.head, self._vars(state, "head"), x, labels, self.label_smoothing
-        )
-        return float(accuracy)
+        return float(self._path_head(state, path, images, labels)[1])
 
     def evaluate(self, state: SupernetState, path: Sequence[int], batches) -> dict[str, float]:
         """Top-1 of one path over (images, labels, mask) batches, BN running statistics."""
@@ -461,6 +467,83 @@ class SupernetTrainer:
             hits, total = _hits(logits, labels, mask)
             correct, count = correct + float(hits), count + float(total)
         return {"accuracy": correct / max(count, 1.0)}
+
+
+def generation_learning_rate(peak: float, i: int, steps: int) -> float:
+    """The weights' learning rate at iteration ``i`` of a generation of ``steps``: a
+    cosine from ``peak`` to 0 that restarts every generation (SGDR's warm restarts)."""
+    return 0.5 * peak * (1 + math.cos(math.pi * i / steps))
+
+
+def train_iterations(
+    trainer: SupernetTrainer,
+    state: SupernetState,
+    dataset: Any,
+    *,
+    steps: int,
+    seed: int,
+    data,
+    batch_size: int,
+    learning_rate: float,
+    fitness_learning_rate: float,
+    fitness_batch_size: int,
+    warmup_steps: int = 0,
+    compensation: Sequence[np.ndarray] | None = None,
+    uniform_paths: bool = True,
+    stage: str = "evolve",
+    where: str = "",
+) -> list[float]:
+    """``steps`` supernet iterations from ``state.step`` (one evolve generation).
+
+    Each iteration is a weight step on training batch ``state.step``, then, once
+    ``state.step >= warmup_steps``, a fitness step (Eq. 4) on a validation batch
+    of ``fitness_batch_size``. Weight steps run paths drawn uniformly per layer
+    (``uniform_paths``; else from p, as ProxylessNAS): every cell of the supernet
+    gets the same share of training, so alpha compares cells trained alike and n'
+    counts what it says. The weights' learning rate is a cosine from
+    ``learning_rate`` to 0 over these ``steps``: a cell picked for the first time
+    trains at the full rate before it is scored, however late it was born.
+
+    Args:
+      trainer, state: the supernet and its state (advanced in place).
+      dataset: an :class:`~autospace_jax.input_pipeline.Dataset`.
+      steps: iterations to run.
+      seed: the run seed (batches and gate draws follow from (seed, step)).
+      data: the batch sharding.
+      batch_size, learning_rate: the weight steps'.
+      fitness_learning_rate, fitness_batch_size: the fitness steps'; the fitness batch
+        (a multiple of ``batch_size``) runs as chunks of ``batch_size`` examples.
+      warmup_steps: weight steps only (uniform paths) while ``state.step`` is below.
+      compensation: per layer, Eq. 4's clipped n/n' for each cell.
+      uniform_paths: see above.
+      stage, where: for the messages of a NaN/Inf stop.
+
+    Returns:
+      The weight steps' losses (host floats), checked finite.
+    """
+    losses, first_step = [], state.step + 1
+    for i in range(steps):
+        step = state.step
+        lr = generation_learning_rate(learning_rate, i, steps)
+        path = None
+        if uniform_paths or step < warmup_steps:
+            rng = np.random.default_rng((seed, step, 2))
+            path = [int(rng.integers(len(c))) for c in trainer.spec.candidates]
+            if trainer.tied:
+                path = [path[0]] * len(path)
+        batch = dataset.train_batch(step, batch_size, data, seed=seed)
+        losses.append(trainer.weight_step(state, *batch, lr, seed, path)["loss"])
+        if step >= warmup_steps:
+            chunks = fitness_batch_size // batch_size
+            val = [dataset.train_batch(step * chunks + j, batch_size, data, seed=seed, split="val")
+                   for j in range(chunks)]  # fmt: skip
+            images, labels = (list(a) for a in zip(*val))
+            trainer.fitness_step(state, images, labels, fitness_learning_rate, seed, compensation)
+            failures.check_alphas(stage, state.step, trainer.alphas(state), first_step, losses,
+                                  where)  # fmt: skip
+    losses = jax.device_get(losses)  # One transfer for the check and the caller.
+    failures.check_steps(stage, first_step, [{"loss": v} for v in losses], where)
+    return [float(v) for v in losses]
 
 
 @jax.jit

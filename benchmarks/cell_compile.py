@@ -50,18 +50,18 @@ def measure(cells: int, parts: bool) -> dict:
     import numpy as np
 
     from autospace_jax import cells as cells_lib
-    from autospace_jax import evolution, initializers, madds, pieces, sharding
+    from autospace_jax import evolution, initializers, madds, pieces, population, sharding
     from autospace_jax import genome as genome_lib
     from autospace_jax import supernet as sn
 
     mesh = sharding.create_mesh()
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    tx = sn.optimizer(4e-5, 0.9, True)
+    tx = sn.optimizer(4e-5, 0.9, True, 0.0)
     ref = genome_lib.reference("irb")
-    cons = evolution.Constraints(1, 16, 16, 8, 4 * madds.cell_cost(ref, 8, 16, 16, 1).madds,
+    cons = population.Constraints(1, 16, 16, 8, 4 * madds.cell_cost(ref, 8, 16, 16, 1).madds,
                                  "default")  # fmt: skip
     genomes = []
-    for g in evolution.initial_population(cons, 30, evolution._rng(0, -1, "init/0"), ref, 0.1):
+    for g in population.initial_population(cons, 30, evolution._rng(0, -1, "init/0"), ref, 0.1):
         g = genome_lib.canonical(g)
         if g not in genomes and genome_lib.live_edges(g):
             genomes.append(g)

@@ -4,11 +4,13 @@
   python benchmarks/paper_tables.py --data any.npz        # x_train/y_train/x_test/y_test
   python benchmarks/paper_tables.py --data tfds:cifar10 --data-dir $TFDS_DATA_DIR
 
-Scale (``--scale=full``, 1 h 24 min here): images resized to 16x16, a
+Scale (``--scale=full``; timings in BENCHMARKS.md): images resized to 16x16, a
 class-balanced subset of 1,000 train / 200 test images per class (10% of train
 held out for fitness/arch steps), the 5-layer default skeleton, evolution of
-12 generations x 25 steps, searches of 200 steps, final training 5 epochs, 3
-seeds. ``--scale=tiny`` runs every experiment once, on tiny settings (the test).
+12 generations x 200 steps (K = 7, P = 12) then its final rounds, searches of
+200 steps, final training 5 epochs, 3 seeds. ``--scale=tiny`` runs every
+experiment once, on tiny settings (the test). ``--only=table6`` or
+``--only=evolution`` runs one experiment and writes its own section.
 
 Every run writes its own folder under ``--out`` and each library stage skips
 when its summary exists, so re-running after an interruption continues where
@@ -23,10 +25,13 @@ do not depend on ``--jobs``. Experiments:
   RL models of Table 4.
 * Table 6: three networks of the same block at depth 1, 2, 3 (one, two, three
   chained depthwise 3x3 convs per cell); their true order comes from training
-  each; then a supernet holding the three cells per layer learns alpha from 5
-  random inits. A network's fitness score is the sum over layers of its
-  cell's alpha; "epochs" is the first epoch from which the scores stay in the
-  true order (an epoch here is ``t6_steps`` supernet iterations).
+  each with every seed; then a supernet holding the three networks (one gate
+  draw for every layer, so each network has one fitness score) learns alpha
+  with evolve's fitness settings from 5 random inits. "Epochs" is the first
+  epoch from which the scores stay in the true order (an epoch here is
+  ``t6_steps`` supernet iterations, after ``t6_warmup`` weight-only ones).
+* Evolution: the diagnostics of both evolutions (distinct functions and n' of
+  the final cells, alpha spread, functional duplicates, final rounds).
 * Fig. 3: evolution with vs without the reference DAG, supernet loss per
   generation and the supernet iterations (and training seconds) each needs to
   reach the loss both reach.
@@ -39,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import multiprocessing
 import os
 import sys
@@ -55,6 +59,7 @@ from absl import logging  # noqa: E402
 
 from autospace_jax import arch as arch_lib  # noqa: E402
 from autospace_jax import config_checks, evolution, files, input_pipeline, sharding, spaces, train  # noqa: E402,E501
+from autospace_jax import gates as gates_lib  # noqa: E402
 from autospace_jax import genome as genome_lib  # noqa: E402
 from autospace_jax import main as main_lib  # noqa: E402
 from autospace_jax import supernet as sn  # noqa: E402
@@ -84,13 +89,21 @@ class Scale:
     t6_inits: int
     t6_epochs: int
     t6_steps: int
+    t6_warmup: int
     budgets: tuple[float, float] = (0.3, 0.7)  # Positions in the MAdds range both spaces share.
+    # Evolve: K and P (K at least manual_irb's 7 candidates at full scale), the fitness
+    # batch (at most the validation split) and the weight-only warm-up.
+    cells_per_layer: int = 7
+    population_size: int = 12
+    fitness_batch_size: int = 128
+    evolve_warmup_epochs: int = 0
 
 
 SCALES = {
-    "full": Scale(16, 1000, 200, (16, 24, 32), (1, 2, 2), (1, 2, 2), 12, 25, 200, 60, 5,
-                  (0, 1, 2), 5, 6, 40),
-    "tiny": Scale(8, 70, 5, (8, 16), (1, 1), (1, 2), 2, 2, 4, 1, 1, (0,), 2, 2, 1),
+    "full": Scale(16, 1000, 200, (16, 24, 32), (1, 2, 2), (1, 2, 2), 12, 200, 200, 60, 5,
+                  (0, 1, 2), 5, 12, 50, 900, evolve_warmup_epochs=2),
+    "tiny": Scale(8, 70, 5, (8, 16), (1, 1), (1, 2), 2, 2, 4, 1, 1, (0,), 2, 2, 1, 2,
+                  cells_per_layer=2, population_size=4, fitness_batch_size=64),
 }  # fmt: skip
 
 DEPTH_NETS = (  # Table 6: the same block (depthwise 3x3, r = 6) chained 1, 2, 3 times.
@@ -144,7 +157,10 @@ def base_config(data_path: str, s: Scale) -> ml_collections.ConfigDict:
     c.model.widths, c.model.blocks, c.model.strides = s.widths, s.blocks, s.strides
     c.evolution.generations = s.generations
     c.evolution.steps_per_generation = s.steps_per_generation
-    c.supernet.warmup_epochs = 0  # Evolution is only ~2 epochs of the subset long.
+    c.evolution.cells_per_layer = s.cells_per_layer
+    c.evolution.population_size = s.population_size
+    c.evolution.fitness_batch_size = s.fitness_batch_size
+    c.supernet.warmup_epochs = s.evolve_warmup_epochs
     c.search.steps, c.search.warmup_steps = s.search_steps, s.search_warmup
     c.train.epochs, c.train.eval_every_epochs = s.train_epochs, s.train_epochs
     return c
@@ -237,41 +253,99 @@ def feasible_budget(wanted: float, spaces_madds: list[np.ndarray], tolerance: fl
 # --- Table 6 ------------------------------------------------------------------------------
 
 
-def fitness_ranking(runs: Runs, dataset, skeleton, truth: list[int], init: int) -> dict:
-    """Learns alpha for the three depth networks from one random init (cached)."""
-    path = os.path.join(runs.out, "table6", f"init{init}.json")
+def fitness_ranking(runs: Runs, dataset, skeleton, truth: list[int], init: int,
+                    name: str = "defaults", **overrides) -> dict:  # fmt: skip
+    """Learns alpha for the three depth networks from one random init (cached).
+
+    The supernet holds the three networks (every layer the three depth cells, one
+    gate draw for every layer: ``tied``), so each network has one fitness score,
+    as in the paper's Table 6. Evolve's fitness settings of ``runs.base`` (estimate,
+    optimizer, fitness batch), replaced by ``overrides`` (``fitness_estimate``,
+    ``fitness_b1``, ``fitness_learning_rate``, ``fitness_batch_size``, ``warmup``,
+    ``uniform_paths``; benchmarks/fitness_signal.py's settings): ``t6_warmup``
+    weight-only iterations first (paths uniform), then epochs of ``t6_steps``
+    iterations (one generation each). The per-step gradient of the scores is
+    sampled (no update) right after the warm-up and at the end.
+    """
+    path = os.path.join(runs.out, "table6", name, f"init{init}.json")
     if os.path.isfile(path):
         return files.read_json(path)
     s, c = runs.s, runs.base
-    spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
-    trainer = sn.SupernetTrainer.from_config(spec, c.supernet)
-    mesh = sharding.create_mesh()
-    state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
-                         sharding.replicated(mesh))  # fmt: skip
-    data = sharding.batch_sharding(mesh)
+    warmup = overrides.pop("warmup", s.t6_warmup)
+    estimate = overrides.pop("fitness_estimate", c.evolution.fitness_estimate)
+    b1 = overrides.pop("fitness_b1", c.supernet.fitness_b1)
+    state, trainer, data = depth_supernet(c, dataset, skeleton, init, fitness_estimate=estimate,
+                                          fitness_b1=b1)  # fmt: skip
+    batch = overrides.get("fitness_batch_size", c.evolution.fitness_batch_size)
 
     def scores() -> list[float]:
-        return np.sum(trainer.alphas(state), axis=0).tolist()
+        return trainer.alphas(state)[0].tolist()
 
-    history, step, total = [scores()], 0, s.t6_epochs * s.t6_steps
-    for epoch in range(s.t6_epochs):
-        for _ in range(s.t6_steps):
-            lr = 0.5 * c.supernet.learning_rate * (1 + math.cos(math.pi * step / total))
-            batch = dataset.train_batch(step, c.supernet.batch_size, data, seed=init)
-            trainer.weight_step(state, *batch, lr, init)
-            val = dataset.train_batch(step, c.supernet.batch_size, data, seed=init, split="val")
-            trainer.fitness_step(state, *val, c.supernet.fitness_learning_rate, init)
-            step += 1
+    supernet_iterations(c, trainer, state, dataset, data, init, warmup, warmup, **overrides)
+    gradients = {"start": score_gradients(trainer, state, dataset, data, batch, init)}
+    history = [scores()]
+    for epoch in range(s.t6_epochs):  # Each a generation: a fresh Adam state, as in evolve.
+        trainer.reset_fitness_optimizer(state)
+        supernet_iterations(c, trainer, state, dataset, data, init, s.t6_steps, 0, **overrides)
         history.append(scores())
-        logging.info("table 6: init %d epoch %d scores %s", init, epoch + 1, history[-1])
+        logging.info("table 6 (%s): init %d epoch %d scores %s", name, init, epoch + 1,
+                     history[-1])  # fmt: skip
+    gradients["end"] = score_gradients(trainer, state, dataset, data, batch, init)
     right = [list(np.argsort(h)) == truth for h in history]
     epochs = next((e for e in range(len(right)) if all(right[e:])), None)
-    result = {"init": init, "initial_scores": history[0], "scores": history, "epochs": epochs}
+    result = {"init": init, "initial_scores": history[0], "scores": history, "epochs": epochs,
+              "right": right, "score_gradients": gradients}  # fmt: skip
     files.write_json(path, result)
     return result
 
 
+def score_gradients(trainer, state, dataset, data, batch: int, seed: int, draws: int = 20):
+    """``draws`` samples of the networks' score gradient -dL/dalpha (Eq. 4) with the
+    trainer's estimate, on fresh validation batches and gate draws; alpha unchanged."""
+    out = []
+    for j in range(draws):
+        images, labels = dataset.train_batch(10_000 + j, batch, data, seed=seed, split="val")
+        gates = trainer.gates(state, seed, stream=100 + j)
+        if trainer.fitness_estimate == "loss":
+            dl_dg = trainer.path_losses(state, gates, images, labels)[0]
+        else:
+            dl_dg = np.sum(trainer.gate_gradients(state, gates, images, labels), axis=0)
+        out.append(
+            (-gates_lib.fitness_gradient(trainer.alphas(state)[0], gates[0], dl_dg)).tolist()
+        )
+    return out
+
+
+def depth_supernet(c: ml_collections.ConfigDict, dataset, skeleton, init: int, **trainer_kw):
+    """(state, trainer, batch sharding) of Table 6's supernet of the three depth networks,
+    alpha ~ N(0, supernet.fitness_init_std) from seed ``init``."""
+    spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
+    trainer_kw.setdefault("fitness_estimate", c.evolution.fitness_estimate)
+    trainer = sn.SupernetTrainer.from_config(spec, c.supernet, tied=True, **trainer_kw)
+    mesh = sharding.create_mesh()
+    state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
+                         sharding.replicated(mesh))  # fmt: skip
+    return state, trainer, sharding.batch_sharding(mesh)
+
+
+def supernet_iterations(c, trainer, state, dataset, data, seed: int, steps: int, warmup: int,
+                        **overrides) -> list[float]:  # fmt: skip
+    """``steps`` iterations with evolve's settings of ``c`` (``overrides`` replace them)."""
+    kw = dict(batch_size=c.supernet.batch_size, learning_rate=c.supernet.learning_rate,
+              fitness_learning_rate=c.supernet.fitness_learning_rate,
+              fitness_batch_size=c.evolution.fitness_batch_size, uniform_paths=True)  # fmt: skip
+    kw.update(overrides)
+    return sn.train_iterations(trainer, state, dataset, steps=steps, seed=seed, data=data,
+                               warmup_steps=warmup, stage="table 6", **kw)  # fmt: skip
+
+
 # --- tables -------------------------------------------------------------------------------
+
+
+def _mean_sd(accuracies) -> str:
+    """Mean ± sample standard deviation (ddof = 1) in percent."""
+    a = 100 * np.asarray(accuracies)
+    return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
 
 
 def _fmt_model(r: dict) -> list:
@@ -279,9 +353,50 @@ def _fmt_model(r: dict) -> list:
             f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}"]  # fmt: skip
 
 
+def render_table6(t6: dict) -> str:
+    rows = [[r["init"] + 1, *(f"{a * 1e3:.3f}" for a in r["initial_scores"]),
+             "never" if r["epochs"] is None else r["epochs"]] for r in t6["inits"]]  # fmt: skip
+    truth = ", ".join(f"Net{d + 1} {_mean_sd(a)}%" for d, a in enumerate(t6["truth_per_seed"]))
+    return (
+        f"**Table 6** (fitness-ranking robustness; true test top-1 over "
+        f"{len(t6['truth_per_seed'][0])} seeds: {truth})\n\n"
+        + _report.table(["S/N", "α Net1 (e-3)", "α Net2 (e-3)", "α Net3 (e-3)", "Epochs"], rows)
+    )
+
+
+def evolution_diagnostics(evolved: dict[str, dict], f: int) -> dict:
+    """Per evolution, what shows whether it learned (evolve/summary.json's diagnostics)."""
+    keys = ("distinct_functions", "n_prime", "alpha_spread", "duplicate_share", "rejected",
+            "first_update", "final_rounds", "final_converged", "wall_time_s")  # fmt: skip
+    return {"steps_per_generation": f,
+            "runs": {name: {k: e[k] for k in keys} for name, e in evolved.items()}}  # fmt: skip
+
+
+def render_evolution(d: dict) -> str:
+    f, rows = d["steps_per_generation"], []
+    for name, e in d["runs"].items():
+        n_prime = sorted(n for layer in e["n_prime"] for n in layer)
+        early, late = e["first_update"]
+        rows.append([
+            name, " ".join(str(n) for n in e["distinct_functions"]),
+            f"{n_prime[0]} / {int(np.median(n_prime))} / {n_prime[-1]}",
+            f"{sum(n >= f for n in n_prime)}/{len(n_prime)}",
+            " ".join(f"{a:.2f}" for a in e["alpha_spread"]),
+            f"{100 * e['duplicate_share']:.0f}%",
+            f"{early:.3f} / {late:.3f}" if early is not None and late is not None else "-",
+            f"{e['final_rounds']} ({'stable' if e['final_converged'] else 'not stable'})",
+            f"{e['wall_time_s'] / 60:.1f}",
+        ])  # fmt: skip
+    head = ["Evolution", "distinct functions per layer", "n' min / median / max",
+            f"cells with n' >= f = {f}", "α spread per layer", "functional duplicates",
+            "first update early / late", "final rounds (top-K)", "wall min"]  # fmt: skip
+    return ("**Evolution** (the learned spaces; evolve/summary.json)\n\n"
+            + _report.table(head, rows))  # fmt: skip
+
+
 def render(results: dict) -> str:
     head = ["Params", "MAdds", "top-1 (%)"]
-    parts = []
+    parts = [render_evolution(results["evolution"])]
     rows = [[r["space"], r["algorithm"], *_fmt_model(r)] for r in results["table2"]]
     parts.append("**Table 2** (search strategies)\n\n"
                  + _report.table(["Space", "Search", *head], rows))  # fmt: skip
@@ -292,14 +407,7 @@ def render(results: dict) -> str:
             for r in results["table4"]]  # fmt: skip
     parts.append("**Table 4** (other search algorithms)\n\n"
                  + _report.table(["Budget", "Space-Search", *head], rows))  # fmt: skip
-    t6 = results["table6"]
-    rows = [[r["init"] + 1, *(f"{a * 1e3:.3f}" for a in r["initial_scores"]),
-             "never" if r["epochs"] is None else r["epochs"]] for r in t6["inits"]]  # fmt: skip
-    truth = ", ".join(f"Net{d + 1} {100 * a:.2f}%" for d, a in enumerate(t6["truth_accuracy"]))
-    parts.append(
-        f"**Table 6** (fitness-ranking robustness; true test top-1: {truth})\n\n"
-        + _report.table(["S/N", "α Net1 (e-3)", "α Net2 (e-3)", "α Net3 (e-3)", "Epochs"], rows)
-    )
+    parts.append(render_table6(results["table6"]))
     f3 = results["fig3"]
     rows = [[name, f"{r['final_loss']:.4f}", r["steps_to_target"] or "never",
              "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
@@ -327,22 +435,32 @@ def direct_ea(runs: Runs, skeleton) -> dict:
             **model_row("direct_ea", trained)}  # fmt: skip
 
 
-def depth_net(runs: Runs, skeleton, d: int) -> dict:
-    """Table 6: depth network ``d`` trained alone (its true accuracy)."""
+def depth_net(runs: Runs, skeleton, d: int, seed: int) -> dict:
+    """Table 6: depth network ``d`` trained alone with ``seed`` (its true accuracy)."""
     arch_path = os.path.join(runs.out, "table6", f"net{d + 1}_arch.json")
     os.makedirs(os.path.dirname(arch_path), exist_ok=True)
     arch_lib.save_arch(arch_path, arch_lib.uniform(skeleton, DEPTH_NETS[d]))
     return train.train_and_evaluate(
-        _with(runs.base, train__arch=arch_path), os.path.join(runs.out, "table6", f"net{d + 1}")
+        _seeded(_with(runs.base, train__arch=arch_path), seed),
+        os.path.join(runs.out, "table6", f"net{d + 1}", f"seed{seed}"),
     )
 
 
+def depth_truth(runs: Runs, skeleton) -> dict:
+    """The depth networks' test top-1 per seed, their means and their order (worst first)."""
+    per_seed = [[depth_net(runs, skeleton, d, seed)["test_accuracy"] for seed in runs.s.seeds]
+                for d in range(len(DEPTH_NETS))]  # fmt: skip
+    means = [float(np.mean(a)) for a in per_seed]
+    return {"truth_accuracy": means, "truth_per_seed": per_seed,
+            "truth_order": [int(i) for i in np.argsort(means)]}  # fmt: skip
+
+
 def table6(runs: Runs, dataset, skeleton) -> dict:
-    """True order of the depth networks (trained), then alpha from each random init."""
-    truth_acc = [depth_net(runs, skeleton, d)["test_accuracy"] for d in range(len(DEPTH_NETS))]
-    truth = [int(i) for i in np.argsort(truth_acc)]
-    inits = [fitness_ranking(runs, dataset, skeleton, truth, i) for i in range(runs.s.t6_inits)]
-    return {"truth_accuracy": truth_acc, "truth_order": truth, "inits": inits}
+    """True order of the depth networks (trained, every seed), then alpha from each init."""
+    truth = depth_truth(runs, skeleton)
+    inits = [fitness_ranking(runs, dataset, skeleton, truth["truth_order"], i)
+             for i in range(runs.s.t6_inits)]  # fmt: skip
+    return {**truth, "inits": inits}
 
 
 def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
@@ -453,7 +571,40 @@ class Pool:
             self.pool.shutdown(cancel_futures=True)
 
 
+def run_one(args, s: Scale) -> dict:
+    """One experiment alone (``--only``): Table 6 (the depth networks' truth, then
+    each init) or the evolutions with their diagnostics."""
+    start = time.time()
+    prepare_data(args.data, args.data_dir, args.out, s)
+    runs, dataset, skeleton = _context(args.out, args.scale)
+    pool = Pool(args.out, args.scale, args.jobs)
+    try:
+        if args.only == "table6":
+            pool.run([("depth_net", d, seed) for d in range(len(DEPTH_NETS)) for seed in s.seeds])
+            truth = depth_truth(runs, skeleton)["truth_order"]
+            pool.run([("t6_init", truth, i) for i in range(s.t6_inits)])
+        else:
+            pool.run([("evolve", "reference", True), ("evolve", "no_reference", False)])
+    finally:
+        pool.close()
+    if args.only == "table6":
+        result = table6(runs, dataset, skeleton)
+    else:
+        evolved = {"with reference": runs.evolve("reference", True),
+                   "without reference": runs.evolve("no_reference", False)}  # fmt: skip
+        result = evolution_diagnostics(evolved, s.steps_per_generation)
+    results = {"data": args.data, "scale": dataclasses.asdict(s), args.only: result,
+               "wall_time_s_this_invocation": time.time() - start}  # fmt: skip
+    files.write_json(os.path.join(args.out, f"results_{args.only}.json"), results)
+    return results
+
+
+ONLY = {"table6": ("Table 6", render_table6), "evolution": ("evolution", render_evolution)}
+
+
 def run_all(args, s: Scale) -> dict:
+    if args.only:
+        return run_one(args, s)
     start = time.time()
     prepare_data(args.data, args.data_dir, args.out, s)
     runs, dataset, skeleton = _context(args.out, args.scale)
@@ -461,7 +612,8 @@ def run_all(args, s: Scale) -> dict:
     pool = Pool(args.out, args.scale, args.jobs)
     try:
         pool.run([("evolve", "reference", True), ("evolve", "no_reference", False)]
-                 + [("depth_net", d) for d in reversed(range(len(DEPTH_NETS)))])  # fmt: skip
+                 + [("depth_net", d, seed) for d in reversed(range(len(DEPTH_NETS)))
+                    for seed in s.seeds])  # fmt: skip
 
         # Fig. 3 (and the learned space of Tables 2-4).
         evolved = {"with reference": runs.evolve("reference", True),
@@ -485,8 +637,7 @@ def run_all(args, s: Scale) -> dict:
                 return []
             return [("train", task[1], runs.arch_path(task[1]), seed) for seed in s.seeds]
 
-        truth_acc = [depth_net(runs, skeleton, d)["test_accuracy"] for d in range(len(DEPTH_NETS))]
-        truth = [int(i) for i in np.argsort(truth_acc)]
+        truth = depth_truth(runs, skeleton)["truth_order"]
         direct_arch = direct_ea_arch(runs, skeleton)
         pool.run([("search", name(*m), spaces_[m[0]], m[1], m[2]) for m in searched]
                  + [("t6_init", truth, i) for i in range(s.t6_inits)]
@@ -513,6 +664,7 @@ def run_all(args, s: Scale) -> dict:
         "table4": table4,
         "table6": table6(runs, dataset, skeleton),
         "fig3": fig3(runs, evolved),
+        "evolution": evolution_diagnostics(evolved, s.steps_per_generation),
         "wall_time_s_this_invocation": time.time() - start,
     }
     files.write_json(os.path.join(args.out, "results.json"), results)
@@ -526,6 +678,8 @@ def main():
     p.add_argument("--out", default=os.path.join(_report.ROOT, "runs", "paper_tables"))
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
+    p.add_argument("--only", choices=sorted(ONLY),
+                   help="one experiment alone (its own BENCHMARKS.md section)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time, each in its own process (1: all in this one)")  # fmt: skip
     args = p.parse_args()
@@ -535,15 +689,17 @@ def main():
         sys.exit(f"--jobs={args.jobs}: give 1 or more")
     _setup_logging()
     results = run_all(args, SCALES[args.scale])
-    body = render(results)
+    body = ONLY[args.only][1](results[args.only]) if args.only else render(results)
     print(body)
     if not args.no_write:
         command = "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:])
-        note = (f"Scale `{args.scale}`: {dataclasses.asdict(SCALES[args.scale])}. "
-                f"MAdds budgets {results['budgets']}. Per-run outputs and results.json in "
-                f"`{os.path.relpath(args.out, _report.ROOT)}/`.")  # fmt: skip
-        _report.write_section(SECTION, command.strip(), note + "\n\n" + body)
-    print(f"{jax.device_count()} devices; results in {os.path.join(args.out, 'results.json')}")
+        budgets = "" if args.only else f"MAdds budgets {results['budgets']}. "
+        note = (f"Scale `{args.scale}`: {dataclasses.asdict(SCALES[args.scale])}. {budgets}"
+                f"Per-run outputs in `{os.path.relpath(args.out, _report.ROOT)}/`.")  # fmt: skip
+        section = f"{SECTION}: {ONLY[args.only][0]}" if args.only else SECTION
+        _report.write_section(section, command.strip(), note + "\n\n" + body)
+    name = f"results_{args.only}.json" if args.only else "results.json"
+    print(f"{jax.device_count()} devices; results in {os.path.join(args.out, name)}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from autospace_jax import arch as arch_lib  # noqa: E402
+from autospace_jax import gates as gates_lib  # noqa: E402
 from autospace_jax import genome as g  # noqa: E402
 from autospace_jax import pieces  # noqa: E402
 from autospace_jax import supernet as sn  # noqa: E402
@@ -71,7 +72,7 @@ def peak_of_step(k: int, batch: int, image: int, all_paths: bool) -> tuple[int, 
         for _ in range(2):  # The second step runs compiled; both are measured.
             gates = trainer.gates(state, 0, 1)
             if all_paths:
-                gates = [sn.Gates(tuple(range(k)), gate.active) for gate in gates]
+                gates = [gates_lib.Gates(tuple(range(k)), gate.active) for gate in gates]
             trainer.gate_gradients(state, gates, x, y)
             trainer.weight_step(state, x, y, 0.01, seed=0)
     finally:

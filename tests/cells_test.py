@@ -26,7 +26,7 @@ def test_random_cells_shapes(stride, c_out):
     rng = random.Random(stride * 100 + c_out)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 8)), jnp.float32)
     for _ in range(5):
-        genome = g.random_genome(rng, "extended")
+        genome = g.random_genome(rng, "default")
         if g.is_skip(genome) and not g.has_residual(stride, 8, c_out):
             continue
         y, variables = _run(cells.Cell(genome, c_out, stride), x)

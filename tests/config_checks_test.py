@@ -1,8 +1,10 @@
 """Up-front config validation: one line naming the field, the value and what is accepted."""
 
+import importlib
+
 import pytest
 
-from autospace_jax import config_checks
+from autospace_jax import config_checks, genome
 from configs import digits
 
 # (field, bad value, text the message must contain).
@@ -19,7 +21,7 @@ BAD = [
     ("model.blocks", (1, 0, 2), "a non-empty tuple of positive integers"),
     ("model.strides", (1, 3, 2), "values in [1, 2]"),
     ("model.head", -5, "an integer >= 1"),
-    ("genome.palette", "huge", "one of ['default', 'extended']"),
+    ("genome.palette", "huge", "one of ['default', 'paper']"),
     ("genome.reference", "resnet", "one of ['irb']"),
     ("evolution.population_size", 1, "an integer >= 2"),
     ("evolution.cells_per_layer", 9, "<= evolution.population_size (6)"),
@@ -31,6 +33,11 @@ BAD = [
     ("evolution.tau", -0.1, "[0.0, 1.0]"),
     ("evolution.max_madds_factor", 0, "a number > 0"),
     ("evolution.removal", "random", "one of ['oldest', 'worst']"),
+    ("evolution.fitness_estimate", "reinforce", "one of ['gradient', 'loss']"),
+    ("evolution.fitness_batch_size", 0, "an integer >= 1"),
+    ("evolution.fitness_batch_size", 96, "a multiple of supernet.batch_size (64)"),
+    ("evolution.final_rounds", 1, "an integer >= 2"),
+    ("supernet.fitness_b1", 1.0, "[0.0, 1.0)"),
     ("supernet.batch_size", 0, "an integer >= 1"),
     ("supernet.learning_rate", 0.0, "a number > 0"),
     ("supernet.compensation_clip", 0.5, "a number >= 1"),
@@ -84,3 +91,10 @@ def test_cross_field_rules():
 
 def test_default_configs_are_valid():
     config_checks.validate(digits.get_config())
+
+
+@pytest.mark.parametrize("name", ["default", "cifar10", "imagenet_mobile"])
+def test_the_learned_space_has_as_many_cells_as_manual_irb(name):
+    """Where the two spaces are compared, K >= manual_irb's candidates per layer."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    assert config.evolution.cells_per_layer >= len(genome.manual_irb_genomes())

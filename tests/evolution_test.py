@@ -1,8 +1,7 @@
-"""Differentiable evolution: Eq. 5, selection, constraints, weight inheritance, kill + resume."""
+"""The evolve stage: weight inheritance, novelty by function, the final top-K, kill + resume."""
 
 import json
 import os
-import random
 
 import jax
 import numpy as np
@@ -29,61 +28,9 @@ TINY = [
 ]
 
 
-def test_eq5_momentum_update():
-    assert evo.momentum_update(alpha_star=2.0, alpha_pop=1.0, epsilon=0.25) == pytest.approx(1.25)
-    assert evo.momentum_update(3.0, -1.0, 1.0) == 3.0
-    assert evo.momentum_update(3.0, -1.0, 0.0) == -1.0
-
-
-def test_tournament_picks_distinct_and_fittest():
-    pop = [evo.Individual(g.irb(k, e), alpha=a) for (k, e), a in
-           zip([(3, 3), (3, 6), (5, 3), (5, 6), (7, 3)], [0.1, 0.5, -0.2, 0.3, 0.0])]  # fmt: skip
-    for seed in range(20):
-        picked = evo.tournament(pop, 3, 2, random.Random(seed))
-        assert len(set(picked)) == 3
-    # A tournament over the whole population is plain top-K.
-    assert evo.tournament(pop, 3, 5, random.Random(0)) == [1, 3, 0]
-
-
-def _constraints(stride=1, c_in=16, c_out=16, size=8, factor=4.0, palette="default"):
-    ref = madds_of(g.reference(), size, c_in, c_out, stride)
-    return evo.Constraints(stride, c_in, c_out, size, factor * ref, palette)
-
-
-def madds_of(genome, size, c_in, c_out, stride):
-    from autospace_jax import madds
-
-    return madds.cell_cost(genome, size, c_in, c_out, stride).madds
-
-
-def test_mutation_respects_tau_madds_and_duplicates():
-    cons = _constraints(factor=1.5)
-    ref = g.reference()
-    taken = {ref}
-    rng = random.Random(0)
-    for _ in range(60):
-        child = evo.mutate_within(ref, cons, taken, rng, ref, tau=0.1)
-        if child is None:
-            break
-        assert child not in taken
-        assert g.hamming(child, ref) < 0.1
-        assert cons.madds(child) < cons.max_madds
-        taken.add(child)
-    assert len(taken) > 10
-
-
-def test_initial_population_within_tau():
-    cons = _constraints(stride=2, c_in=8, c_out=16)
-    pop = evo.initial_population(cons, 12, random.Random(1), g.reference(), 0.1)
-    assert len(set(pop)) == 12 and pop[0] == g.reference()
-    assert all(g.hamming(x, g.reference()) < 0.1 and cons.ok(x) for x in pop)
-    with pytest.raises(ValueError, match="evolution.population_size"):
-        evo.initial_population(cons, 10_000, random.Random(1), g.reference(), 0.04)
-
-
 def _bank():
     skeleton = arch_lib.Skeleton(8, 1, ((8, 1), (16, 2)), 16, 10)
-    return WeightBank(skeleton, (8, 8, 1), sn.optimizer(4e-5, 0.9, True), seed=0), skeleton
+    return WeightBank(skeleton, (8, 8, 1), sn.optimizer(4e-5, 0.9, True, 0.0), seed=0), skeleton
 
 
 def test_weights_survive_a_rebuild_bit_for_bit():
@@ -153,9 +100,17 @@ def test_evolve_run_kill_resume_constraints_and_accounting(tmp_path):
             assert a.read() == b.read(), name
 
     space, summary = _read(straight, "space.json"), _read(straight, "summary.json")
+    f = 4  # steps_per_generation
     assert len(space["layers"]) == 2 and all(len(layer) == 2 for layer in space["layers"])
     for layer in space["layers"]:
         assert layer[0]["alpha"] >= layer[1]["alpha"]
+        # K distinct functions, each trained for at least one whole generation.
+        assert len({g.canonical(g.from_json(c["genome"])) for c in layer}) == 2
+        assert all(c["n_prime"] >= f for c in layer)
+        assert all(c["canonical_id"] == g.canonical(g.from_json(c["genome"])).id for c in layer)
+    assert summary["distinct_functions"] == [2, 2]
+    assert summary["n_prime"] == [[c["n_prime"] for c in layer] for layer in space["layers"]]
+    assert 2 <= summary["final_rounds"] <= 4 and 0 <= summary["duplicate_share"] <= 1
     for png in ("alpha_history.png", "learned_cells.png"):
         assert os.path.getsize(os.path.join(straight, "evolve", "plots", png)) > 1000
     # Nothing unaccounted: compile + inherit + train + other = wall time.
@@ -163,20 +118,22 @@ def test_evolve_run_kill_resume_constraints_and_accounting(tmp_path):
     assert sum(parts) == pytest.approx(summary["wall_time_s"], rel=0.02)
     assert summary["compile_time_s"] > 0 and summary["train_time_s"] > 0
 
-    # Every child: one mutation from its parent, valid, cheaper than MAdds_max,
-    # within tau in the first half, new to its layer's population.
+    # Every child: a function no member of its layer computed, valid, cheaper than
+    # MAdds_max, within tau in the first half; its rejected mutations counted by reason.
     children, record = _read(straight, "children.json"), _read(straight, "history.json")
     assert len(children) == 4 * 2
     for c in children:
         child, parent = g.from_json(c["child"]), g.from_json(c["parent"])
-        diffs = sum(a != b for a, b in zip(child.ops, parent.ops))
-        diffs += (child.expansion != parent.expansion) + (child.aggregation != parent.aggregation)
-        assert diffs == 1
+        assert g.canonical(child) != g.canonical(parent)
+        assert c["canonical_id"] == g.canonical(child).id
+        assert set(c["rejected"]) == {"neutral", "duplicate", "invalid", "madds", "tau"}
         assert c["madds"] < c["max_madds"]
         if c["first_half"]:
             assert c["hamming_to_reference"] < 0.1
-        before = {ind["id"] for ind in record["history"][c["generation"]][c["layer"]]}
-        assert child.id not in before
+        before = record["history"][c["generation"]][c["layer"]]
+        assert c["canonical_id"] not in {x["canonical_id"] for x in before}
+    rejected = {k: sum(c["rejected"][k] for c in children) for k in children[0]["rejected"]}
+    assert summary["rejected"] == rejected
     for pops in record["history"]:
         for pop in pops:
             ids = [ind["id"] for ind in pop]
@@ -225,4 +182,14 @@ def test_a_warmup_that_outlasts_evolve_is_rejected(tmp_path):
     config.evolution.steps_per_generation, config.evolution.generations = 2, 2
     config.supernet.warmup_epochs = 1  # 20 steps per epoch at batch 64 > 4 evolve steps.
     with pytest.raises(ConfigError, match=r"supernet.warmup_epochs=1 .*accepted: 0 to 0"):
+        evo.evolve(config, str(tmp_path))
+
+
+def test_a_fitness_batch_larger_than_the_validation_split_is_rejected(tmp_path):
+    from autospace_jax.config_checks import ConfigError
+    from configs import digits
+
+    config = digits.get_config()
+    config.evolution.fitness_batch_size = 640  # Digits holds out 143 validation images.
+    with pytest.raises(ConfigError, match=r"evolution.fitness_batch_size=640 .*accepted: 1 to 1"):
         evo.evolve(config, str(tmp_path))

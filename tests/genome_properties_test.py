@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of genome invariants: JSON, Eq. 2, constrained mutation."""
+"""Property tests (hypothesis) of genome invariants: JSON, Eq. 2, constrained breeding."""
 
 import json
 import random
@@ -6,12 +6,13 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from autospace_jax import evolution, madds
 from autospace_jax import genome as g
+from autospace_jax import madds
+from autospace_jax import population as pop
 
 genomes = st.builds(
     g.Genome,
-    ops=st.tuples(*[st.sampled_from(g.PALETTES["extended"])] * len(g.EDGES)),
+    ops=st.tuples(*[st.sampled_from(g.PALETTES["default"])] * len(g.EDGES)),
     expansion=st.sampled_from(g.EXPANSIONS),
     aggregation=st.sampled_from(g.AGGREGATIONS),
 )
@@ -36,13 +37,15 @@ def test_constrained_mutation_stays_within_tau_and_madds(seed, layer):
     stride, c_in, c_out = layer
     ref = g.reference()
     cap = 3 * madds.cell_cost(ref, 8, c_in, c_out, stride).madds
-    cons = evolution.Constraints(stride, c_in, c_out, 8, cap, "default")
+    cons = pop.Constraints(stride, c_in, c_out, 8, cap, "default")
     rng = random.Random(seed)
-    parent = ref
+    parent, living = ref, {g.canonical(ref)}
     for _ in range(5):
-        child = evolution.mutate_within(parent, cons, {parent}, rng, ref, tau=0.1)
+        child, _ = pop.breed(parent, cons, living, rng, ref, tau=0.1)
         assert child is not None
         g.validate(child, "default")
         g.check_for_layer(child, stride, c_in, c_out)
-        assert g.hamming(child, ref) < 0.1 and cons.madds(child) < cap and child != parent
+        assert pop.distance(child, ref) < 0.1 and cons.madds(child) < cap
+        assert g.canonical(child) not in living  # A new function.
         parent = child
+        living.add(g.canonical(child))

@@ -8,8 +8,8 @@ import pytest
 from autospace_jax import genome as g
 
 
-def test_open_space_has_93750_genomes_per_layer():
-    space = list(g.enumerate_space("default"))
+def test_the_papers_palette_has_93750_genomes_per_layer():
+    space = list(g.enumerate_space("paper"))
     assert len(space) == 5**6 * 3 * 2 == 93_750
     assert len(set(space)) == len(space)
     assert len({x.id for x in space}) == len(space)
@@ -18,14 +18,20 @@ def test_open_space_has_93750_genomes_per_layer():
     assert 0 < skips < len(space)
 
 
-def test_extended_palette_count():
-    assert sum(1 for _ in g.enumerate_space("extended")) == 7**6 * 3 * 2
+def test_the_default_palette_has_705894_genomes_and_every_manual_irb_cell():
+    assert sum(1 for _ in g.enumerate_space("default")) == 7**6 * 3 * 2 == 705_894
+    for cell in g.manual_irb_genomes():
+        g.validate(cell, "default")
+    # The paper's five ops cannot express the manual space's 5x5 and 7x7 IRBs.
+    for cell in (g.irb(5, 6), g.irb(7, 3)):
+        with pytest.raises(g.GenomeError, match="edge 1-4 has op 'dwconv"):
+            g.validate(cell, "paper")
 
 
 def test_json_round_trip_and_stable_id():
     rng = random.Random(0)
     for _ in range(50):
-        x = g.random_genome(rng, "extended")
+        x = g.random_genome(rng, "default")
         text = json.dumps(x.to_json())
         y = g.from_json(json.loads(text))
         assert y == x and hash(y) == hash(x) and y.id == x.id
@@ -47,9 +53,10 @@ def test_validation_names_the_problem(kwargs, message):
 
 
 def test_palette_validation():
-    g.validate(g.irb(3), "default")
-    with pytest.raises(g.GenomeError, match="dwconv5x5.*palette 'default'"):
-        g.validate(g.irb(5), "default")
+    g.validate(g.irb(3), "paper")
+    g.validate(g.irb(5), "default")
+    with pytest.raises(g.GenomeError, match="dwconv5x5.*palette 'paper'"):
+        g.validate(g.irb(5), "paper")
     with pytest.raises(g.GenomeError, match="palette='big'"):
         g.validate(g.irb(3), "big")
 
@@ -112,4 +119,4 @@ def test_manual_irb_space():
     }
     assert g.is_skip(space[-1])
     for x in space:
-        g.validate(x, "extended")
+        g.validate(x, "default")

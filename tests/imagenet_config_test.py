@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, config_checks, evolution, madds, spaces
+from autospace_jax import cells, config_checks, madds, population, spaces
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
 from autospace_jax.search import context
@@ -173,12 +173,12 @@ def test_k9_supernet_of_the_initial_population(config, skeleton):
         max_madds = (
             ec.max_madds_factor * madds.cell_cost(reference, size, c_in, c_out, stride).madds
         )
-        cons = evolution.Constraints(stride, c_in, c_out, size, max_madds, config.genome.palette)
-        population = evolution.initial_population(
+        cons = population.Constraints(stride, c_in, c_out, size, max_madds, config.genome.palette)
+        genomes = population.initial_population(
             cons, ec.population_size, random.Random(l), reference, ec.tau
         )
-        assert len(population) == ec.population_size
-        candidates.append(population[: ec.cells_per_layer])
+        assert len(genomes) == ec.population_size
+        candidates.append(genomes[: ec.cells_per_layer])
     spec = sn.SupernetSpec(skeleton, candidates)
     params, fitness, intermediates = _abstract(sn.Supernet(spec))
 

@@ -40,7 +40,7 @@ def _space_json():
         for layer in SPACE_LAYERS
     ]
     skeleton = SKELETON.to_json()
-    return {"skeleton": skeleton, "palette": "default", "layers": layers, "config": {"seed": 0}}
+    return {"skeleton": skeleton, "palette": "paper", "layers": layers, "config": {"seed": 0}}
 
 
 def _set(*keys, value):
@@ -167,9 +167,9 @@ SPACE_CASES = [
     ("duplicated candidate", _set("layers", 0, 2, value={"genome": g.irb(3, 6).to_json()}),
      r"layers\[0\]\[2\] repeats layers\[0\]\[0\] \(r6/add\[14:dwconv3x3\]\); .*distinct"),
     ("unknown palette", _set("palette", value="big"),
-     r"palette='big'; accepted: \['default', 'extended'\] or no 'palette'"),
+     r"palette='big'; accepted: \['default', 'paper'\] or no 'palette'"),
     ("op outside the palette", _set("layers", 1, 0, "genome", "edges", "1-4", value="dwconv5x5"),
-     r"layers\[1\]\[0\].genome: edge 1-4 has op 'dwconv5x5'; accepted in palette 'default'"),
+     r"layers\[1\]\[0\].genome: edge 1-4 has op 'dwconv5x5'; accepted in palette 'paper'"),
 ]  # fmt: skip
 
 
@@ -195,7 +195,7 @@ def test_space_json_errors_name_the_file_and_field(tmp_path, corrupt, message):
 
 
 def test_space_without_palette_allows_any_op(tmp_path):
-    """'palette' is optional; without it any op of the extended palette is fine."""
+    """'palette' is optional; without it any op of the default palette is fine."""
     corrupt = _set("layers", 1, 0, "genome", "edges", "1-4", value="dwconv5x5")
     obj = _space_json()
     corrupt(obj)

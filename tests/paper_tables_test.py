@@ -34,7 +34,13 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert len(results["table6"]["inits"]) == 2
     assert set(results["fig3"]["runs"]) == {"with reference", "without reference"}
     assert os.path.isfile(os.path.join(out, results["fig3"]["plot"]))
-    for text in ("**Table 2**", "**Table 3**", "**Table 4**", "**Table 6**", "**Fig. 3**"):
+    f = results["evolution"]["steps_per_generation"]
+    for name, e in results["evolution"]["runs"].items():
+        k = results["scale"]["cells_per_layer"]
+        assert e["distinct_functions"] == [k] * len(e["n_prime"]), name
+        assert min(min(layer) for layer in e["n_prime"]) >= f, name
+    for text in ("**Evolution**", "**Table 2**", "**Table 3**", "**Table 4**", "**Table 6**",
+                 "**Fig. 3**"):  # fmt: skip
         assert text in first.stdout
 
     # Every run is cached: a re-run trains only what was deleted, here in this process
@@ -45,7 +51,7 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert again.stderr.count("train: done") == 1
     with open(os.path.join(out, "results.json")) as f:
         rerun = json.load(f)
-    for key in ("table2", "table3", "table4", "table6", "fig3"):
+    for key in ("table2", "table3", "table4", "table6", "fig3", "evolution"):
         assert rerun[key] == results[key], key
 
 

@@ -205,6 +205,7 @@ def evolve_config():
     ev.population_size, ev.cells_per_layer, ev.tournament_size = 3, 2, 2
     ev.steps_per_generation, ev.generations, ev.background_compile = 2, 2, False
     c.supernet.batch_size, c.supernet.warmup_epochs = 32, 0
+    ev.fitness_batch_size = 32  # One chunk: fitness step s reads validation batch s.
     return c
 
 

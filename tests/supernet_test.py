@@ -7,6 +7,7 @@ import pytest
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import cells, input_pipeline, pieces, sharding
+from autospace_jax import gates as gates_lib
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
 from configs import digits
@@ -69,21 +70,67 @@ def test_eq4_fitness_gradient_matches_formula():
     dl_dg = np.asarray(jax.grad(_loss_of_gates(trainer, state.variables, x, labels))(one_hot))
     np.testing.assert_allclose(ours, dl_dg[pair], rtol=1e-4, atol=1e-6)
 
-    # Eq. 4 written as a matrix: dalpha_pair = (diag(p) - p p^T) dL/dg_pair * n/n'.
+    # Eq. 4 written as a matrix: dalpha_pair = (diag(p) - p p^T) dL/dg_pair.
     p = np.exp(alpha[pair]) / np.exp(alpha[pair]).sum()
     expected = np.zeros(3)
     expected[pair] = (np.diag(p) - np.outer(p, p)) @ dl_dg[pair]
-    got = sn.fitness_gradient(alpha, gates[0], ours, np.ones(3))
+    got = gates_lib.fitness_gradient(alpha, gates[0], ours)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert got[[k for k in range(3) if k not in pair]] == pytest.approx(0.0)
 
-    compensation = np.array([2.0, 0.5, 0.25], np.float32)
-    scaled = sn.fitness_gradient(alpha, gates[0], ours, compensation)
-    np.testing.assert_allclose(scaled, expected * compensation, rtol=1e-4, atol=1e-7)
+
+def test_loss_estimate_is_the_loss_of_each_sampled_path():
+    trainer = sn.SupernetTrainer(TINY, fitness_estimate="loss")
+    state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
+    x, labels = _batch()
+    gates = trainer.gates(state, seed=0, stream=1)
+    got = trainer.path_losses(state, gates, jnp.asarray(x), jnp.asarray(labels))[0]
+    for k, value in zip(gates[0].pair, got):
+        one_hot = jnp.zeros(3).at[k].set(1.0)
+        direct = _loss_of_gates(trainer, state.variables, x, labels)(one_hot)
+        assert value == pytest.approx(float(direct), rel=1e-5)
+
+
+def test_eq4_compensation_changes_what_alpha_learns():
+    """n/n' scales each logit's step: under Adam a factor on the gradient would cancel."""
+    x, labels = (jnp.asarray(a) for a in _batch())
+
+    def learn(factors, steps):
+        trainer = sn.SupernetTrainer(TINY, fitness_b1=0.0)
+        state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
+        before = trainer.alphas(state)[0]
+        for _ in range(steps):
+            trainer.fitness_step(state, x, labels, 0.01, seed=0, compensation=[np.array(factors)])
+        return trainer.alphas(state)[0] - before
+
+    plain = learn((1.0, 1.0, 1.0), 1)
+    assert (plain != 0).sum() == 2  # The sampled pair moved.
+    # One step: each logit moves by its factor times the uncompensated step.
+    np.testing.assert_allclose(learn((1.0, 10.0, 3.0), 1), plain * np.array((1.0, 10.0, 3.0)),
+                               rtol=1e-4, atol=1e-7)  # fmt: skip
+    assert not np.allclose(learn((1.0, 10.0, 3.0), 4), learn((1.0, 1.0, 1.0), 4), atol=1e-4)
+
+
+def test_tied_gates_draw_one_path_for_every_layer():
+    spec = sn.SupernetSpec(arch_lib.Skeleton(4, 1, ((4, 1), (4, 1)), 8, 3),
+                           ((USEFUL, g.irb(3, 3), g.SKIP),) * 2)  # fmt: skip
+    trainer = sn.SupernetTrainer(spec, fitness_estimate="loss", tied=True)
+    state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
+    a0, a1 = trainer.alphas(state)
+    np.testing.assert_array_equal(a0, a1)
+    x, labels = (jnp.asarray(a) for a in _batch())
+    for step in range(5):
+        gates = trainer.gates(state, seed=0, stream=step)
+        assert gates[0] == gates[1]
+        trainer.fitness_step(state, x, labels, 0.05, seed=0)
+    a0, a1 = trainer.alphas(state)
+    np.testing.assert_array_equal(a0, a1)
+    with pytest.raises(ValueError, match="same number of candidates"):
+        sn.SupernetTrainer(sn.SupernetSpec(spec.skeleton, ((USEFUL, WEAK), (USEFUL,))), tied=True)
 
 
 def test_compensation_factor_is_clipped():
-    got = sn.compensation_factor(n=[10, 10, 10, 0], n_prime=[10, 40, 0, 0], clip=3.0)
+    got = gates_lib.compensation_factor(n=[10, 10, 10, 0], n_prime=[10, 40, 0, 0], clip=3.0)
     np.testing.assert_allclose(got, [1.0, 0.25, 3.0, 3.0])
 
 
@@ -109,12 +156,14 @@ def test_eq3_full_forward_is_the_probability_mixture():
 def test_gates_two_distinct_paths_same_for_same_step():
     alphas = [np.array([0.0, 1.0, -1.0, 0.5]), np.array([2.0, 0.0])]
     for step in range(50):
-        a = sn.sample_gates(alphas, np.random.default_rng((0, step)))
-        b = sn.sample_gates(alphas, np.random.default_rng((0, step)))
+        a = gates_lib.sample_gates(alphas, np.random.default_rng((0, step)))
+        b = gates_lib.sample_gates(alphas, np.random.default_rng((0, step)))
         assert a == b
         for gate in a:
             assert len(set(gate.pair)) == 2 and gate.active in gate.pair
-    assert sn.sample_gates([np.zeros(1)], np.random.default_rng(0)) == [sn.Gates((0,), 0)]
+    assert gates_lib.sample_gates([np.zeros(1)], np.random.default_rng(0)) == [
+        gates_lib.Gates((0,), 0)
+    ]
 
 
 def test_one_compile_per_piece_over_many_samples():
