@@ -24,6 +24,7 @@ TINY = [
     "--config.evolution.generations=4",
     "--config.evolution.tau=0.1",
     "--config.supernet.batch_size=32",
+    "--config.evolution.fitness_batch_size=32",
     "--config.supernet.warmup_epochs=0",
 ]
 
@@ -160,6 +161,7 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path):
     ev.population_size, ev.cells_per_layer, ev.tournament_size = 4, 2, 2
     ev.steps_per_generation, ev.generations = 2, 4
     config.supernet.batch_size, config.supernet.warmup_epochs = 32, 0
+    ev.fitness_batch_size = 32
     spaces = {}
     for background in (True, False):
         config.evolution.background_compile = background

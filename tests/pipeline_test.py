@@ -15,6 +15,7 @@ TINY = [
     "--config.evolution.steps_per_generation=4",
     "--config.evolution.generations=4",
     "--config.supernet.batch_size=32",
+    "--config.evolution.fitness_batch_size=32",
     "--config.supernet.warmup_epochs=0",
     "--config.search.steps=20",
     "--config.search.warmup_steps=5",
