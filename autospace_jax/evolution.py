@@ -4,7 +4,9 @@
 populations and weight bank -> init or restore -> generations -> final rounds
 -> outputs. The population logic (tournament, mutation under the constraints,
 Eq. 5, breeding, the final top-K rule) is :mod:`autospace_jax.population`, pure
-and tested alone; this module runs the supernets that produce the fitness.
+and tested alone; the outputs and diagnostics are
+:mod:`autospace_jax.evolution_report`; this module runs the supernets that
+produce the fitness.
 
 Per layer, a population of P individuals (genome, alpha, n', birth). Each
 generation t = 0..T-1:
@@ -54,12 +56,11 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     checkpoint,
     config_checks,
-    distributed,
+    evolution_report,
     files,
     input_pipeline,
     madds,
     pieces,
-    plots,
     precompile,
     sharding,
     writers,
@@ -300,7 +301,7 @@ class Evolution:
             for l, idx in enumerate(picked)
         ]
         new_cells = {
-            (l, i): self._weights(trainer, state, l, k)
+            (l, i): evolution_report.cell_vector(state, l, k)
             for l, idx in enumerate(picked)
             for k, i in enumerate(idx)
             if self.populations[l][i].n_prime == 0 and self.populations[l][i].birth > 0
@@ -335,7 +336,7 @@ class Evolution:
         # 4-6. Eq. 5 and n'; breeding and culling while evolving; the final top-K after.
         start = time.time()
         self.bank.store(trainer, state)
-        self._record_first_training(trainer, state, picked, new_cells)
+        evolution_report.record_first_update(self, state, picked, new_cells)
         alpha_star = trainer.alphas(state)  # Finite: checked after each fitness step.
         for l, idx in enumerate(picked):
             for k, i in enumerate(idx):
@@ -351,27 +352,6 @@ class Evolution:
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
-
-    @staticmethod
-    def _weights(trainer: sn.SupernetTrainer, state: sn.SupernetState, l: int, k: int):
-        """Cell k of layer l's parameters as one host vector (empty for the skip cell)."""
-        params = state.variables["params"][f"layer_{l}"].get(f"cell_{k}", {})
-        leaves = jax.device_get(jax.tree.leaves(params))
-        return np.concatenate([np.ravel(a) for a in leaves]) if leaves else np.zeros(0)
-
-    def _record_first_training(self, trainer, state, picked, before) -> None:
-        """A child's first generation in a supernet: how far its weights moved,
-        ||w_after - w_before|| / ||w_before|| (``first_update`` in children.json): a
-        cell born late must still train before it is scored."""
-        where = {(c["layer"], c["canonical_id"]): c for c in self.children}
-        for (l, i), w in before.items():
-            if not w.size:
-                continue
-            ind = self.populations[l][i]
-            after = self._weights(trainer, state, l, picked[l].index(i))
-            child = where.get((l, ind.function.id))
-            if child is not None:
-                child["first_update"] = float(np.linalg.norm(after - w) / np.linalg.norm(w))
 
     def _unpicked(self, picked: list[list[int]]) -> list[tuple]:
         """(priority, key) of every individual not picked: the fittest compile first."""
@@ -430,81 +410,6 @@ class Evolution:
             [self.populations[l][i] for i in self._indices(l, ids)]
             for l, ids in enumerate(self.final["tops"][-1])
         ]
-
-    def space_json(self) -> dict[str, Any]:
-        layers = []
-        for cons, top in zip(self.constraints, self.learned_space()):
-            layers.append(
-                [
-                    {
-                        "genome": i.genome.to_json(),
-                        "id": i.genome.id,
-                        "canonical_id": i.function.id,
-                        "alpha": i.alpha,
-                        "n_prime": i.n_prime,
-                        "madds": cons.madds(i.genome),
-                        "params": cons.cost(i.genome).params,
-                    }
-                    for i in top
-                ]
-            )
-        return {
-            "skeleton": self.skeleton.to_json(),
-            "palette": self.config.genome.palette,
-            "layers": layers,
-            "config": self.config.to_dict(),
-        }
-
-    def diagnostics(self) -> dict[str, Any]:
-        """What shows whether the evolution learned (summary.json, the log's last table)."""
-        space = self.learned_space()
-        tried = sum(self.rejected.values()) + len(self.children)
-        rounds = len(self.final["tops"]) - 1
-        return {
-            "distinct_functions": [len({i.function for i in top}) for top in space],
-            "n_prime": [[i.n_prime for i in top] for top in space],
-            "alpha_spread": [
-                max(i.alpha for i in top) - min(i.alpha for i in top) for top in space
-            ],
-            # Mutations whose child computed a function already there (the parent's, walked
-            # on, or another living individual's), of all mutations tried.
-            "duplicate_share": (self.rejected["neutral"] + self.rejected["duplicate"])
-            / max(tried, 1),
-            "rejected": dict(self.rejected),
-            # Mean first_update of the children born in the first and the second half.
-            "first_update": [
-                float(np.mean(u)) if u else None
-                for u in (
-                    [
-                        c["first_update"]
-                        for c in self.children
-                        if "first_update" in c and c["generation"] < self.ec.generations / 2
-                    ],
-                    [
-                        c["first_update"]
-                        for c in self.children
-                        if "first_update" in c and c["generation"] >= self.ec.generations / 2
-                    ],
-                )
-            ],
-            "final_rounds": rounds,
-            "final_converged": rounds > 0 and pop_lib.converged(*self.final["tops"][-2:]),
-        }
-
-
-def _diagnostics_table(d: dict[str, Any]) -> str:
-    stable = "top-K stable" if d["final_converged"] else "top-K not stable"
-    reasons = ", ".join(f"{k} {v}" for k, v in d["rejected"].items())
-    lines = [
-        f"final rounds {d['final_rounds']} ({stable}); functional duplicates: "
-        f"{100 * d['duplicate_share']:.0f}% of the mutations tried (rejected: {reasons})",
-        "layer  distinct functions  n' of each cell  alpha spread",
-    ]
-    for l, (n, n_prime, spread) in enumerate(
-        zip(d["distinct_functions"], d["n_prime"], d["alpha_spread"])
-    ):
-        lines.append(f"{l:5d}  {n:18d}  {str(n_prime):15s}  {spread:.4f}")
-    return "\n".join(lines)
 
 
 def evolve(config: Any, workdir: str) -> dict[str, Any]:
@@ -615,21 +520,9 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         evo.precompiler.close()
 
     # --- outputs.
-    space = evo.space_json()
-    distributed.check_same("evolve: the learned space", space)
-    files.write_json(os.path.join(stage_dir, "space.json"), space)
-    files.write_json(os.path.join(stage_dir, "children.json"), evo.children)
-    populations = [[ind.to_json() for ind in pop] for pop in evo.populations]
-    files.write_json(
-        os.path.join(stage_dir, "history.json"),
-        {"history": evo.history, "populations": populations, "final": evo.final},
-    )
-    learned = [[(i.genome, i.alpha) for i in top] for top in evo.learned_space()]
-    plots.plot_fitness_history(evo.history, os.path.join(stage_dir, "plots", "alpha_history.png"))
-    plots.draw_cells(learned, os.path.join(stage_dir, "plots", "learned_cells.png"))
+    diagnostics = evolution_report.write(evo, stage_dir)
     writer.close()
     clock.add("other", time.time() - start)
-    diagnostics = evo.diagnostics()
     summary = {
         "wall_time_s": elapsed + time.time() - start_time,
         "generations": ec.generations,
@@ -645,10 +538,5 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         "config": config.to_dict(),
     }
     files.write_json(summary_path, summary)
-    madds_table = [[layer["madds"] for layer in layers] for layers in space["layers"]]
-    logging.info(
-        "evolve: learned space\n%s\n%s",
-        plots.space_table(learned, madds_table),
-        _diagnostics_table(diagnostics),
-    )
+    evolution_report.log(evo, diagnostics)
     return summary

@@ -16,7 +16,6 @@ and the supernet loss of the last generation.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ def one_cosine(total: int):
     def run(trainer, state, dataset, *, steps, learning_rate, **kw):
         losses = []
         for _ in range(steps):  # One step at a time: at i = 0 the generation's rate is the peak.
-            lr = 0.5 * learning_rate * (1 + math.cos(math.pi * state.step / total))
+            lr = sn.generation_learning_rate(learning_rate, state.step, total)
             losses += generation_iterations(
                 trainer, state, dataset, steps=1, learning_rate=lr, **kw
             )

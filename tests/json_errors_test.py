@@ -1,7 +1,7 @@
 """Malformed or hand-edited arch.json / space.json / genome JSON: one clear error.
 
 Every case starts from a file the library's own writers produce (``save_arch``;
-a space laid out as ``evolution.Evolution.space_json`` writes it) and corrupts
+a space laid out as ``evolution_report.space_json`` writes it) and corrupts
 one field. The error must be a GenomeError that names the file, the field and,
 where there is a fixed set, what is accepted: never a KeyError or TypeError
 from deep inside.
@@ -34,7 +34,7 @@ def _arch_json():
 
 
 def _space_json():
-    """The layout evolution.Evolution.space_json writes (figures are not read back)."""
+    """The layout evolution_report.space_json writes (figures are not read back)."""
     layers = [
         [{"genome": x.to_json(), "id": x.id, "alpha": 0.5, "madds": 7, "params": 3} for x in layer]
         for layer in SPACE_LAYERS
