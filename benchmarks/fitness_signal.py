@@ -58,7 +58,7 @@ PAIRS = ((0, 1), (1, 2), (0, 2))
 
 
 def run(out: str, setting: str, init: int) -> dict:
-    runs, dataset, skeleton = pt._context(out, "full")
+    runs, dataset, skeleton = pt._context(out, pt.SCALES["full"])
     truth = pt.depth_truth(runs, skeleton)["truth_order"]
     return pt.fitness_ranking(runs, dataset, skeleton, truth, init, setting,
                               **SETTINGS[setting])  # fmt: skip
@@ -128,8 +128,8 @@ def main():
     start = time.time()
     s = pt.SCALES["full"]
     pt.prepare_data(args.data, "", args.out, s)
-    runs, _, skeleton = pt._context(args.out, "full")
-    pool = pt.Pool(args.out, "full", args.jobs)
+    runs, _, skeleton = pt._context(args.out, s)
+    pool = pt.Pool(args.out, s, args.jobs)
     try:  # The truth first (9 trainings), then every (setting, init), cached.
         pool.run([("depth_net", d, seed) for d in range(len(pt.DEPTH_NETS)) for seed in s.seeds])
         truth = pt.depth_truth(runs, skeleton)

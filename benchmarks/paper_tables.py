@@ -1,16 +1,34 @@
 """The paper's experiments (Tables 2, 3, 4, 6 and Fig. 3), scaled to 2 CPU cores.
 
+  python benchmarks/paper_tables.py --calibrate           # the control networks first
   python benchmarks/paper_tables.py                       # ../shared/data CIFAR-10
   python benchmarks/paper_tables.py --data any.npz        # x_train/y_train/x_test/y_test
   python benchmarks/paper_tables.py --data tfds:cifar10 --data-dir $TFDS_DATA_DIR
 
-Scale (``--scale=full``; timings in BENCHMARKS.md): images resized to 16x16, a
-class-balanced subset of 1,000 train / 200 test images per class (10% of train
-held out for fitness/arch steps), the 5-layer default skeleton, evolution of
-12 generations x 200 steps (K = 7, P = 12) then its final rounds, searches of
-200 steps, final training 5 epochs, 3 seeds. ``--scale=tiny`` runs every
-experiment once, on tiny settings (the test). ``--only=table6`` or
-``--only=evolution`` runs one experiment and writes its own section.
+Scale (``--scale=full``, ``SCALES``; chosen by ``--calibrate``, timings in
+BENCHMARKS.md): a class-balanced subset of the training images resized to
+16x16 (10% held out for fitness/arch steps) and the whole test split, the
+5-layer default skeleton, evolution of 10 generations x 100 steps (K = 7,
+P = 12) then its final rounds, searches of 200 steps, final training of a few
+epochs. ``--scale=tiny`` runs every experiment on tiny settings (the test).
+``--only=table6`` or ``--only=evolution`` runs one experiment and writes its own
+section. Class count and image channels come from the data.
+
+Spaces are the unit of comparison. Each of ``space_seeds`` (>= 2) gives one
+learned space (an evolution with that seed) and one search in each space with
+that seed; every searched network is trained with each of ``seeds``. Tables
+show means with sample standard deviations (ddof = 1) over every trained
+network of a row, and learned - manual as a paired difference with its 95%
+t confidence interval: the pairs are (space seed, training seed), the learned
+and the manual network of a pair searched with the same search seed and trained
+with the same training seed.
+
+``--calibrate`` trains the control networks (the reference IRB in every layer,
+which is Table 6's depth-1 network; Table 6's depth-2 and depth-3 networks; a
+uniform 7x7 r = 6 network) with every training seed at each candidate scale of
+``CALIBRATION`` and prints whether their gaps exceed 2 standard deviations of a
+difference of two ``len(seeds)``-seed means, with the seconds each training
+took (two at a time) and the training hours the full run would need.
 
 Every run writes its own folder under ``--out`` and each library stage skips
 when its summary exists, so re-running after an interruption continues where
@@ -18,32 +36,34 @@ it stopped. ``--jobs`` runs (default 2) go at a time, each in a worker process;
 the main process then assembles the tables from the cached runs, so the numbers
 do not depend on ``--jobs``. Experiments:
 
-* Table 3: learned space vs ``manual_irb``, ``proxyless`` at two MAdds budgets.
+* Table 3: learned spaces vs ``manual_irb``, ``proxyless`` at two MAdds budgets.
 * Table 4: the same with ``rl`` and ``spos`` at the higher budget.
 * Table 2: a direct evolutionary search for one model in the open space (the
-  fittest cell of each layer of an evolution without the reference DAG) vs the
-  RL models of Table 4.
+  fittest cell of each layer of an evolution without the reference DAG, one per
+  space seed) vs the RL models of Table 4.
 * Table 6: three networks of the same block at depth 1, 2, 3 (one, two, three
   chained depthwise 3x3 convs per cell); their true order comes from training
   each with every seed; then a supernet holding the three networks (one gate
   draw for every layer, so each network has one fitness score) learns alpha
-  with evolve's fitness settings from 5 random inits. "Epochs" is the first
-  epoch from which the scores stay in the true order (an epoch here is
+  with evolve's fitness settings from ``t6_inits`` random inits. "Epochs" is the
+  first epoch from which the scores stay in the true order (an epoch here is
   ``t6_steps`` supernet iterations, after ``t6_warmup`` weight-only ones).
-* Evolution: the diagnostics of both evolutions (distinct functions and n' of
+* Controls: the calibration's networks at this scale.
+* Evolution: the diagnostics of every evolution (distinct functions and n' of
   the final cells, alpha spread, functional duplicates, final rounds).
-* Fig. 3: evolution with vs without the reference DAG, supernet loss per
-  generation and the supernet iterations (and training seconds) each needs to
-  reach the loss both reach.
+* Fig. 3: evolution with vs without the reference DAG for each space seed,
+  supernet loss per generation and the supernet iterations (and training
+  seconds) each needs to reach the loss every evolution reaches.
 
-Final models of Tables 2-4 are trained identically (same epochs, schedule,
-seeds); top-1 is on the held-out test split, mean +- std over seeds.
+Final models are trained identically (same epochs, schedule, seeds); top-1 is
+on the test split.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import multiprocessing
 import os
 import sys
@@ -56,6 +76,7 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
+from scipy import stats  # noqa: E402
 
 from autospace_jax import arch as arch_lib  # noqa: E402
 from autospace_jax import config_checks, evolution, files, input_pipeline, sharding, spaces, train  # noqa: E402,E501
@@ -70,40 +91,58 @@ from configs import cifar10  # noqa: E402
 
 DEFAULT_DATA = os.path.join(_report.ROOT, "..", "shared", "data", "cifar10_jpeg_bytes.npz")
 SECTION = "Paper tables (CIFAR-10, scaled)"
+SEARCHES = (("proxyless", 0), ("proxyless", 1), ("rl", 1), ("spos", 1))  # (algorithm, budget)
 
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
     image_size: int
     train_per_class: int
-    test_per_class: int
-    widths: tuple[int, ...]
-    blocks: tuple[int, ...]
-    strides: tuple[int, ...]
-    generations: int
-    steps_per_generation: int
-    search_steps: int
-    search_warmup: int
+    test_per_class: int  # 0: the whole test split.
     train_epochs: int
-    seeds: tuple[int, ...]
-    t6_inits: int
-    t6_epochs: int
-    t6_steps: int
-    t6_warmup: int
-    budgets: tuple[float, float] = (0.3, 0.7)  # Positions in the MAdds range both spaces share.
+    seeds: tuple[int, ...]  # Training seeds of every final network.
+    space_seeds: tuple[int, ...] = (0, 1)  # Evolution and search seeds: one space each.
+    widths: tuple[int, ...] = (16, 24, 32)
+    blocks: tuple[int, ...] = (1, 2, 2)
+    strides: tuple[int, ...] = (1, 2, 2)
+    generations: int = 10
+    steps_per_generation: int = 100
+    search_steps: int = 200
+    search_warmup: int = 60
+    t6_inits: int = 5
+    t6_epochs: int = 12
+    t6_steps: int = 50
+    t6_warmup: int = 900
+    budgets: tuple[float, float] = (0.3, 0.7)  # Positions in the MAdds range all spaces share.
+    search_tolerance: float = 0.1  # search.tolerance: tiny spaces have few paths.
     # Evolve: K and P (K at least manual_irb's 7 candidates at full scale), the fitness
     # batch (at most the validation split) and the weight-only warm-up.
     cells_per_layer: int = 7
     population_size: int = 12
     fitness_batch_size: int = 128
-    evolve_warmup_epochs: int = 0
+    evolve_warmup_epochs: int = 2
+
+    def data_fields(self) -> dict:
+        return {k: getattr(self, k) for k in ("image_size", "train_per_class", "test_per_class")}
 
 
 SCALES = {
-    "full": Scale(16, 1000, 200, (16, 24, 32), (1, 2, 2), (1, 2, 2), 12, 200, 200, 60, 5,
-                  (0, 1, 2), 5, 12, 50, 900, evolve_warmup_epochs=2),
-    "tiny": Scale(8, 70, 5, (8, 16), (1, 1), (1, 2), 2, 2, 4, 1, 1, (0,), 2, 2, 1, 2,
-                  cells_per_layer=2, population_size=4, fitness_batch_size=64),
+    "full": Scale(image_size=16, train_per_class=1000, test_per_class=0, train_epochs=5,
+                  seeds=(0, 1, 2)),
+    "tiny": Scale(image_size=8, train_per_class=70, test_per_class=5, train_epochs=1, seeds=(0,),
+                  widths=(8,), blocks=(1,), strides=(1,), generations=2,
+                  steps_per_generation=2, search_steps=4, search_warmup=1, t6_inits=2,
+                  t6_epochs=2, t6_steps=1, t6_warmup=2, search_tolerance=0.9, cells_per_layer=2,
+                  population_size=4, fitness_batch_size=64, evolve_warmup_epochs=0),
+}  # fmt: skip
+
+# --calibrate: candidate scales (only the final-training fields matter). "full" is the
+# chosen one and trains into --out itself, so the full run reuses its control networks.
+CALIBRATION = {
+    "before: 16 px, 1k/class, 5 epochs, 2k test": dataclasses.replace(
+        SCALES["full"], test_per_class=200),
+    "full: 16 px, 1k/class, 5 epochs, 10k test": SCALES["full"],
+    "tiny": SCALES["tiny"],
 }  # fmt: skip
 
 DEPTH_NETS = (  # Table 6: the same block (depthwise 3x3, r = 6) chained 1, 2, 3 times.
@@ -115,6 +154,15 @@ DEPTH_NETS = (  # Table 6: the same block (depthwise 3x3, r = 6) chained 1, 2, 3
         ("dwconv3x3", "zero", "zero", "dwconv3x3", "zero", "dwconv3x3"), 6, "add"
     ),  # (1,2), (2,3), (3,4)
 )
+# Controls: name -> Table 6 depth network index, or a genome of its own.
+CONTROLS = {"IRB 3x3 r6 (reference = Net1)": 0, "Net2 (depth 2)": 1, "Net3 (depth 3)": 2,
+            "IRB 7x7 r6": genome_lib.irb(7, 6)}  # fmt: skip
+# Control pairs whose gap the calibration checks (the depth networks differ in depth only,
+# the 7x7 network in kernel only).
+CONTROL_PAIRS = (("IRB 3x3 r6 (reference = Net1)", "Net3 (depth 3)"),
+                 ("IRB 3x3 r6 (reference = Net1)", "Net2 (depth 2)"),
+                 ("Net2 (depth 2)", "Net3 (depth 3)"),
+                 ("IRB 7x7 r6", "IRB 3x3 r6 (reference = Net1)"))  # fmt: skip
 
 
 # --- data and configs -------------------------------------------------------------------
@@ -125,9 +173,18 @@ def data_file(out: str) -> str:
 
 
 def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
-    """A class-balanced, resized subset of ``data`` as a plain npz in ``out``."""
-    path = data_file(out)
+    """A class-balanced, resized subset of ``data`` as a plain npz in ``out``.
+
+    ``out/data.json`` records what it holds; an ``out`` prepared from other data or
+    another scale is refused (its runs would mix two datasets).
+    """
+    path, meta_path = data_file(out), os.path.join(out, "data.json")
+    meta = {"data": data, **s.data_fields()}
     if os.path.isfile(path):
+        held = files.read_json(meta_path) if os.path.isfile(meta_path) else None
+        if held != meta:
+            sys.exit(f"--out={out}: holds runs of {held or 'unrecorded data'}, not {meta}; "
+                     "give another --out")  # fmt: skip
         return path
     cfg = ml_collections.ConfigDict(
         {"source": data if data.startswith("tfds:") else "npz", "path": data,
@@ -137,6 +194,8 @@ def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
     rng = np.random.default_rng(0)
 
     def subset(x, y, per_class):
+        if not per_class:
+            return x, y
         idx = [rng.permutation(np.flatnonzero(y == k))[:per_class] for k in np.unique(y)]
         idx = np.sort(np.concatenate(idx))
         return x[idx], y[idx]
@@ -147,6 +206,7 @@ def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
     os.replace(tmp, path)
+    files.write_json(meta_path, meta)
     return path
 
 
@@ -162,15 +222,19 @@ def base_config(data_path: str, s: Scale) -> ml_collections.ConfigDict:
     c.evolution.fitness_batch_size = s.fitness_batch_size
     c.supernet.warmup_epochs = s.evolve_warmup_epochs
     c.search.steps, c.search.warmup_steps = s.search_steps, s.search_warmup
+    c.search.tolerance = s.search_tolerance
     c.train.epochs, c.train.eval_every_epochs = s.train_epochs, s.train_epochs
     return c
 
 
-def _with(c: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
+def _with(c: ml_collections.ConfigDict, seed: int | None = None,
+          **fields) -> ml_collections.ConfigDict:  # fmt: skip
     c = ml_collections.ConfigDict(c.to_dict())
     for dotted, value in fields.items():
         section, name = dotted.split("__")
         c[section][name] = value
+    if seed is not None:
+        c.seed = seed
     config_checks.validate(c)
     return c
 
@@ -178,29 +242,39 @@ def _with(c: ml_collections.ConfigDict, **fields) -> ml_collections.ConfigDict:
 # --- runs (each cached in its own folder) -------------------------------------------------
 
 
+def evolve_name(use_reference: bool, seed: int) -> str:
+    return f"{'reference' if use_reference else 'no_reference'}_s{seed}"
+
+
+def search_name(space: str, algorithm: str, budget: int, seed: int) -> str:
+    return f"{space}_{algorithm}_{budget}_s{seed}"
+
+
 class Runs:
     def __init__(self, out: str, base: ml_collections.ConfigDict, s: Scale):
         self.out, self.base, self.s = out, base, s
 
-    def evolve(self, name: str, use_reference: bool) -> dict:
-        c = _with(self.base, evolution__use_reference=use_reference)
+    def evolve(self, use_reference: bool, seed: int) -> dict:
+        c = _with(self.base, seed, evolution__use_reference=use_reference)
+        name = evolve_name(use_reference, seed)
         return evolution.evolve(c, os.path.join(self.out, "evolve", name))
 
-    def space_path(self, name: str) -> str:
-        return os.path.join(self.out, "evolve", name, "evolve", "space.json")
+    def space_path(self, use_reference: bool, seed: int) -> str:
+        return os.path.join(self.out, "evolve", evolve_name(use_reference, seed), "evolve",
+                            "space.json")  # fmt: skip
 
-    def search(self, name: str, space: str, algorithm: str, target: int) -> dict:
-        c = _with(self.base, search__space=space, search__algorithm=algorithm,
+    def search(self, name: str, space: str, algorithm: str, target: int, seed: int) -> dict:
+        c = _with(self.base, seed, search__space=space, search__algorithm=algorithm,
                   search__target_madds=int(target))  # fmt: skip
         summary = stage.search(c, os.path.join(self.out, "search", name))
         return {**summary, "arch_path": self.arch_path(name)}
 
-    def arch_path(self, search_name: str) -> str:
-        return os.path.join(self.out, "search", search_name, "search", "arch.json")
+    def arch_path(self, search_name_: str) -> str:
+        return os.path.join(self.out, "search", search_name_, "search", "arch.json")
 
     def train_seed(self, name: str, arch_path: str, seed: int) -> dict:
         return train.train_and_evaluate(
-            _seeded(_with(self.base, train__arch=arch_path), seed),
+            _with(self.base, seed, train__arch=arch_path),
             os.path.join(self.out, "train", name, f"seed{seed}"),
         )
 
@@ -208,21 +282,74 @@ class Runs:
         return [self.train_seed(name, arch_path, seed) for seed in self.s.seeds]
 
 
-def _seeded(c: ml_collections.ConfigDict, seed: int) -> ml_collections.ConfigDict:
-    c.seed = seed
-    return c
+def uniform_arch(runs: Runs, skeleton, name: str, genome) -> str:
+    """The arch file of ``genome`` in every layer."""
+    path = os.path.join(runs.out, "uniform", f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arch_lib.save_arch(path, arch_lib.uniform(skeleton, genome))
+    return path
 
 
-def model_row(label: str, trained: list[dict]) -> dict:
-    acc = np.array([t["test_accuracy"] for t in trained])
+def depth_net(runs: Runs, skeleton, d: int, seed: int) -> dict:
+    """Table 6: depth network ``d`` trained alone with ``seed`` (its true accuracy)."""
+    return runs.train_seed(f"net{d + 1}", uniform_arch(runs, skeleton, f"net{d + 1}",
+                                                       DEPTH_NETS[d]), seed)  # fmt: skip
+
+
+def control_net(runs: Runs, skeleton, name: str, seed: int) -> dict:
+    spec = CONTROLS[name]
+    if isinstance(spec, int):
+        return depth_net(runs, skeleton, spec, seed)
+    slug = name.split(" (")[0].replace(" ", "_")
+    return runs.train_seed(slug, uniform_arch(runs, skeleton, slug, spec), seed)
+
+
+def model_row(label: str, trained: list[list[dict]]) -> dict:
+    """A table row from ``trained[space seed][training seed]`` summaries."""
+    acc = np.array([[t["test_accuracy"] for t in net] for net in trained])
     return {
         "model": label,
-        "params": trained[0]["params"],
-        "madds": trained[0]["madds"],
-        "top1_mean": float(acc.mean()),
-        "top1_std": float(acc.std()),
+        "params": [net[0]["params"] for net in trained],
+        "madds": [net[0]["madds"] for net in trained],
         "top1_per_seed": acc.tolist(),
+        **mean_sd(acc),
     }
+
+
+# --- statistics ---------------------------------------------------------------------------
+
+
+def mean_sd(values) -> dict:
+    """Mean and sample standard deviation (ddof = 1; None for one value) of every value."""
+    a = np.asarray(values, dtype=float).ravel()
+    return {"top1_mean": float(a.mean()),
+            "top1_sd": float(a.std(ddof=1)) if a.size > 1 else None, "n": int(a.size)}  # fmt: skip
+
+
+def paired_difference(a, b) -> dict:
+    """Mean of ``a - b`` over pairs (same index in both) with its 95% confidence interval
+    from the t distribution with n - 1 degrees of freedom; ``per_space_seed`` averages
+    the training seeds of each space seed (the first axis)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    flat = d.ravel()
+    n, mean = flat.size, float(flat.mean())
+    half = None
+    if n > 1:
+        half = float(stats.t.ppf(0.975, n - 1) * flat.std(ddof=1) / math.sqrt(n))
+    return {"mean": mean, "ci95": None if half is None else [mean - half, mean + half],
+            "n_pairs": n,
+            "per_space_seed": d.reshape(d.shape[0], -1).mean(axis=1).tolist()}  # fmt: skip
+
+
+def separation(a, b) -> dict:
+    """Gap of two means and 2 standard deviations of a difference of two such means
+    (sqrt(s_a^2 / n_a + s_b^2 / n_b), sample standard deviations)."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    gap = float(a.mean() - b.mean())
+    if min(a.size, b.size) < 2:
+        return {"gap": gap, "two_sd": None, "separated": None}
+    two_sd = float(2 * math.sqrt(a.var(ddof=1) / a.size + b.var(ddof=1) / b.size))
+    return {"gap": gap, "two_sd": two_sd, "separated": abs(gap) > two_sd}
 
 
 def path_madds(space: sn.SupernetSpec, image_shape) -> np.ndarray:
@@ -342,15 +469,29 @@ def supernet_iterations(c, trainer, state, dataset, data, seed: int, steps: int,
 # --- tables -------------------------------------------------------------------------------
 
 
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
 def _mean_sd(accuracies) -> str:
     """Mean ± sample standard deviation (ddof = 1) in percent."""
-    a = 100 * np.asarray(accuracies)
-    return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
+    m = mean_sd(accuracies)
+    return f"{_pct(m['top1_mean'])} ± {_pct(m['top1_sd'])}"
 
 
 def _fmt_model(r: dict) -> list:
-    return [f"{r['params'] / 1e3:.1f}K", f"{r['madds'] / 1e6:.2f}M",
-            f"{100 * r['top1_mean']:.2f} ± {100 * r['top1_std']:.2f}"]  # fmt: skip
+    def spread(values, unit, scale, digits):
+        lo, hi = (f"{v / scale:.{digits}f}" for v in (min(values), max(values)))
+        return f"{lo}{unit}" if lo == hi else f"{lo}–{hi}{unit}"
+
+    return [spread(r["params"], "K", 1e3, 1), spread(r["madds"], "M", 1e6, 2),
+            f"{_pct(r['top1_mean'])} ± {_pct(r['top1_sd'])} ({r['n']})"]  # fmt: skip
+
+
+def _fmt_difference(d: dict) -> str:
+    ci = "" if d["ci95"] is None else f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
+    per = ", ".join(f"{100 * x:+.2f}" for x in d["per_space_seed"])
+    return f"**{100 * d['mean']:+.2f}**{ci} ({d['n_pairs']} pairs; per space seed {per})"
 
 
 def render_table6(t6: dict) -> str:
@@ -361,6 +502,51 @@ def render_table6(t6: dict) -> str:
         f"**Table 6** (fitness-ranking robustness; true test top-1 over "
         f"{len(t6['truth_per_seed'][0])} seeds: {truth})\n\n"
         + _report.table(["S/N", "α Net1 (e-3)", "α Net2 (e-3)", "α Net3 (e-3)", "Epochs"], rows)
+    )
+
+
+def controls(runs: Runs, skeleton) -> dict:
+    """The control networks' test top-1 per training seed and the gaps of CONTROL_PAIRS."""
+    per_seed = {name: [control_net(runs, skeleton, name, seed)["test_accuracy"]
+                       for seed in runs.s.seeds] for name in CONTROLS}  # fmt: skip
+    trained = {name: control_net(runs, skeleton, name, runs.s.seeds[0]) for name in CONTROLS}
+    seconds = [control_net(runs, skeleton, name, seed)["wall_time_s"]
+               for name in CONTROLS for seed in runs.s.seeds]  # fmt: skip
+    return {
+        "nets": {name: {"per_seed": a, **mean_sd(a), "madds": trained[name]["madds"],
+                        "params": trained[name]["params"]} for name, a in per_seed.items()},
+        "pairs": [{"a": a, "b": b, **separation(per_seed[a], per_seed[b])}
+                  for a, b in CONTROL_PAIRS],
+        "train_seconds": float(np.median(seconds)),
+    }  # fmt: skip
+
+
+def full_run_trainings(s: Scale) -> int:
+    """Final trainings of the full run: every searched network and direct EA model, each
+    with every seed, and the controls (which include Table 6's networks)."""
+    networks = len(s.space_seeds) * (2 * len(SEARCHES) + 1) + len(CONTROLS)
+    return networks * len(s.seeds)
+
+
+def render_controls(name: str, c: dict, s: Scale) -> str:
+    rows = [[n, f"{r['params'] / 1e3:.1f}K", f"{r['madds'] / 1e6:.2f}M",
+             " ".join(_pct(a) for a in r["per_seed"]),
+             f"{_pct(r['top1_mean'])} ± {_pct(r['top1_sd'])}"]
+            for n, r in c["nets"].items()]  # fmt: skip
+    pairs = [[f"{p['a']} − {p['b']}", f"{100 * p['gap']:+.2f}",
+              "-" if p["two_sd"] is None else f"{100 * p['two_sd']:.2f}",
+              {True: "yes", False: "no", None: "-"}[p["separated"]]]
+             for p in c["pairs"]]  # fmt: skip
+    hours = full_run_trainings(s) * c["train_seconds"] / 2 / 3600
+    return (
+        f"**Controls** at {name}: {s.image_size}×{s.image_size} px, {s.train_per_class or 'all'} "
+        f"train images per class, {s.test_per_class or 'all'} test images per class, "
+        f"{s.train_epochs} epochs, {len(s.seeds)} seeds. One training: {c['train_seconds']:.0f} s "
+        f"(median, two at a time); the full run's {full_run_trainings(s)} final trainings at "
+        f"this scale: ≈ {hours:.1f} h\n\n"
+        + _report.table(["Network", "Params", "MAdds", "top-1 per seed (%)", "top-1 (%)"], rows)
+        + "\n\n"
+        + _report.table(["Gap", "points", "2 sd of the difference", "separated"], pairs)
     )
 
 
@@ -394,56 +580,77 @@ def render_evolution(d: dict) -> str:
             + _report.table(head, rows))  # fmt: skip
 
 
+def _searched_table(title: str, rows_: list[dict], differences: list[dict], label) -> str:
+    """Each setting's manual and learned rows, then their paired difference."""
+    head = ["Budget", "Space-Search", "Params", "MAdds", "top-1 (%) (n)"]
+    rows = []
+    for d in differences:
+        budget = f"{d['budget'] / 1e6:.2f}M"
+        rows += [[budget, label(r), *_fmt_model(r)] for r in rows_
+                 if (r["algorithm"], r["budget"]) == (d["algorithm"], d["budget"])]  # fmt: skip
+        rows.append([budget, f"learned − manual ({d['algorithm']})", "", "", _fmt_difference(d)])
+    return f"{title}\n\n" + _report.table(head, rows)
+
+
 def render(results: dict) -> str:
-    head = ["Params", "MAdds", "top-1 (%)"]
-    parts = [render_evolution(results["evolution"])]
+    parts = [render_controls("this scale", results["controls"], Scale(**results["scale"])),
+             render_evolution(results["evolution"])]  # fmt: skip
     rows = [[r["space"], r["algorithm"], *_fmt_model(r)] for r in results["table2"]]
-    parts.append("**Table 2** (search strategies)\n\n"
-                 + _report.table(["Space", "Search", *head], rows))  # fmt: skip
-    rows = [[f"{r['budget'] / 1e6:.2f}M", r["space"], *_fmt_model(r)] for r in results["table3"]]
-    parts.append("**Table 3** (proxyless, two MAdds budgets)\n\n"
-                 + _report.table(["Budget", "Space", *head], rows))  # fmt: skip
-    rows = [[f"{r['budget'] / 1e6:.2f}M", f"{r['space']}-{r['algorithm']}", *_fmt_model(r)]
-            for r in results["table4"]]  # fmt: skip
-    parts.append("**Table 4** (other search algorithms)\n\n"
-                 + _report.table(["Budget", "Space-Search", *head], rows))  # fmt: skip
+    parts.append(
+        "**Table 2** (search strategies)\n\n"
+        + _report.table(["Space", "Search", "Params", "MAdds", "top-1 (%) (n)"], rows)
+    )
+    diffs = results["differences"]
+    parts.append(
+        _searched_table(
+            "**Table 3** (proxyless, two MAdds budgets; learned − manual: paired difference in "
+            "points [95% CI], pairs = (space seed, training seed))",
+            results["table3"],
+            [d for d in diffs if d["algorithm"] == "proxyless"],
+            lambda r: r["space"],
+        )
+    )
+    parts.append(
+        _searched_table(
+            "**Table 4** (other search algorithms)",
+            results["table4"],
+            [d for d in diffs if d["algorithm"] != "proxyless"],
+            lambda r: f"{r['space']}-{r['algorithm']}",
+        )
+    )
     parts.append(render_table6(results["table6"]))
     f3 = results["fig3"]
     rows = [[name, f"{r['final_loss']:.4f}", r["steps_to_target"] or "never",
              "-" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"]
             for name, r in f3["runs"].items()]  # fmt: skip
     parts.append(
-        f"**Fig. 3** (supernet loss, target {f3['target_loss']:.4f}; plot {f3['plot']})\n\n"
+        f"**Fig. 3** (supernet loss, target {f3['target_loss']:.4f} = the highest final loss; "
+        f"plot {f3['plot']})\n\n"
         + _report.table(["Evolution", "final loss", "steps to target", "train s to target"], rows)
+        + "\n\nIterations to the target, without / with the reference DAG: "
+        + ", ".join(
+            f"seed {e}: " + ("-" if r is None else f"{r:.2f}×")
+            for e, r in f3["ratio_without_to_with"].items()
+        )  # fmt: skip
     )
     return "\n\n".join(parts)
 
 
-def direct_ea_arch(runs: Runs, skeleton) -> str:
+def direct_ea_arch(runs: Runs, skeleton, seed: int) -> str:
     """Table 2's direct EA model: the fittest cell per layer of the evolution without
     reference."""
-    direct = spaces.load_space(runs.space_path("no_reference"))
-    path = os.path.join(runs.out, "direct_ea_arch.json")
+    direct = spaces.load_space(runs.space_path(False, seed))
+    path = os.path.join(runs.out, f"direct_ea_s{seed}_arch.json")
     arch_lib.save_arch(path, direct.arch([0] * skeleton.num_layers))
     return path
 
 
 def direct_ea(runs: Runs, skeleton) -> dict:
-    """Table 2's first row."""
-    trained = runs.train("direct_ea", direct_ea_arch(runs, skeleton))
+    """Table 2's first row: one direct EA model per space seed."""
+    trained = [runs.train(f"direct_ea_s{e}", direct_ea_arch(runs, skeleton, e))
+               for e in runs.s.space_seeds]  # fmt: skip
     return {"space": "full (open)", "algorithm": "EA", "budget": None,
             **model_row("direct_ea", trained)}  # fmt: skip
-
-
-def depth_net(runs: Runs, skeleton, d: int, seed: int) -> dict:
-    """Table 6: depth network ``d`` trained alone with ``seed`` (its true accuracy)."""
-    arch_path = os.path.join(runs.out, "table6", f"net{d + 1}_arch.json")
-    os.makedirs(os.path.dirname(arch_path), exist_ok=True)
-    arch_lib.save_arch(arch_path, arch_lib.uniform(skeleton, DEPTH_NETS[d]))
-    return train.train_and_evaluate(
-        _seeded(_with(runs.base, train__arch=arch_path), seed),
-        os.path.join(runs.out, "table6", f"net{d + 1}", f"seed{seed}"),
-    )
 
 
 def depth_truth(runs: Runs, skeleton) -> dict:
@@ -464,6 +671,7 @@ def table6(runs: Runs, dataset, skeleton) -> dict:
 
 
 def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
+    """Supernet loss per generation of every evolution; iterations to the highest final loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -473,10 +681,11 @@ def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
     target = max(e["supernet_loss"][-1] for e in evolved.values())
     out = {"target_loss": target, "runs": {}, "plot": "fig3_supernet_loss.png"}
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for (name, e), color in zip(evolved.items(), ("tab:blue", "tab:red")):
+    for name, e in evolved.items():
         losses = e["supernet_loss"]
         steps = [f * (g + 1) for g in range(len(losses))]
-        ax.plot(steps, losses, color=color, label=name)
+        color = "tab:blue" if name.startswith("with ") else "tab:red"
+        ax.plot(steps, losses, color=color, label=name, alpha=0.8)
         hit = next((st for st, loss in zip(steps, losses) if loss <= target), None)
         per_step = e["train_time_s"] / max(e["steps"], 1)
         out["runs"][name] = {
@@ -485,10 +694,18 @@ def fig3(runs: Runs, evolved: dict[str, dict]) -> dict:
             "steps_to_target": hit,
             "seconds_to_target": None if hit is None else hit * per_step,
         }
+    for name, r in out["runs"].items():  # Paired by seed: without / with the reference.
+        if name.startswith("with "):
+            other = out["runs"].get(name.replace("with ", "without ", 1))
+            hits = (r["steps_to_target"], other and other["steps_to_target"])
+            seed = name.split("seed ")[-1]
+            out.setdefault("ratio_without_to_with", {})[seed] = (
+                None if None in hits else hits[1] / hits[0]
+            )
     ax.axhline(target, color="gray", linestyle=":", linewidth=1)
     ax.set_xlabel("supernet iterations")
     ax.set_ylabel("training loss (generation mean)")
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(os.path.join(runs.out, out["plot"]), dpi=120)
     plt.close(fig)
@@ -507,23 +724,23 @@ def _setup_logging() -> None:
     logging.set_verbosity(logging.INFO)
 
 
-def _context(out: str, scale: str):
-    """(runs, dataset, skeleton) of this process, built once per process.
+def _context(out: str, scale: Scale):
+    """(runs, dataset, skeleton) of this process and ``out``, built once per process.
 
     All runs and workers share one persistent compilation cache in ``out``: the
     same cells recur across searches, seeds and spaces.
     """
-    if not _CONTEXT:
+    if _CONTEXT.get("out") != out:
+        _CONTEXT.clear()
         main_lib.use_compilation_cache("", out)
-        s = SCALES[scale]
-        runs = Runs(out, base_config(data_file(out), s), s)
+        runs = Runs(out, base_config(data_file(out), scale), scale)
         dataset = input_pipeline.load(runs.base.data, seed=0, cache_dir=out)
         skeleton = arch_lib.skeleton_from_config(runs.base.model, dataset.info.num_classes)
-        _CONTEXT.update(runs=runs, dataset=dataset, skeleton=skeleton)
+        _CONTEXT.update(out=out, runs=runs, dataset=dataset, skeleton=skeleton)
     return _CONTEXT["runs"], _CONTEXT["dataset"], _CONTEXT["skeleton"]
 
 
-def run_task(out: str, scale: str, task: tuple) -> tuple:
+def run_task(out: str, scale: Scale, task: tuple) -> tuple:
     """One run in a pool worker (a no-op when its result is cached)."""
     if not _CONTEXT:
         _setup_logging()
@@ -533,6 +750,8 @@ def run_task(out: str, scale: str, task: tuple) -> tuple:
         runs.evolve(*a)
     elif kind == "depth_net":
         depth_net(runs, skeleton, *a)
+    elif kind == "control":
+        control_net(runs, skeleton, *a)
     elif kind == "t6_init":
         fitness_ranking(runs, dataset, skeleton, *a)
     elif kind == "search":
@@ -550,7 +769,7 @@ class Pool:
     main process then does every run in order.
     """
 
-    def __init__(self, out: str, scale: str, jobs: int):
+    def __init__(self, out: str, scale: Scale, jobs: int):
         self.out, self.scale = out, scale
         ctx = multiprocessing.get_context("spawn")
         self.pool = futures.ProcessPoolExecutor(jobs, mp_context=ctx) if jobs > 1 else None
@@ -571,66 +790,103 @@ class Pool:
             self.pool.shutdown(cancel_futures=True)
 
 
+def control_tasks(s: Scale) -> list[tuple]:
+    return [("control", name, seed) for name in CONTROLS for seed in s.seeds]
+
+
+def calibrate(args) -> dict:
+    """Trains the controls at every candidate scale (``CALIBRATION``); ``full`` in
+    ``--out`` itself, the others in ``--out/calibrate/<n>``."""
+    results = {}
+    for i, (name, s) in enumerate(CALIBRATION.items()):
+        if (s is SCALES["tiny"]) != (args.scale == "tiny"):
+            continue  # The tiny candidate is the test's; the others are real scales.
+        out = args.out if s == SCALES[args.scale] else os.path.join(args.out, "calibrate", str(i))
+        prepare_data(args.data, args.data_dir, out, s)
+        pool = Pool(out, s, args.jobs)
+        try:
+            pool.run(control_tasks(s))
+        finally:
+            pool.close()
+        runs, _, skeleton = _context(out, s)
+        results[name] = {"scale": dataclasses.asdict(s), "out": out,
+                         "controls": controls(runs, skeleton)}  # fmt: skip
+        print(render_controls(name, results[name]["controls"], s), flush=True)
+    files.write_json(os.path.join(args.out, "results_calibrate.json"), results)
+    return results
+
+
+def render_calibration(results: dict) -> str:
+    return "\n\n".join(render_controls(name, r["controls"], Scale(**_tuples(r["scale"])))
+                       for name, r in results.items())  # fmt: skip
+
+
+def _tuples(d: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+
+
 def run_one(args, s: Scale) -> dict:
     """One experiment alone (``--only``): Table 6 (the depth networks' truth, then
     each init) or the evolutions with their diagnostics."""
     start = time.time()
     prepare_data(args.data, args.data_dir, args.out, s)
-    runs, dataset, skeleton = _context(args.out, args.scale)
-    pool = Pool(args.out, args.scale, args.jobs)
+    runs, dataset, skeleton = _context(args.out, s)
+    pool = Pool(args.out, s, args.jobs)
+    evolutions = [(ref, e) for e in s.space_seeds for ref in (True, False)]
     try:
         if args.only == "table6":
             pool.run([("depth_net", d, seed) for d in range(len(DEPTH_NETS)) for seed in s.seeds])
             truth = depth_truth(runs, skeleton)["truth_order"]
             pool.run([("t6_init", truth, i) for i in range(s.t6_inits)])
         else:
-            pool.run([("evolve", "reference", True), ("evolve", "no_reference", False)])
+            pool.run([("evolve", *ev) for ev in evolutions])
     finally:
         pool.close()
     if args.only == "table6":
         result = table6(runs, dataset, skeleton)
     else:
-        evolved = {"with reference": runs.evolve("reference", True),
-                   "without reference": runs.evolve("no_reference", False)}  # fmt: skip
-        result = evolution_diagnostics(evolved, s.steps_per_generation)
+        result = evolution_diagnostics(evolutions_by_name(runs, evolutions), s.steps_per_generation)
     results = {"data": args.data, "scale": dataclasses.asdict(s), args.only: result,
                "wall_time_s_this_invocation": time.time() - start}  # fmt: skip
     files.write_json(os.path.join(args.out, f"results_{args.only}.json"), results)
     return results
 
 
+def evolutions_by_name(runs: Runs, evolutions) -> dict[str, dict]:
+    return {f"{'with' if ref else 'without'} reference, seed {e}": runs.evolve(ref, e)
+            for ref, e in evolutions}  # fmt: skip
+
+
 ONLY = {"table6": ("Table 6", render_table6), "evolution": ("evolution", render_evolution)}
 
 
 def run_all(args, s: Scale) -> dict:
-    if args.only:
-        return run_one(args, s)
     start = time.time()
     prepare_data(args.data, args.data_dir, args.out, s)
-    runs, dataset, skeleton = _context(args.out, args.scale)
+    runs, dataset, skeleton = _context(args.out, s)
     info = dataset.info
-    pool = Pool(args.out, args.scale, args.jobs)
+    seeds = s.space_seeds
+    evolutions = [(ref, e) for e in seeds for ref in (True, False)]
+    pool = Pool(args.out, s, args.jobs)
     try:
-        pool.run([("evolve", "reference", True), ("evolve", "no_reference", False)]
-                 + [("depth_net", d, seed) for d in reversed(range(len(DEPTH_NETS)))
-                    for seed in s.seeds])  # fmt: skip
+        pool.run(control_tasks(s) + [("evolve", *ev) for ev in evolutions])
 
-        # Fig. 3 (and the learned space of Tables 2-4).
-        evolved = {"with reference": runs.evolve("reference", True),
-                   "without reference": runs.evolve("no_reference", False)}  # fmt: skip
-        spaces_ = {"manual": "manual_irb", "learned": runs.space_path("reference")}
+        # Fig. 3 (and the learned spaces of Tables 2-4).
+        evolved = evolutions_by_name(runs, evolutions)
+        space_of = {("manual", e): "manual_irb" for e in seeds}
+        space_of.update({("learned", e): runs.space_path(True, e) for e in seeds})
         all_madds = [path_madds(spaces.resolve(space, "", skeleton)[0], info.image_shape)
-                     for space in spaces_.values()]  # fmt: skip
+                     for space in sorted(set(space_of.values()))]  # fmt: skip
         lo, hi = max(m[0] for m in all_madds), min(m[-1] for m in all_madds)
         tolerance = runs.base.search.tolerance
         budgets = [feasible_budget(lo + b * (hi - lo), all_madds, tolerance) for b in s.budgets]
-        logging.info("paper_tables: MAdds range both spaces share %d..%d, budgets %s", lo, hi,
+        logging.info("paper_tables: MAdds range all spaces share %d..%d, budgets %s", lo, hi,
                      budgets)  # fmt: skip
-        searched = [(sp, "proxyless", b) for b in budgets for sp in spaces_]
-        searched += [(sp, alg, budgets[-1]) for alg in ("rl", "spos") for sp in spaces_]
+        searched = [(sp, alg, budgets[b], e) for alg, b in SEARCHES for e in seeds
+                    for sp in ("manual", "learned")]  # fmt: skip
 
-        def name(space: str, algorithm: str, budget: int) -> str:
-            return f"{space}_{algorithm}_{budget}"
+        def search_task(sp: str, alg: str, budget: int, e: int) -> tuple:
+            return ("search", search_name(sp, alg, budget, e), space_of[sp, e], alg, budget, e)
 
         def trains_after(task: tuple) -> list[tuple]:
             if task[0] != "search":
@@ -638,30 +894,43 @@ def run_all(args, s: Scale) -> dict:
             return [("train", task[1], runs.arch_path(task[1]), seed) for seed in s.seeds]
 
         truth = depth_truth(runs, skeleton)["truth_order"]
-        direct_arch = direct_ea_arch(runs, skeleton)
-        pool.run([("search", name(*m), spaces_[m[0]], m[1], m[2]) for m in searched]
-                 + [("t6_init", truth, i) for i in range(s.t6_inits)]
-                 + [("train", "direct_ea", direct_arch, seed) for seed in s.seeds],
+        direct = [("train", f"direct_ea_s{e}", direct_ea_arch(runs, skeleton, e), seed)
+                  for e in seeds for seed in s.seeds]  # fmt: skip
+        pool.run([search_task(*m) for m in searched]
+                 + [("t6_init", truth, i) for i in range(s.t6_inits)] + direct,
                  then=trains_after)  # fmt: skip
     finally:
         pool.close()
 
-    def searched_model(space: str, algorithm: str, budget: int) -> dict:
-        run = name(space, algorithm, budget)
-        found = runs.search(run, spaces_[space], algorithm, budget)
-        row = model_row(run, runs.train(run, found["arch_path"]))
-        return {"space": space, "algorithm": algorithm, "budget": budget, **row}
+    def row(sp: str, alg: str, budget: int) -> dict:
+        trained = []
+        for e in seeds:
+            found = runs.search(*search_task(sp, alg, budget, e)[1:])
+            trained.append(runs.train(search_name(sp, alg, budget, e), found["arch_path"]))
+        return {"space": sp, "algorithm": alg, "budget": budget,
+                **model_row(f"{sp}_{alg}_{budget}", trained)}  # fmt: skip
 
-    table3 = [searched_model(*m) for m in searched if m[1] == "proxyless"]
-    table4 = [searched_model(*m) for m in searched if m[1] != "proxyless"]
+    settings = [(alg, budgets[b]) for alg, b in SEARCHES]
+    rows = {(sp, alg, budget): row(sp, alg, budget) for alg, budget in settings
+            for sp in ("manual", "learned")}  # fmt: skip
+    differences = [
+        {"algorithm": alg, "budget": budget,
+         **paired_difference(rows["learned", alg, budget]["top1_per_seed"],
+                             rows["manual", alg, budget]["top1_per_seed"])}
+        for alg, budget in settings
+    ]  # fmt: skip
+    table3 = [r for (_, alg, _), r in rows.items() if alg == "proxyless"]
+    table4 = [r for (_, alg, _), r in rows.items() if alg != "proxyless"]
     table2 = [direct_ea(runs, skeleton)] + [dict(r) for r in table4 if r["algorithm"] == "rl"]
     results = {
         "data": args.data,
         "scale": dataclasses.asdict(s),
         "budgets": budgets,
+        "controls": controls(runs, skeleton),
         "table2": table2,
         "table3": table3,
         "table4": table4,
+        "differences": differences,
         "table6": table6(runs, dataset, skeleton),
         "fig3": fig3(runs, evolved),
         "evolution": evolution_diagnostics(evolved, s.steps_per_generation),
@@ -678,8 +947,14 @@ def main():
     p.add_argument("--out", default=os.path.join(_report.ROOT, "runs", "paper_tables"))
     p.add_argument("--scale", choices=sorted(SCALES), default="full")
     p.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
-    p.add_argument("--only", choices=sorted(ONLY),
-                   help="one experiment alone (its own BENCHMARKS.md section)")  # fmt: skip
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--only", choices=sorted(ONLY),
+                      help="one experiment alone (its own BENCHMARKS.md section)")  # fmt: skip
+    mode.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="the control networks at each candidate scale (CALIBRATION)",
+    )
     p.add_argument("--jobs", type=int, default=2,
                    help="runs at a time, each in its own process (1: all in this one)")  # fmt: skip
     args = p.parse_args()
@@ -688,17 +963,24 @@ def main():
     if args.jobs < 1:
         sys.exit(f"--jobs={args.jobs}: give 1 or more")
     _setup_logging()
-    results = run_all(args, SCALES[args.scale])
-    body = ONLY[args.only][1](results[args.only]) if args.only else render(results)
+    s = SCALES[args.scale]
+    if args.calibrate:
+        results, title, name = calibrate(args), "calibration", "results_calibrate.json"
+        body = render_calibration(results)
+    elif args.only:
+        results, title = run_one(args, s), ONLY[args.only][0]
+        body, name = ONLY[args.only][1](results[args.only]), f"results_{args.only}.json"
+    else:
+        results, title, name = run_all(args, s), None, "results.json"
+        body = render(results)
     print(body)
     if not args.no_write:
         command = "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:])
-        budgets = "" if args.only else f"MAdds budgets {results['budgets']}. "
-        note = (f"Scale `{args.scale}`: {dataclasses.asdict(SCALES[args.scale])}. {budgets}"
-                f"Per-run outputs in `{os.path.relpath(args.out, _report.ROOT)}/`.")  # fmt: skip
-        section = f"{SECTION}: {ONLY[args.only][0]}" if args.only else SECTION
+        budgets = f"MAdds budgets {results['budgets']}. " if "budgets" in results else ""
+        scale = "" if args.calibrate else f"Scale `{args.scale}`: {dataclasses.asdict(s)}. "
+        note = f"{scale}{budgets}Per-run outputs in `{os.path.relpath(args.out, _report.ROOT)}/`."
+        section = f"{SECTION}: {title}" if title else SECTION
         _report.write_section(section, command.strip(), note + "\n\n" + body)
-    name = f"results_{args.only}.json" if args.only else "results.json"
     print(f"{jax.device_count()} devices; results in {os.path.join(args.out, name)}")
 
 

@@ -7,7 +7,9 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
+from benchmarks import paper_tables as pt
 from tests import runner
 
 
@@ -28,34 +30,79 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     with open(os.path.join(out, "results.json")) as f:
         results = json.load(f)
+    space_seeds = results["scale"]["space_seeds"]
+    n = len(space_seeds) * len(results["scale"]["seeds"])
     for table in ("table2", "table3", "table4"):
-        assert results[table] and all(0 <= r["top1_mean"] <= 1 for r in results[table]), table
+        rows = results[table]
+        assert rows and all(0 <= r["top1_mean"] <= 1 and r["n"] == n for r in rows), table
+        assert all(len(r["madds"]) == len(space_seeds) for r in rows), table
     assert [r["space"] for r in results["table3"]] == ["manual", "learned"] * 2
+    assert [(d["algorithm"], d["n_pairs"]) for d in results["differences"]] == [
+        ("proxyless", n), ("proxyless", n), ("rl", n), ("spos", n)]  # fmt: skip
     assert len(results["table6"]["inits"]) == 2
-    assert set(results["fig3"]["runs"]) == {"with reference", "without reference"}
+    assert set(results["controls"]["nets"]) == set(pt.CONTROLS)
+    assert len(results["fig3"]["runs"]) == 2 * len(space_seeds)
     assert os.path.isfile(os.path.join(out, results["fig3"]["plot"]))
     f = results["evolution"]["steps_per_generation"]
+    assert len(results["evolution"]["runs"]) == 2 * len(space_seeds)
     for name, e in results["evolution"]["runs"].items():
         k = results["scale"]["cells_per_layer"]
         assert e["distinct_functions"] == [k] * len(e["n_prime"]), name
         assert min(min(layer) for layer in e["n_prime"]) >= f, name
-    for text in ("**Evolution**", "**Table 2**", "**Table 3**", "**Table 4**", "**Table 6**",
-                 "**Fig. 3**"):  # fmt: skip
+    for text in ("**Controls**", "**Evolution**", "**Table 2**", "**Table 3**", "**Table 4**",
+                 "**Table 6**", "**Fig. 3**", "learned − manual (proxyless)"):  # fmt: skip
         assert text in first.stdout
 
     # Every run is cached: a re-run trains only what was deleted, here in this process
     # (--jobs=1) where the first run used a worker, and reports the same tables.
-    shutil.rmtree(os.path.join(out, "train", "direct_ea"))
+    shutil.rmtree(os.path.join(out, "train", "direct_ea_s0"))
     again = runner.run([*cmd, "--jobs=1"])
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("train: done") == 1
     with open(os.path.join(out, "results.json")) as f:
         rerun = json.load(f)
-    for key in ("table2", "table3", "table4", "table6", "fig3", "evolution"):
+    for key in ("controls", "table2", "table3", "table4", "differences", "table6", "fig3",
+                "evolution"):  # fmt: skip
         assert rerun[key] == results[key], key
+
+    # --calibrate trains the controls at the tiny scale: here all cached by the full run.
+    cal = runner.run([*cmd, "--calibrate"])
+    assert cal.returncode == 0, cal.stderr[-3000:]
+    assert "train: done" not in cal.stderr and "**Controls** at tiny" in cal.stdout
+    with open(os.path.join(out, "results_calibrate.json")) as f:
+        assert json.load(f)["tiny"]["controls"] == results["controls"]
+
+    # Another scale or other data in the same folder is refused, not mixed in.
+    other = runner.run([*cmd[:-2], "--scale=full", "--no-write"])
+    assert other.returncode != 0 and "give another --out" in other.stderr
 
 
 def test_paper_tables_names_a_missing_data_file(tmp_path):
     cmd = [sys.executable, "benchmarks/paper_tables.py", f"--data={tmp_path}/none.npz"]
     got = subprocess.run(cmd, cwd=runner.ROOT, capture_output=True, text=True)
     assert got.returncode != 0 and "none.npz" in got.stderr
+
+
+def test_paired_difference_has_the_t_interval_of_the_pairs():
+    # Differences 1, 2, 3, 4 points over 2 space seeds x 2 training seeds: mean 2.5,
+    # sample sd sqrt(5/3), t(0.975, df=3) = 3.182446 -> half width 2.054.
+    learned = [[0.51, 0.52], [0.53, 0.54]]
+    manual = [[0.50, 0.50], [0.50, 0.50]]
+    d = pt.paired_difference(learned, manual)
+    assert d["n_pairs"] == 4 and d["mean"] == pytest.approx(0.025)
+    half = 3.182446 * np.sqrt(5 / 3) / 2 / 100
+    assert d["ci95"] == pytest.approx([0.025 - half, 0.025 + half], rel=1e-5)
+    assert d["per_space_seed"] == pytest.approx([0.015, 0.035])
+    assert pt.paired_difference([[0.6]], [[0.5]])["ci95"] is None  # One pair: no interval.
+
+
+def test_mean_sd_and_separation_use_sample_standard_deviations():
+    m = pt.mean_sd([0.1, 0.2, 0.3])
+    assert m["top1_mean"] == pytest.approx(0.2) and m["top1_sd"] == pytest.approx(0.1)
+    assert pt.mean_sd([0.4])["top1_sd"] is None
+    # Means 0.50 and 0.40, sample sd 0.01 each over 3 seeds: 2 sd of the difference
+    # is 2 * sqrt(2 * 0.01^2 / 3) = 0.01633.
+    s = pt.separation([0.49, 0.50, 0.51], [0.39, 0.40, 0.41])
+    assert s["gap"] == pytest.approx(0.10) and s["two_sd"] == pytest.approx(0.0163299, rel=1e-4)
+    assert s["separated"]
+    assert not pt.separation([0.49, 0.50, 0.51], [0.50, 0.49, 0.495])["separated"]
