@@ -934,10 +934,22 @@ def run_all(args, s: Scale) -> dict:
         "table6": table6(runs, dataset, skeleton),
         "fig3": fig3(runs, evolved),
         "evolution": evolution_diagnostics(evolved, s.steps_per_generation),
+        "inside": inside(runs, seeds, [search_name(*m) for m in searched]),
         "wall_time_s_this_invocation": time.time() - start,
     }
     files.write_json(os.path.join(args.out, "results.json"), results)
     return results
+
+
+def inside(runs: Runs, seeds, searched: list[str]) -> dict:
+    """What the reading looks at: each learned space's cells and each searched network's
+    cell per layer (genome strings)."""
+    cells = {f"learned, seed {e}": [[str(g) for g in layer] for layer in
+                                    spaces.load_space(runs.space_path(True, e)).candidates]
+             for e in seeds}  # fmt: skip
+    archs = {name: [str(g) for g in arch_lib.load_arch(runs.arch_path(name)).genomes]
+             for name in dict.fromkeys(searched)}  # fmt: skip
+    return {"spaces": cells, "archs": archs}
 
 
 def main():

@@ -40,6 +40,8 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert [(d["algorithm"], d["n_pairs"]) for d in results["differences"]] == [
         ("proxyless", n), ("proxyless", n), ("rl", n), ("spos", n)]  # fmt: skip
     assert len(results["table6"]["inits"]) == 2
+    assert len(results["inside"]["spaces"]) == len(space_seeds)
+    assert all(len(a) == 1 for a in results["inside"]["archs"].values())  # One-layer skeleton.
     assert set(results["controls"]["nets"]) == set(pt.CONTROLS)
     assert len(results["fig3"]["runs"]) == 2 * len(space_seeds)
     assert os.path.isfile(os.path.join(out, results["fig3"]["plot"]))
@@ -62,7 +64,7 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         rerun = json.load(f)
     for key in ("controls", "table2", "table3", "table4", "differences", "table6", "fig3",
-                "evolution"):  # fmt: skip
+                "evolution", "inside"):  # fmt: skip
         assert rerun[key] == results[key], key
 
     # --calibrate trains the controls at the tiny scale: here all cached by the full run.
