@@ -108,3 +108,16 @@ def test_mean_sd_and_separation_use_sample_standard_deviations():
     assert s["gap"] == pytest.approx(0.10) and s["two_sd"] == pytest.approx(0.0163299, rel=1e-4)
     assert s["separated"]
     assert not pt.separation([0.49, 0.50, 0.51], [0.50, 0.49, 0.495])["separated"]
+
+
+def test_prepare_data_reads_tfds_with_the_datas_classes_and_channels(tmp_path):
+    from input_pipeline_test import _TinyImages  # 12x12 RGB, 4 classes, no "test" split.
+
+    data_dir = str(tmp_path / "tfds")
+    _TinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    out = str(tmp_path / "out")
+    path = pt.prepare_data("tfds:autospace_tiny_images", data_dir, out, pt.SCALES["tiny"])
+    d = np.load(path)
+    assert d["x_train"].shape[1:] == d["x_test"].shape[1:] == (8, 8, 3)
+    assert sorted(set(d["y_train"].tolist())) == [0, 1, 2, 3]
+    assert len(d["x_train"]) == len(d["y_train"]) == 20 and len(d["x_test"]) == 6
