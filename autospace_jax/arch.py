@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from etils import epath
 
-from autospace_jax import files
+from autospace_jax import errors, files
 from autospace_jax import genome as genome_lib
 
 
@@ -55,7 +56,7 @@ def skeleton_from_config(model_config: Any, num_classes: int) -> Skeleton:
     """Expands ``model.widths/blocks/strides`` stages into per-layer (c_out, stride)."""
     widths, blocks, strides = (tuple(model_config[k]) for k in ("widths", "blocks", "strides"))
     if not (len(widths) == len(blocks) == len(strides)):
-        raise ValueError(
+        raise errors.ConfigError(
             f"model.widths ({len(widths)}), model.blocks ({len(blocks)}) and model.strides "
             f"({len(strides)}) must have one entry per stage"
         )
@@ -69,6 +70,18 @@ def skeleton_from_config(model_config: Any, num_classes: int) -> Skeleton:
         head=model_config.head,
         num_classes=num_classes,
     )
+
+
+def check_image_size(skeleton: Skeleton, image_shape: tuple[int, ...]) -> None:
+    """Refuses images smaller than the skeleton's total stride: its last layers would
+    see nothing but padding."""
+    factor = skeleton.stem_stride * math.prod(s for _, s in skeleton.layers)
+    if min(image_shape[:2]) < factor:
+        raise errors.DataError(
+            f"data: images are {image_shape[0]}x{image_shape[1]} but the skeleton downsamples "
+            f"them by {factor} (model.stem_stride x model.strides); use images of at least "
+            f"{factor}x{factor} (data.image_size) or smaller strides"
+        )
 
 
 def check_layers(skeleton: Skeleton, per_layer: Any) -> None:
@@ -189,12 +202,12 @@ def read_json(path: str, kind: str) -> Any:
       kind: what the file is (``"arch"``, ``"space"``), for the messages.
 
     Raises:
-      FileNotFoundError: the file does not exist.
+      MissingFileError: the file does not exist.
       GenomeError: it is a directory, not UTF-8 text, or not JSON; the message names it.
     """
     file = epath.Path(path)
     if not file.exists():
-        raise FileNotFoundError(f"{kind} file {path!r} does not exist")
+        raise errors.MissingFileError(f"{kind} file {path!r} does not exist")
     if file.is_dir():
         raise genome_lib.GenomeError(f"{path}: is a directory; expected a {kind} JSON file")
     try:

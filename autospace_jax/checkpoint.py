@@ -28,13 +28,13 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from autospace_jax import failures
+from autospace_jax import errors, failures
 
 # Suffix of a step folder moved aside because it could not be read.
 UNREADABLE = ".unreadable"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError, ValueError):
     """No checkpoint step of a stage can be read (the message names the folder and steps)."""
 
 

@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import files, gates
+from autospace_jax import errors, files, gates
 from autospace_jax import genome as genome_lib
 
-
-class ConfigError(ValueError):
-    pass
+ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
 
 
 def _is_int(v: Any) -> bool:

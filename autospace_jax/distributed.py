@@ -20,6 +20,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
+from autospace_jax import errors
+
 ENV_VAR = "AUTOSPACE_DISTRIBUTED"
 _ACCEPTED = ("", "0", "1")
 
@@ -37,12 +39,12 @@ def maybe_initialize() -> bool:
       unset, empty or "0" (a single-process run).
 
     Raises:
-      ValueError: the variable holds anything else; a typo such as "true" must
+      ConfigError: the variable holds anything else; a typo such as "true" must
         not silently start a pod run as independent single-host runs.
     """
     value = os.environ.get(ENV_VAR, "")
     if value not in _ACCEPTED:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{ENV_VAR}={value!r} is invalid; accepted: '1' (call jax.distributed.initialize(), "
             "e.g. on every worker of a TPU pod), '0' or unset/'' (single process)"
         )
@@ -64,7 +66,7 @@ def _explicit_topology() -> dict[str, int]:
     if not given:
         return {}
     if len(given) == 1 or not all(v.isdigit() for v in given.values()):
-        raise ValueError(
+        raise errors.ConfigError(
             f"{names['num_processes']} and {names['process_id']} must be set together, as "
             f"integers (got {given}); or unset both on a TPU VM, where JAX reads them itself"
         )

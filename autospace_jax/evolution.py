@@ -99,6 +99,7 @@ class Evolution:
         self.image_shape, self.mesh = tuple(image_shape), mesh
         self.dataset: input_pipeline.Dataset | None = None
         self.skeleton = arch_lib.skeleton_from_config(config.model, num_classes)
+        arch_lib.check_image_size(self.skeleton, self.image_shape)
         self.reference = genome_lib.reference(config.genome.reference)
         self.constraints = []
         for size, c_in, c_out, stride in self.skeleton.layer_shapes(self.image_shape[0]):
@@ -445,7 +446,6 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         os.path.join(stage_dir, "checkpoints"), max_to_keep=2, stage=STAGE
     )
     elapsed, clock, setup_s = 0.0, Clock(), time.time() - start_time
-    writer = writers.create_writer(stage_dir)
     try:
         # --- init or restore.
         start = time.time()
@@ -477,6 +477,7 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         start = time.time()
         if evo.dataset is None:
             evo.attach(input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir))
+        writer = writers.create_writer(stage_dir)  # Only once the data is known to be good.
         clock.add("other", time.time() - start)
 
         # --- generations, then final rounds until the top-K is stable.

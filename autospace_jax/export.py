@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, checkpoint, files, normalisation, train
+from autospace_jax import cells, checkpoint, errors, files, normalisation, train
 
 Normalisation = normalisation.Normalisation
 
@@ -44,7 +44,7 @@ def _stage_dir(workdir: str) -> str:
 def _finished_summary(workdir: str) -> dict[str, Any]:
     path = os.path.join(_stage_dir(workdir), "summary.json")
     if not files.exists(path):
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"{path} does not exist: {workdir!r} holds no finished training; run "
             f"`python -m autospace_jax.main --mode=train --workdir={workdir} ...` first"
         )
@@ -72,19 +72,21 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
       variables on this process's first device.
 
     Raises:
-      FileNotFoundError: no finished training in ``workdir`` (the message names
+      MissingFileError: no finished training in ``workdir`` (the message names
         the missing file or checkpoint).
     """
     summary = _finished_summary(workdir)
     stage_dir = _stage_dir(workdir)
     arch = arch_lib.load_arch(os.path.join(stage_dir, "arch.json"))
     if arch_lib.arch_to_json(arch) != summary["arch_json"]:
-        raise ValueError(f"{stage_dir}: arch.json is not the arch summary.json was trained with")
+        raise errors.RunFolderError(
+            f"{stage_dir}: arch.json is not the arch summary.json was trained with"
+        )
     image_shape = load_normalisation(workdir).image_shape
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
     step = int(summary["steps"])
     if not files.exists(os.path.join(ckpt_dir, str(step))):
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"{os.path.join(ckpt_dir, str(step))} does not exist: the final checkpoint of the "
             f"training in {workdir!r} is missing"
         )

@@ -16,11 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autospace_jax import errors
+
 # Paths named in a message; a diverged network has NaN nearly everywhere.
 MAX_NAMED = 5
 
 
-class NonFiniteError(FloatingPointError):
+class NonFiniteError(errors.UserError, FloatingPointError):
     """NaN or Inf where a finite number is needed; the message names the stage and step."""
 
 

@@ -43,6 +43,8 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+from autospace_jax import errors
+
 NUM_NODES = 6  # V in Eq. 2.
 EDGES: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(1, 5), 2))
 EXPANSIONS = (1, 3, 6)
@@ -67,7 +69,7 @@ PALETTES: dict[str, tuple[str, ...]] = {
 }
 
 
-class GenomeError(ValueError):
+class GenomeError(errors.UserError, ValueError):
     """A genome (or its JSON) is malformed; the message names what is wrong."""
 
 

@@ -30,11 +30,12 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from etils import epath
 from jax.sharding import NamedSharding
 from PIL import Image
 
-from autospace_jax import files
+from autospace_jax import errors, files
 from autospace_jax import sharding as sharding_lib
 
 SPLITS = ("train", "val", "test")
@@ -44,6 +45,8 @@ _PLAIN_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # epoch permutations, which use the plain (seed, epoch) entropy.
 _VAL_STREAM, _AUG_STREAM = 1, 2
 _MIN_AUGMENT_SIZE = 32
+# More classes than any image benchmark (ImageNet-21k has 21,841): labels are not indices.
+MAX_CLASSES = 100_000
 # (path, mtime_ns, image_size) -> decoded uint8 arrays; decoding CIFAR's 60k
 # JPEGs takes seconds and a process may build several datasets.
 _NPZ_CACHE: dict[tuple[str, int, int], dict[str, np.ndarray]] = {}
@@ -111,7 +114,7 @@ class Dataset:
         images, labels = self.arrays(split)
         steps = self.steps_per_epoch(batch_size, split)
         if steps == 0:
-            raise ValueError(
+            raise errors.DataError(
                 f"batch_size={batch_size} exceeds the {len(labels)} examples of split "
                 f"{split!r}; use a batch size of at most {len(labels)}"
             )
@@ -230,9 +233,9 @@ def load(
     """
     cfg = data_config
     if not 0.0 <= cfg.val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction={cfg.val_fraction!r} must be in [0, 1)")
+        raise errors.DataError(f"data.val_fraction={cfg.val_fraction!r} must be in [0, 1)")
     if not isinstance(cfg.image_size, int) or cfg.image_size < 0:
-        raise ValueError(
+        raise errors.DataError(
             f"data.image_size={cfg.image_size!r} must be 0 (native size) or a positive int"
         )
     x_train, y_train, x_test, y_test, num_classes, max_value = read_source(cfg, cache_dir)
@@ -240,6 +243,12 @@ def load(
     perm = rng.permutation(len(y_train))
     num_val = round(cfg.val_fraction * len(y_train))
     val_idx, train_idx = np.sort(perm[:num_val]), np.sort(perm[num_val:])
+    if not len(train_idx) or (cfg.val_fraction > 0 and not num_val):
+        raise errors.DataError(
+            f"data.val_fraction={cfg.val_fraction!r} of {len(y_train)} training images leaves "
+            f"{len(train_idx)} to train on and {num_val} to validate on; both need at least "
+            "one (use more data or another data.val_fraction)"
+        )
     raw = {
         "train": (x_train[train_idx], y_train[train_idx]),
         "val": (x_train[val_idx], y_train[val_idx]),
@@ -280,14 +289,15 @@ def peek(data_config: Any) -> tuple[tuple[int, int, int], int] | None:
     """
     if data_config.source != "npz" or not data_config.path or not files.is_file(data_config.path):
         return None
-    f = _read_npz(data_config.path)
+    f, _ = _checked_npz(data_config.path)  # Bad labels stop the stage before it starts.
     if all(k in f for k in _JPEG_KEYS):
         offsets = f["offsets_train"]
-        shape = _decode_jpeg(f["jpeg_train"][offsets[0] : offsets[1]]).shape
-    elif all(k in f for k in _PLAIN_KEYS):
-        shape = f["x_train"].shape[1:]
+        try:
+            shape = _decode_jpeg(f["jpeg_train"][offsets[0] : offsets[1]]).shape
+        except (OSError, ValueError):
+            return None  # load() says what is wrong.
     else:
-        return None
+        shape = f["x_train"].shape[1:]
     if len(shape) not in (2, 3):
         return None
     h, w, c = (*shape, 1) if len(shape) == 2 else shape
@@ -308,13 +318,77 @@ def read_source(
     if source == "digits":
         return _load_digits(data_config)
     if source == "npz":
-        return (*_load_npz(data_config, cache_dir), 255.0)
+        raw = _load_npz(data_config, cache_dir)
+        check_arrays(f"data.path={data_config.path!r}", *raw)
+        return (*raw, 255.0)
     if isinstance(source, str) and source.startswith("tfds:") and len(source) > 5:
-        return (*_load_tfds(data_config), 255.0)
-    raise ValueError(
+        raw = _load_tfds(data_config)
+        check_arrays(f"data.source={source!r}", *raw)
+        return (*raw, 255.0)
+    raise errors.DataError(
         f"data.source={source!r} is unknown; expected 'digits', 'npz' or 'tfds:<name>' "
         "(e.g. 'tfds:cifar10')"
     )
+
+
+def check_labels(where: str, n_train: int, y_train, n_test: int, y_test, num_classes: int) -> None:
+    """Refuses labels that cannot give a right result, before anything trains.
+
+    Raises:
+      DataError: one line starting with ``where`` (the file or data set) that
+        names the array and the problem: image and label counts that differ, an
+        empty split, labels outside [0, num_classes), fewer than 2 classes, or a
+        test class the training split never shows.
+    """
+    for split, n, y in (("train", n_train, y_train), ("test", n_test, y_test)):
+        if n != len(y):
+            raise errors.DataError(
+                f"{where}: y_{split} has {len(y)} labels for {n} images in x_{split}"
+            )
+        if not n:
+            raise errors.DataError(f"{where}: x_{split} and y_{split} are empty")
+        bad = (y < 0) | (y >= num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise errors.DataError(
+                f"{where}: y_{split} has label {int(y[i])} (index {i}); labels must be "
+                + (f"integers in [0, {num_classes})" if num_classes > 0 else "class indices >= 0")
+            )
+    if num_classes > MAX_CLASSES:
+        raise errors.DataError(
+            f"{where}: labels up to {num_classes - 1} mean {num_classes} classes (more than "
+            f"{MAX_CLASSES}); number the classes 0..K-1"
+        )
+    train_classes, test_classes = set(np.unique(y_train)), set(np.unique(y_test))
+    if num_classes < 2 or len(train_classes) < 2:
+        raise errors.DataError(
+            f"{where}: y_train holds {len(train_classes)} class(es) "
+            f"{sorted(int(c) for c in train_classes)}; a classifier needs at least 2"
+        )
+    if test_classes - train_classes:
+        raise errors.DataError(
+            f"{where}: y_test has classes {sorted(int(c) for c in test_classes - train_classes)} "
+            "that y_train never shows; the network cannot learn them"
+        )
+    if train_classes - test_classes:
+        logging.warning("%s: classes %s are in y_train but not in y_test", where,
+                        sorted(int(c) for c in train_classes - test_classes))  # fmt: skip
+
+
+def check_arrays(where: str, x_train, y_train, x_test, y_test, num_classes: int) -> None:
+    """:func:`check_labels`, then images of one rank, shape and dtype in both splits."""
+    check_labels(where, len(x_train), y_train, len(x_test), y_test, num_classes)
+    for split, x in (("train", x_train), ("test", x_test)):
+        if x.ndim != 4:
+            raise errors.DataError(
+                f"{where}: x_{split} has shape {x.shape}; expected NHW or NHWC images"
+            )
+    if x_train.shape[1:] != x_test.shape[1:] or x_train.dtype != x_test.dtype:
+        raise errors.DataError(
+            f"{where}: x_train images are {x_train.shape[1:]} {x_train.dtype} but x_test "
+            f"images are {x_test.shape[1:]} {x_test.dtype}; both splits need the same "
+            "shape, channels and dtype (set data.image_size to resize both)"
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -328,7 +402,7 @@ def _load_digits(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     from sklearn.datasets import load_digits  # Only this source needs sklearn.
 
     if not 0.0 < cfg.test_fraction < 1.0:
-        raise ValueError(
+        raise errors.DataError(
             f"data.test_fraction={cfg.test_fraction!r} must be in (0, 1) for source 'digits'"
         )
     digits = load_digits()
@@ -344,7 +418,7 @@ def _load_digits(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
     path = cfg.path
     if not path or not files.is_file(path):
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"data.path={path!r} is not a file; source 'npz' needs a .npz with "
             f"{_JPEG_KEYS} or {_PLAIN_KEYS}"
         )
@@ -369,7 +443,8 @@ def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
 def _npz_num_classes(a: dict[str, np.ndarray]) -> int:
     if "class_names" in a:
         return len(a["class_names"])
-    return int(max(a["y_train"].max(), a["y_test"].max())) + 1
+    labels = [y.max() for y in (a["y_train"], a["y_test"]) if y.size]
+    return int(max(labels)) + 1 if labels else 0
 
 
 def _absolute(path: str) -> str:
@@ -378,40 +453,80 @@ def _absolute(path: str) -> str:
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:
     """All arrays of a local or gs:// .npz (read whole: np.load needs a seekable file)."""
-    with np.load(io.BytesIO(epath.Path(path).read_bytes())) as f:
-        return {k: f[k] for k in f.files}
+    data = epath.Path(path).read_bytes()
+    try:
+        with np.load(io.BytesIO(data)) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # np.load has many ways to fail on a damaged or foreign file.
+        raise errors.DataError(
+            f"data.path={path!r} is not a readable .npz ({type(e).__name__}: {e})"
+        ) from e
 
 
-def _decode_npz(path: str, image_size: int) -> dict[str, np.ndarray]:
-    f = _read_npz(path)
+def _checked_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The arrays of an npz and its split sizes, refused (DataError) unless they are one
+    of the two formats with 1-D integer labels that match the images in number and
+    cover at least 2 classes: all this without decoding an image."""
+    f, where = _read_npz(path), f"data.path={path!r}"
     if all(k in f for k in _JPEG_KEYS):
-        out = {
-            f"x_{s}": _decode_jpegs(f[f"jpeg_{s}"], f[f"offsets_{s}"]) for s in ("train", "test")
-        }
+        sizes = {s: len(f[f"offsets_{s}"]) - 1 for s in ("train", "test")}
     elif all(k in f for k in _PLAIN_KEYS):
-        out = {f"x_{s}": f[f"x_{s}"] for s in ("train", "test")}
+        for s in ("train", "test"):
+            x = f[f"x_{s}"]
+            if x.dtype != np.uint8 or x.ndim not in (3, 4):
+                raise errors.DataError(
+                    f"{where}: x_{s} has dtype {x.dtype} and shape {x.shape}; "
+                    "expected uint8 NHWC or NHW"
+                )
+        sizes = {s: len(f[f"x_{s}"]) for s in ("train", "test")}
     else:
-        raise ValueError(
-            f"data.path={path!r} has arrays {sorted(f)}; the JPEG format misses "
+        raise errors.DataError(
+            f"{where} has arrays {sorted(f)}; the JPEG format misses "
             f"{sorted(set(_JPEG_KEYS) - set(f))} and the plain format misses "
             f"{sorted(set(_PLAIN_KEYS) - set(f))}"
         )
-    out.update({f"y_{s}": f[f"y_{s}"].astype(np.int32) for s in ("train", "test")})
+    for s in ("train", "test"):
+        y = f[f"y_{s}"]
+        if y.ndim != 1 or not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+            raise errors.DataError(
+                f"{where}: y_{s} has dtype {y.dtype} and shape {y.shape}; "
+                "expected a 1-D array of integer class labels"
+            )
+        if y.size and max(abs(int(y.min())), abs(int(y.max()))) > MAX_CLASSES:
+            raise errors.DataError(
+                f"{where}: y_{s} has labels from {int(y.min())} to {int(y.max())}; "
+                "labels must be class indices 0..K-1"
+            )
+        f[f"y_{s}"] = y.astype(np.int32)
+    check_labels(where, sizes["train"], f["y_train"], sizes["test"], f["y_test"],
+                 _npz_num_classes(f))  # fmt: skip
+    return f, sizes
+
+
+def _decode_npz(path: str, image_size: int) -> dict[str, np.ndarray]:
+    f, _ = _checked_npz(path)
+    if all(k in f for k in _JPEG_KEYS):
+        out = {f"x_{s}": _decode_jpegs(path, s, f[f"jpeg_{s}"], f[f"offsets_{s}"])
+               for s in ("train", "test")}  # fmt: skip
+    else:
+        out = {f"x_{s}": f[f"x_{s}"] for s in ("train", "test")}
+    out.update({f"y_{s}": f[f"y_{s}"] for s in ("train", "test")})
     if "class_names" in f:
         out["class_names"] = f["class_names"]
     for s in ("train", "test"):
         x = out[f"x_{s}"]
-        if x.dtype != np.uint8 or x.ndim not in (3, 4):
-            raise ValueError(
-                f"data.path={path!r}: x_{s} has dtype {x.dtype} and shape {x.shape}; "
-                "expected uint8 NHWC or NHW"
-            )
         out[f"x_{s}"] = _resize(x[..., None] if x.ndim == 3 else x, image_size)
     return out
 
 
-def _decode_jpegs(data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    x = np.stack([_decode_jpeg(data[a:b]) for a, b in itertools.pairwise(offsets)])
+def _decode_jpegs(path: str, split: str, data: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    try:
+        x = np.stack([_decode_jpeg(data[a:b]) for a, b in itertools.pairwise(offsets)])
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError.
+        raise errors.DataError(
+            f"data.path={path!r}: jpeg_{split} / offsets_{split} do not hold decodable images "
+            f"of one shape ({type(e).__name__}: {e})"
+        ) from e
     return x[..., None] if x.ndim == 3 else x
 
 
@@ -427,7 +542,7 @@ def _load_tfds(cfg: Any) -> _Raw:
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.DatasetNotFoundError as e:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"data.source={cfg.source!r}: TFDS has no dataset {name!r} in code or in "
             f"data.data_dir={cfg.data_dir!r} ('' = TFDS default); prepare it with "
             f"`tfds build {name} --file_format=array_record`"
@@ -436,14 +551,14 @@ def _load_tfds(cfg: Any) -> _Raw:
     known = set(builder.info.splits)
     eval_split = "validation" if known and "test" not in known else "test"
     if known and not {"train", eval_split} <= known:
-        raise ValueError(
+        raise errors.DataError(
             f"data.source={cfg.source!r} has splits {sorted(known)}; expected 'train' and "
             "'test' or 'validation'"
         )
     try:
         sources = {s: builder.as_data_source(split=s) for s in ("train", eval_split)}
     except (AssertionError, NotImplementedError, OSError, ValueError) as e:
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"data.source={cfg.source!r} is not prepared as ArrayRecord in "
             f"data.data_dir={cfg.data_dir!r} ('' = TFDS default); run `tfds build {name} "
             f"--file_format=array_record --data_dir=<dir>` ({e})"
@@ -457,7 +572,7 @@ def _load_tfds(cfg: Any) -> _Raw:
         if cfg.image_size:
             images = [_resize(im[None], cfg.image_size)[0] for im in images]
         elif len({im.shape for im in images}) > 1:
-            raise ValueError(
+            raise errors.DataError(
                 f"data.image_size=0 but the {split!r} images of {cfg.source!r} differ in shape; "
                 "set data.image_size to a positive size"
             )

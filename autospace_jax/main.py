@@ -15,17 +15,8 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import (
-    checkpoint,
-    config_checks,
-    distributed,
-    evolution,
-    failures,
-    pipeline,
-    train,
-)
-from autospace_jax import genome as genome_lib
-from autospace_jax.search import context, stage
+from autospace_jax import config_checks, distributed, errors, evolution, files, pipeline, train
+from autospace_jax.search import stage
 
 MODES = {
     "evolve": evolution.evolve,
@@ -41,16 +32,6 @@ flags.DEFINE_string("mode", None, f"One of {sorted(MODES)}; default: the config'
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-# Errors about the user's inputs or run folder, not bugs: one line, then exit 1.
-CLEAR_ERRORS = (
-    genome_lib.GenomeError,
-    checkpoint.CheckpointError,
-    failures.NonFiniteError,
-    context.UnreachableTarget,
-    FileNotFoundError,  # Ours name the missing space/arch/data file and how to make it.
-)
-
-
 class QuietLibraries(py_logging.Filter):
     """Orbax logs every file it renames at INFO; keep its warnings, drop the chatter."""
 
@@ -61,17 +42,41 @@ class QuietLibraries(py_logging.Filter):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    distributed.maybe_initialize()  # Before anything asks JAX about devices.
     logging.get_absl_handler().addFilter(QuietLibraries())
     config = FLAGS.config
     mode = FLAGS.mode or config.mode
     if mode not in MODES:
         raise app.UsageError(f"--mode={mode!r}; accepted: {sorted(MODES)}")
+    run_or_exit(config, mode, FLAGS.workdir)
+
+
+def run_or_exit(config, mode: str, workdir: str) -> None:
+    """:func:`run`; a user error exits with status 1 and one line, ``FATAL <Class>: ...``.
+
+    Any other exception is a bug in autospace_jax: it says so, then keeps its traceback.
+    """
     try:
-        config_checks.validate(config)
-    except config_checks.ConfigError as e:
-        sys.exit(f"FATAL config error: {e}")
-    cache = use_compilation_cache(config.compilation_cache, FLAGS.workdir)
+        run(config, mode, workdir)
+    except Exception as e:
+        clear = user_error(e)
+        if clear is None:
+            logging.error("autospace_jax stopped on a bug, not on your input: please report "
+                          "it with the traceback below")  # fmt: skip
+            raise
+        sys.exit(f"FATAL {type(clear).__name__}: {' '.join(str(clear).split())}")
+
+
+def run(config, mode: str, workdir: str) -> None:
+    """Checks the config and the run folder, then runs stage ``mode``.
+
+    Raises:
+      errors.UserError: the config, data, JSON files, checkpoints or run folder are
+        wrong; the message names which and what is accepted.
+    """
+    distributed.maybe_initialize()  # Before anything asks JAX about devices.
+    config_checks.validate(config)
+    files.check_run_folder(workdir)
+    cache = use_compilation_cache(config.compilation_cache, workdir)
     logging.info(
         "autospace_jax %s: %d devices (%s), process %d of %d, compilation cache %s",
         mode,
@@ -81,10 +86,16 @@ def main(argv):
         jax.process_count(),
         cache or "off",
     )
-    try:
-        MODES[mode](config, FLAGS.workdir)
-    except CLEAR_ERRORS as e:  # Their messages name the file/stage/step: no traceback needed.
-        sys.exit(f"FATAL {type(e).__name__}: {e}")
+    MODES[mode](config, workdir)
+
+
+def user_error(e: BaseException) -> errors.UserError | None:
+    """``e`` if the user's input or run folder caused it (a full disk included), else None."""
+    if isinstance(e, errors.UserError):
+        return e
+    if isinstance(e, OSError):
+        return files.folder_error(e)
+    return None
 
 
 def use_compilation_cache(setting: str, workdir: str) -> str | None:

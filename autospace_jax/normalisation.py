@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from autospace_jax import files, input_pipeline
+from autospace_jax import errors, files, input_pipeline
 
 FILENAME = "normalisation.json"
 
@@ -43,7 +43,7 @@ class Normalisation:
         if x.ndim == 3 and self.image_shape[2] == 1:
             x = x[..., None]
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
-            raise ValueError(
+            raise errors.DataError(
                 f"images have shape {x.shape}; this model was trained on NHWC images of shape "
                 f"(N, {', '.join(map(str, self.image_shape))})"
                 + (" (or NHW)" if self.image_shape[2] == 1 else "")
@@ -80,7 +80,7 @@ def save(path: str, norm: Normalisation) -> None:
 
 def load(path: str) -> Normalisation:
     if not files.exists(path):
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"{path} does not exist: the training run predates saved normalisations or did "
             "not finish; re-run --mode=train in a new --workdir"
         )

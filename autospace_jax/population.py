@@ -45,8 +45,8 @@ import random
 from collections.abc import Sequence
 from typing import Any
 
+from autospace_jax import errors, madds
 from autospace_jax import genome as genome_lib
-from autospace_jax import madds
 
 MAX_TRIES = 2000  # Mutation attempts per child before the parent gives up.
 MAX_NEUTRAL = 4  # Neutral mutations walked through within one attempt.
@@ -232,7 +232,7 @@ def initial_population(
             g = genome_lib.random_genome(rng, constraints.palette)
         if constraints.reject(g, functions, reference, tau) is None:
             admit(g)
-    raise ValueError(
+    raise errors.ConfigError(
         f"could not find {size} genomes of distinct functions (config.evolution.population_size) "
         f"within tau={tau} (config.evolution.tau) under MAdds_max={constraints.max_madds:.0f} "
         "(config.evolution.max_madds_factor); raise tau or the factor, or lower the population"

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from autospace_jax import errors
+
 DATA_AXIS = "data"
 
 
@@ -32,10 +34,10 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, field: str = "train.batch_size") -> None:
-    """Raises ValueError unless the global batch splits evenly over devices and hosts."""
+    """Raises ConfigError unless the global batch splits evenly over devices and hosts."""
     n = mesh.devices.size
     if batch_size <= 0 or batch_size % n:
-        raise ValueError(
+        raise errors.ConfigError(
             f"{field}={batch_size} must be a positive multiple of the device count {n} "
             f"(mesh axis {DATA_AXIS!r}); e.g. {max(n, (batch_size // n) * n or n)}"
         )

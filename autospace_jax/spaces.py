@@ -17,6 +17,7 @@ from absl import logging
 from etils import epath
 
 from autospace_jax import arch as arch_lib
+from autospace_jax import errors
 from autospace_jax import genome as genome_lib
 from autospace_jax.supernet import SupernetSpec
 
@@ -38,11 +39,11 @@ def load_space(path: str) -> SupernetSpec:
     """Reads an evolve ``space.json`` (local or any etils.epath URL, e.g. gs://).
 
     Raises:
-      FileNotFoundError: the file does not exist.
+      MissingFileError: the file does not exist.
       GenomeError: one message naming the file, the field and what is accepted.
     """
     if not epath.Path(path).exists():
-        raise FileNotFoundError(
+        raise errors.MissingFileError(
             f"space file {path!r} does not exist (run --mode=evolve first, or use "
             "--config.search.space=manual_irb)"
         )

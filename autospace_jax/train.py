@@ -30,6 +30,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    errors,
     failures,
     files,
     initializers,
@@ -213,6 +214,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     steps_per_epoch = dataset.steps_per_epoch(tc.batch_size)
     total_steps = tc.epochs * steps_per_epoch
     arch, arch_source = resolve_arch(config, workdir, info)
+    arch_lib.check_image_size(arch.skeleton, info.image_shape)
     arch_json = arch_lib.arch_to_json(arch)
     summary = files.finished(
         summary_path, lambda s: s.get("steps") == total_steps and s.get("arch_json") == arch_json
@@ -232,7 +234,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     meta = {"elapsed_s": 0.0}
     if ckpt.latest_step() is not None:
         if arch_lib.load_arch(trained_arch) != arch:
-            raise ValueError(
+            raise errors.RunFolderError(
                 f"{ckpt.directory} holds the checkpoints of another architecture than "
                 f"{arch_source}; use a new --workdir, or delete {stage_dir} to start over"
             )

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from autospace_jax import cells, checkpoint, failures, madds, pieces, sharding
+from autospace_jax import cells, checkpoint, errors, failures, madds, pieces, sharding
 from autospace_jax import supernet as sn
 
 
@@ -168,7 +168,7 @@ def network_madds(space: sn.SupernetSpec, image_shape) -> tuple[list[np.ndarray]
     return table, base.madds
 
 
-class UnreachableTarget(ValueError):
+class UnreachableTarget(errors.UserError, ValueError):
     """No path of the space meets the MAdds target within the tolerance."""
 
 

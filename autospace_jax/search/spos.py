@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autospace_jax.search.context import SearchContext
+from autospace_jax.search.context import SearchContext, UnreachableTarget
 
 MAX_TRIES = 1000
 
@@ -30,7 +30,9 @@ def _initial_population(ctx: SearchContext, size: int, limit: float) -> list[lis
         if ctx.path_madds(path) <= limit and path not in population:
             population.append(path)
     if not population:
-        raise ValueError(f"no path of this space has MAdds <= config.search.target_madds={limit}")
+        raise UnreachableTarget(
+            f"no path of this space has MAdds <= config.search.target_madds={limit}"
+        )
     return population
 
 

@@ -26,6 +26,7 @@ def build_context(config: Any, workdir: str) -> tuple[SearchContext, str]:
     dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
     info = dataset.info
     skeleton = arch_lib.skeleton_from_config(config.model, info.num_classes)
+    arch_lib.check_image_size(skeleton, info.image_shape)
     space, space_source = spaces.resolve(sc.space, workdir, skeleton)
     trainer = sn.SupernetTrainer.from_config(space, config.supernet)
     state = trainer.init(info.image_shape, config.seed, config.supernet.fitness_init_std,

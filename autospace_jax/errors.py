@@ -1,0 +1,28 @@
+"""The user's mistakes as one exception family.
+
+``main`` prints any :class:`UserError` as one line, ``FATAL <Class>: <message>``,
+and exits with status 1; every message names the field, file or array at
+fault and what is accepted. Any other exception is a bug in autospace_jax and
+keeps its traceback. Each class also derives from the builtin error it
+refines, so ``except ValueError`` / ``except FileNotFoundError`` still work.
+"""
+
+
+class UserError(Exception):
+    """The user's config, data, JSON files, checkpoints or run folder are wrong."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, or an environment variable of a multi-host run, that is invalid."""
+
+
+class DataError(UserError, ValueError):
+    """A data set that cannot be trained on as given (``data.*``)."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or data set the run needs is not there; the message says how to make it."""
+
+
+class RunFolderError(UserError, OSError):
+    """``--workdir`` cannot be used: not a directory, not writable, or the disk is full."""
