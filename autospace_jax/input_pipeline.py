@@ -316,7 +316,9 @@ def read_source(
     """
     source = data_config.source
     if source == "digits":
-        return _load_digits(data_config)
+        raw = _load_digits(data_config)
+        check_arrays("data.source='digits'", *raw[:5])
+        return raw
     if source == "npz":
         raw = _load_npz(data_config, cache_dir)
         check_arrays(f"data.path={data_config.path!r}", *raw)

@@ -139,6 +139,7 @@ def test_unreadable_npz_file_is_one_line(damage, tmp_path):
         np.save(open(path, "wb"), _images(3))
     message = _fatal(_config(path), str(tmp_path / "run"))
     assert message.startswith(f"FATAL DataError: data.path={path!r} is not a readable .npz")
+    _nothing_trained(str(tmp_path / "run"))
 
 
 def test_a_test_class_missing_is_a_warning_not_an_error(tmp_path, caplog):
@@ -182,19 +183,22 @@ def test_damaged_summary_json_names_the_file(tmp_path):
 
 
 def test_checkpoints_of_another_architecture(tmp_path):
-    workdir = str(tmp_path / "run")
-    config = _config(_valid_npz(tmp_path))
-    main_lib.run(config, "train", workdir)  # 5 steps of the reference IRB.
-    other = tmp_path / "other.json"
+    """A train folder holding checkpoints of the reference IRB, asked for another arch."""
     from autospace_jax import arch as arch_lib
     from autospace_jax import genome as genome_lib
 
-    skeleton = arch_lib.load_arch(os.path.join(workdir, "train", "arch.json")).skeleton
-    arch_lib.save_arch(str(other), arch_lib.uniform(skeleton, genome_lib.irb(5, 3)))
-    config.train.arch = str(other)
-    config.train.epochs = 2
+    config = _config(_valid_npz(tmp_path))
+    skeleton = arch_lib.skeleton_from_config(config.model, 4)
+    workdir = tmp_path / "run"
+    (workdir / "train" / "checkpoints" / "5").mkdir(parents=True)
+    (workdir / "train" / "checkpoints" / "5" / "state").write_bytes(b"weights")
+    arch_lib.save_arch(str(workdir / "train" / "arch.json"),
+                       arch_lib.uniform(skeleton, genome_lib.irb(3, 6)))  # fmt: skip
+    other = str(tmp_path / "other.json")
+    arch_lib.save_arch(other, arch_lib.uniform(skeleton, genome_lib.irb(5, 3)))
+    config.train.arch = other
     before = _digest(workdir)
-    message = _fatal(config, workdir)
+    message = _fatal(config, str(workdir))
     assert message.startswith("FATAL RunFolderError: ") and "another architecture" in message
     assert _digest(workdir) == before  # Nothing moved aside, nothing overwritten.
 
@@ -215,11 +219,12 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_temporary(tmp_path, mo
 
 
 def _digest(folder) -> dict:
-    """Every file under ``folder`` but the compilation cache -> its sha1."""
+    """Every file under ``folder`` but the caches (compiled programs, decoded images) -> its
+    sha1."""
     out = {}
     for root, dirs, names in os.walk(folder):
         dirs[:] = [d for d in dirs if d != "compilation_cache"]
-        for n in names:
+        for n in (n for n in names if not n.startswith("input_pipeline_cache_")):
             p = os.path.join(root, n)
             out[os.path.relpath(p, folder)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
     return out
@@ -269,3 +274,34 @@ def test_cli_bad_data_and_workdir_are_one_line_with_status_1(tmp_path):
         assert got.returncode == 1 and "Traceback" not in got.stderr, got.stderr[-2000:]
         assert last.startswith(start) and words in last, last
     _nothing_trained(str(tmp_path / "run"))
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+def test_every_user_error_class_is_one_fatal_line(monkeypatch, tmp_path):
+    """Walks every user-facing class (a new one must be added here, with a real case)."""
+    # Imported for their classes: each module defines one.
+    from autospace_jax import checkpoint, failures, genome  # noqa: F401
+    from autospace_jax.search import context  # noqa: F401
+
+    classes = {c.__name__: c for c in _subclasses(errors.UserError)}
+    assert sorted(classes) == ["CheckpointError", "ConfigError", "DataError", "GenomeError",
+                               "MissingFileError", "NonFiniteError", "RunFolderError",
+                               "UnreachableTarget"]  # fmt: skip
+    path = _valid_npz(tmp_path)
+    for name, cls in classes.items():
+
+        def stage(config, workdir, cls=cls):
+            raise cls("first line\n  second line")
+
+        monkeypatch.setitem(main_lib.MODES, "train", stage)
+        message = _fatal(_config(path), str(tmp_path / "run"))
+        assert message == f"FATAL {name}: first line second line"
+    # An OSError of the run folder is one too; any other OSError is not.
+    for err, clear in ((OSError(errno.ENOSPC, "No space left on device", "x"), True),
+                       (OSError(errno.EIO, "I/O error", "x"), False)):  # fmt: skip
+        assert isinstance(main_lib.user_error(err), errors.RunFolderError) is clear
