@@ -56,6 +56,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     checkpoint,
     config_checks,
+    data_sources,
     evolution_report,
     files,
     input_pipeline,
@@ -138,7 +139,7 @@ class Evolution:
         if (info.image_shape, info.num_classes) != expected:
             raise ValueError(
                 f"evolve: the loaded data has images {info.image_shape} and "
-                f"{info.num_classes} classes; input_pipeline.peek said {expected}"
+                f"{info.num_classes} classes; data_sources.peek said {expected}"
             )
         steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
         total = self.ec.generations * self.ec.steps_per_generation
@@ -433,7 +434,7 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sharding.create_mesh()
     sharding.check_batch_size(config.supernet.batch_size, mesh, "supernet.batch_size")
     sharding.check_batch_size(ec.fitness_batch_size, mesh, "evolution.fitness_batch_size")
-    dataset, peeked = None, input_pipeline.peek(config.data)
+    dataset, peeked = None, data_sources.peek(config.data)
     if peeked is None:
         dataset = input_pipeline.load(config.data, seed=config.seed, cache_dir=workdir)
         peeked = (dataset.info.image_shape, dataset.info.num_classes)

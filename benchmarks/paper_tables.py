@@ -79,7 +79,16 @@ from absl import logging  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from autospace_jax import arch as arch_lib  # noqa: E402
-from autospace_jax import config_checks, evolution, files, input_pipeline, sharding, spaces, train  # noqa: E402,E501
+from autospace_jax import (  # noqa: E402,E501
+    config_checks,
+    data_sources,
+    evolution,
+    files,
+    input_pipeline,
+    sharding,
+    spaces,
+    train,
+)
 from autospace_jax import gates as gates_lib  # noqa: E402
 from autospace_jax import genome as genome_lib  # noqa: E402
 from autospace_jax import main as main_lib  # noqa: E402
@@ -190,7 +199,7 @@ def prepare_data(data: str, data_dir: str, out: str, s: Scale) -> str:
         {"source": data if data.startswith("tfds:") else "npz", "path": data,
          "data_dir": data_dir, "image_size": s.image_size, "test_fraction": 0.2}
     )  # fmt: skip
-    x_train, y_train, x_test, y_test, _, _ = input_pipeline.read_source(cfg)
+    x_train, y_train, x_test, y_test, _, _ = data_sources.read_source(cfg)
     rng = np.random.default_rng(0)
 
     def subset(x, y, per_class):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import autospace_jax
-from autospace_jax import checkpoint, export, input_pipeline, sharding, train
+from autospace_jax import checkpoint, data_sources, export, input_pipeline, sharding, train
 from configs import digits
 
 
@@ -46,7 +46,7 @@ def test_predictions_equal_the_end_of_training(trained):
     config, workdir = trained
     model, variables = autospace_jax.load_model(workdir)
     norm = export.load_normalisation(workdir)
-    _, _, x_test, y_test, _, _ = input_pipeline.read_source(config.data)
+    _, _, x_test, y_test, _, _ = data_sources.read_source(config.data)
     logits = export.predict(model, variables, x_test, norm, batch_size=100)
 
     with open(os.path.join(workdir, "train", "summary.json")) as f:
@@ -68,7 +68,7 @@ def test_predict_accepts_uint8_and_nhw(trained):
     config, workdir = trained
     model, variables = autospace_jax.load_model(workdir)
     norm = export.load_normalisation(workdir)
-    x = input_pipeline.read_source(config.data)[2][:20]  # Digits: integers 0..16.
+    x = data_sources.read_source(config.data)[2][:20]  # Digits: integers 0..16.
     expected = export.predict(model, variables, x, norm)
     as_uint8 = export.predict(model, variables, x[..., 0].astype(np.uint8), norm)
     np.testing.assert_array_equal(as_uint8, expected)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from json_errors_test import _arch_json, _space_json
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import errors, input_pipeline, spaces
+from autospace_jax import data_sources, errors, input_pipeline, spaces
 from configs import digits
 
 SETTINGS = settings(max_examples=60, deadline=None,
@@ -67,9 +67,14 @@ def damaged_json(draw, valid) -> str:
     return text
 
 
-def _loads_or_user_error(load, path):
+def _load_written(load, path, content):
+    """``content`` written to ``path``, then ``load(path)``; None if that is a user error."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
     try:
-        return load(path)
+        return load(str(path))
     except errors.UserError:
         return None
 
@@ -77,9 +82,7 @@ def _loads_or_user_error(load, path):
 @SETTINGS
 @given(text=damaged_json(_arch_json))
 def test_damaged_arch_json_is_a_user_error_or_a_valid_arch(text, tmp_path):
-    path = tmp_path / "arch.json"
-    path.write_text(text)
-    arch = _loads_or_user_error(arch_lib.load_arch, str(path))
+    arch = _load_written(arch_lib.load_arch, tmp_path / "arch.json", text)
     if arch is not None:  # What loads is a whole, valid arch.
         assert len(arch.genomes) == arch.skeleton.num_layers
 
@@ -87,9 +90,7 @@ def test_damaged_arch_json_is_a_user_error_or_a_valid_arch(text, tmp_path):
 @SETTINGS
 @given(text=damaged_json(_space_json))
 def test_damaged_space_json_is_a_user_error_or_a_valid_space(text, tmp_path):
-    path = tmp_path / "space.json"
-    path.write_text(text)
-    space = _loads_or_user_error(spaces.load_space, str(path))
+    space = _load_written(spaces.load_space, tmp_path / "space.json", text)
     if space is not None:
         assert len(space.candidates) == space.skeleton.num_layers
         assert all(len(layer) >= 1 for layer in space.candidates)
@@ -145,11 +146,10 @@ def damaged_npz(draw) -> bytes:
 @given(raw=damaged_npz())
 def test_damaged_npz_is_a_user_error_or_right_data(raw, tmp_path):
     path = tmp_path / "data.npz"
-    path.write_bytes(raw)
-    input_pipeline._NPZ_CACHE.clear()  # Each example is a new file at the same path.
+    data_sources._NPZ_CACHE.clear()  # Each example is a new file at the same path.
     c = digits.get_config()
     c.data.source, c.data.path, c.data.image_size, c.data.val_fraction = "npz", str(path), 0, 0.25
-    dataset = _loads_or_user_error(lambda p: input_pipeline.load(c.data, seed=0), str(path))
+    dataset = _load_written(lambda p: input_pipeline.load(c.data, seed=0), path, raw)
     if dataset is not None:  # What loads can be trained on as given.
         k = dataset.info.num_classes
         for split in ("train", "val", "test"):

@@ -13,7 +13,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from autospace_jax import input_pipeline, sharding
+from autospace_jax import data_sources, input_pipeline, sharding
 
 BATCH = 16  # Divisible by 1 and by 8 devices.
 
@@ -231,8 +231,8 @@ def test_jpeg_npz_decodes_and_caches(cifar_like, tmp_path, monkeypatch):
     assert corr > 0.9999
     (cache_file,) = tmp_path.glob("input_pipeline_cache_*.npz")
     # A fresh process (empty in-memory cache) reads the disk cache instead of decoding.
-    monkeypatch.setattr(input_pipeline, "_NPZ_CACHE", {})
-    monkeypatch.setattr(input_pipeline, "_decode_npz", lambda *a: pytest.fail("decoded again"))
+    monkeypatch.setattr(data_sources, "_NPZ_CACHE", {})
+    monkeypatch.setattr(data_sources, "_decode_npz", lambda *a: pytest.fail("decoded again"))
     cached = input_pipeline.load(
         _config(source="npz", path=cifar_like), seed=0, cache_dir=str(tmp_path)
     )
@@ -259,9 +259,9 @@ def test_peek_agrees_with_load(cifar_like, tmp_path, image_size):
     for path in paths:
         cfg = _config(source="npz", path=path, image_size=image_size)
         info = input_pipeline.load(cfg, seed=0).info
-        assert input_pipeline.peek(cfg) == (info.image_shape, info.num_classes)
-    assert input_pipeline.peek(_config(source="digits")) is None
-    assert input_pipeline.peek(_config(source="npz", path=str(tmp_path / "missing.npz"))) is None
+        assert data_sources.peek(cfg) == (info.image_shape, info.num_classes)
+    assert data_sources.peek(_config(source="digits")) is None
+    assert data_sources.peek(_config(source="npz", path=str(tmp_path / "missing.npz"))) is None
 
 
 def test_augmentation_only_on_train_and_only_from_32px(cifar_like):
@@ -297,7 +297,7 @@ def test_image_size_resizes(cifar_like, tmp_path):
     path = _write_plain_npz(tmp_path / "p.npz", (8, 8), n_train=20, n_test=4)
     with np.load(path) as f:
         expected = np.asarray(Image.fromarray(f["x_test"][0]).resize((4, 4), Image.BILINEAR))
-    resized = input_pipeline._resize(np.load(path)["x_test"][..., None], 4)
+    resized = data_sources.resize(np.load(path)["x_test"][..., None], 4)
     np.testing.assert_array_equal(resized[0, ..., 0], expected)
 
 
