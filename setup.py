@@ -19,6 +19,10 @@ setup(
         "orbax-checkpoint==0.12.8",
         "tensorflow-datasets==4.9.10",
         "array_record==0.8.6",
+        # Streaming input from 128 px on (autospace_jax/streaming.py).
+        "grain==0.2.18",
+        # gs:// run folders and data: etils.epath reads and writes GCS through gcsfs.
+        "gcsfs==2026.10.1",
         "ml_collections==1.1.0",
         "clu==0.0.12",
         "absl-py==2.5.1",
@@ -31,6 +35,7 @@ setup(
     extras_require={
         "test": [
             "pytest==9.2.0",
+            "pytest-xdist==3.8.0",  # README's test command runs two test processes.
             "hypothesis==6.170.17",
             "chex==0.1.92",
             "ruff==0.17.6",

@@ -8,6 +8,15 @@ inheritance keys on these names). Every conv op is conv + BN + ReLU6 and keeps
 
 :class:`Network` is stem 3x3 conv -> one cell per layer -> head (1x1 conv,
 global average pool, dense), built from an :class:`~autospace_jax.arch.Arch`.
+With ``se_ratio > 0`` every cell that computes something has a
+squeeze-and-excitation block between node 4 and the output conv, as
+EfficientNet's MBConv (the paper's Table 7 setting); the supernet never has one.
+
+Precision follows Flax's ``dtype`` / ``param_dtype`` convention: every module
+computes in ``dtype`` (float32 by default; bfloat16 on accelerators for the
+final network, ``train.compute_dtype``) while parameters and BatchNorm
+statistics stay float32, and the logits leave the head as float32, so the loss
+and softmax are float32.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.typing import Dtype
 from jax import lax
 
 from autospace_jax import genome as genome_lib
@@ -54,25 +64,33 @@ def _depthwise_shift(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.nd
     oh, ow = -(-h // stride), -(-w // stride)
     ph, pw = max((oh - 1) * stride + k - h, 0), max((ow - 1) * stride + k - w, 0)
     xp = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
-    out = jnp.zeros((n, oh, ow, c), x.dtype)
+    # The k*k taps sum in float32 (as the grouped conv accumulates): 49 bfloat16 adds
+    # would lose the low bits of a 7x7 kernel's output.
+    out = jnp.zeros((n, oh, ow, c), jnp.promote_types(x.dtype, jnp.float32))
     for dy in range(k):
         for dx in range(k):
             end = (n, dy + (oh - 1) * stride + 1, dx + (ow - 1) * stride + 1, c)
             tap = lax.slice(xp, (0, dy, dx, 0), end, (1, stride, stride, 1))
             out = out + tap * kernel[dy, dx, 0]
-    return out
+    return out.astype(x.dtype)
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise conv, no bias; its ``kernel`` has nn.Conv's depthwise shape (k, k, 1, C)."""
+    """Depthwise conv, no bias; its ``kernel`` has nn.Conv's depthwise shape (k, k, 1, C).
+
+    The kernel is float32 whatever ``dtype`` computes: bfloat16 weights would round
+    away SGD updates smaller than 1/256 of a weight.
+    """
 
     kernel_size: int
     stride: int = 1
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         shape = (self.kernel_size, self.kernel_size, 1, x.shape[-1])
-        kernel = self.param("kernel", nn.initializers.he_normal(), shape, x.dtype)
+        kernel = self.param("kernel", nn.initializers.he_normal(), shape, jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return depthwise_conv(x, kernel, self.stride)
 
 
@@ -92,15 +110,20 @@ def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndar
 
 
 class PointwiseConv(nn.Module):
-    """1x1 conv, no bias; its ``kernel`` has nn.Conv's shape (1, 1, C_in, C_out)."""
+    """1x1 conv, no bias; its ``kernel`` has nn.Conv's shape (1, 1, C_in, C_out).
+
+    A float32 kernel computed in ``dtype``, as :class:`DepthwiseConv`.
+    """
 
     features: int
     stride: int = 1
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         shape = (1, 1, x.shape[-1], self.features)
-        kernel = self.param("kernel", nn.initializers.he_normal(), shape, x.dtype)
+        kernel = self.param("kernel", nn.initializers.he_normal(), shape, jnp.float32)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         return pointwise_conv(x, kernel, self.stride)
 
 
@@ -112,13 +135,14 @@ class ConvBN(nn.Module):
     stride: int = 1
     depthwise: bool = False
     act: bool = True
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.depthwise:
-            x = DepthwiseConv(self.kernel, self.stride, name="conv")(x)
+            x = DepthwiseConv(self.kernel, self.stride, self.dtype, name="conv")(x)
         elif self.kernel == 1:
-            x = PointwiseConv(self.features, self.stride, name="conv")(x)
+            x = PointwiseConv(self.features, self.stride, self.dtype, name="conv")(x)
         else:
             x = nn.Conv(
                 self.features,
@@ -127,22 +151,46 @@ class ConvBN(nn.Module):
                 padding="SAME",
                 use_bias=False,
                 kernel_init=nn.initializers.he_normal(),
+                dtype=self.dtype,
                 name="conv",
             )(x)
+        # Flax reduces the batch statistics in float32 and keeps them float32.
         x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
+            use_running_average=not train,
+            momentum=BN_MOMENTUM,
+            epsilon=BN_EPSILON,
+            dtype=self.dtype,
+            name="bn",
         )(x)
         return nn.relu6(x) if self.act else x
 
 
-def edge_op(op: str, features: int, stride: int, name: str) -> nn.Module | None:
+class SqueezeExcite(nn.Module):
+    """MBConv's squeeze-and-excitation: global average pool, 1x1 conv (bias) to
+    ``features``, swish, 1x1 conv (bias) back, sigmoid gates on the input's channels."""
+
+    features: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        s = jnp.mean(x, axis=(1, 2), keepdims=True)
+        conv = functools.partial(nn.Conv, kernel_size=(1, 1), dtype=self.dtype)
+        s = nn.silu(conv(self.features, name="reduce")(s))
+        return x * nn.sigmoid(conv(x.shape[-1], name="expand")(s))
+
+
+def edge_op(
+    op: str, features: int, stride: int, name: str, dtype: Dtype = jnp.float32
+) -> nn.Module | None:
     """The module for one edge op, or None for ``identity`` (see :func:`apply_identity`)."""
     if op == "conv1x1":
-        return ConvBN(features, 1, stride, name=name)
+        return ConvBN(features, 1, stride, dtype=dtype, name=name)
     if op == "conv3x3":
-        return ConvBN(features, 3, stride, name=name)
+        return ConvBN(features, 3, stride, dtype=dtype, name=name)
     if op.startswith("dwconv"):
-        return ConvBN(features, int(op[len("dwconv")]), stride, depthwise=True, name=name)
+        kernel = int(op[len("dwconv")])
+        return ConvBN(features, kernel, stride, depthwise=True, dtype=dtype, name=name)
     if op == "identity":
         return None
     raise genome_lib.GenomeError(
@@ -165,11 +213,14 @@ def aggregate(inputs: list[jnp.ndarray], aggregation: str) -> jnp.ndarray:
 
 
 class Cell(nn.Module):
-    """One cell of a layer: expand (node 0->1), the DAG (nodes 1..4), project (4->5)."""
+    """One cell of a layer: expand (node 0->1), the DAG (nodes 1..4), SE when
+    ``se_ratio > 0``, project (4->5)."""
 
     genome: genome_lib.Genome
     c_out: int
     stride: int
+    se_ratio: float = 0.0
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -180,7 +231,8 @@ class Cell(nn.Module):
         if not live:
             return x  # The skip cell; check_for_layer guarantees a residual.
         hidden = c_in * g.expansion
-        nodes = {1: x if g.expansion == 1 else ConvBN(hidden, 1, name="expand")(x, train)}
+        conv_bn = functools.partial(ConvBN, dtype=self.dtype)
+        nodes = {1: x if g.expansion == 1 else conv_bn(hidden, 1, name="expand")(x, train)}
         for j in (2, 3, 4):
             inputs = []
             for i, jj in live:
@@ -188,47 +240,61 @@ class Cell(nn.Module):
                     continue
                 stride = self.stride if i == 1 else 1
                 op = g.op(i, j)
-                module = edge_op(op, hidden, stride, name=f"edge_{i}{j}")
+                module = edge_op(op, hidden, stride, f"edge_{i}{j}", self.dtype)
                 inputs.append(
                     apply_identity(nodes[i], stride) if module is None else module(nodes[i], train)
                 )
             if inputs:
                 nodes[j] = aggregate(inputs, g.aggregation)
-        y = ConvBN(self.c_out, 1, act=False, name="project")(nodes[4], train)
+        h = nodes[4]
+        if self.se_ratio > 0:
+            se = genome_lib.se_channels(c_in, self.se_ratio)
+            h = SqueezeExcite(se, self.dtype, name="se")(h)
+        y = conv_bn(self.c_out, 1, act=False, name="project")(h, train)
         return y + x if residual else y
 
 
 class Stem(nn.Module):
     features: int
     stride: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        return ConvBN(self.features, 3, self.stride, name="conv")(x, train)
+        return ConvBN(self.features, 3, self.stride, dtype=self.dtype, name="conv")(x, train)
 
 
 class Head(nn.Module):
-    """1x1 conv + BN + ReLU6, global average pool, dense classifier."""
+    """1x1 conv + BN + ReLU6, global average pool, dense classifier; float32 logits."""
 
     features: int
     num_classes: int
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        x = ConvBN(self.features, 1, name="conv")(x, train)
+        x = ConvBN(self.features, 1, dtype=self.dtype, name="conv")(x, train)
         x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, name="classifier")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(x)
+        return x.astype(jnp.float32)
 
 
 class Network(nn.Module):
-    """The final model: stem, one cell per layer of ``arch``, head."""
+    """The final model: stem, one cell per layer of ``arch``, head.
+
+    ``se_ratio``: squeeze-and-excitation in every cell (0: none); ``dtype``: the
+    compute dtype (parameters are float32 either way).
+    """
 
     arch: Arch
+    se_ratio: float = 0.0
+    dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         sk = self.arch.skeleton
-        x = Stem(sk.stem, sk.stem_stride, name="stem")(x, train)
+        x = Stem(sk.stem, sk.stem_stride, self.dtype, name="stem")(x, train)
         for l, (g, (c_out, stride)) in enumerate(zip(self.arch.genomes, sk.layers)):
-            x = Cell(g, c_out, stride, name=f"layer_{l}")(x, train)
-        return Head(sk.head, sk.num_classes, name="head")(x, train)
+            cell = Cell(g, c_out, stride, self.se_ratio, self.dtype, name=f"layer_{l}")
+            x = cell(x, train)
+        return Head(sk.head, sk.num_classes, self.dtype, name="head")(x, train)

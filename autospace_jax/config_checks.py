@@ -6,10 +6,11 @@ fails in a second with one line instead of a traceback from deep in XLA.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import errors, files, gates
+from autospace_jax import augment, errors, files, gates
 from autospace_jax import genome as genome_lib
 
 ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
@@ -66,12 +67,26 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.val_fraction": _num_in(0.0, 1.0, high_open=True),
     "data.test_fraction": _num_in(0.0, 1.0, high_open=True),
     "data.augment": ((lambda v: isinstance(v, bool)), "true or false"),
+    "data.workers": _int_at_least(0),
+    "data.rand_augment": (
+        lambda v: (
+            v == ""
+            or (
+                isinstance(v, str)
+                and re.fullmatch(r"\d+,\d+", v) is not None
+                and int(v.split(",")[1]) <= augment.MAX_MAGNITUDE
+            )
+        ),
+        f"'N,M' (N ops per image, magnitude 0 <= M <= {augment.MAX_MAGNITUDE}; Table 7: '2,9') "
+        "or '' for none",
+    ),
     "model.stem": _int_at_least(1),
     "model.stem_stride": _one_of((1, 2)),
     "model.widths": _positive_ints(),
     "model.blocks": _positive_ints(),
     "model.strides": _positive_ints((1, 2)),
     "model.head": _int_at_least(1),
+    "model.dtype": _one_of(("auto", "float32", "bfloat16")),
     "genome.palette": _one_of(tuple(genome_lib.PALETTES)),
     "genome.reference": _one_of(tuple(genome_lib.REFERENCES)),
     "evolution.population_size": _int_at_least(2),
@@ -131,6 +146,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.nesterov": ((lambda v: isinstance(v, bool)), "true or false"),
     "train.weight_decay": _num_in(0.0, 1.0),
     "train.label_smoothing": _num_in(0.0, 1.0, high_open=True),
+    "train.se_ratio": _num_in(0.0, 1.0),
+    "train.ema_decay": _num_in(0.0, 1.0, high_open=True),
     "train.log_every_steps": _int_at_least(1),
     "train.eval_every_epochs": _int_at_least(1),
     "train.checkpoint_every_steps": _int_at_least(1),

@@ -52,7 +52,7 @@ def peek(data_config: Any) -> tuple[tuple[int, int, int], int] | None:
         return None
     h, w, c = (*shape, 1) if len(shape) == 2 else shape
     size = data_config.image_size
-    return ((size, size, c) if size else (h, w, c)), _npz_num_classes(f)
+    return ((size, size, c) if size else (h, w, c)), npz_num_classes(f)
 
 
 def read_source(
@@ -66,7 +66,7 @@ def read_source(
     """
     source = data_config.source
     if source == "digits":
-        raw = _load_digits(data_config)
+        raw = load_digits(data_config.test_fraction, data_config.image_size)
         check_arrays("data.source='digits'", *raw[:5])
         return raw
     if source == "npz":
@@ -150,18 +150,21 @@ def check_arrays(where: str, x_train, y_train, x_test, y_test, num_classes: int)
 _Raw = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]
 
 
-def _load_digits(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:
-    from sklearn.datasets import load_digits  # Only this source needs sklearn.
+def load_digits(
+    test_fraction: float, image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """scikit-learn's digits split by a fixed permutation, resized (0 = native 8x8)."""
+    from sklearn import datasets  # Only this source needs sklearn.
 
-    if not 0.0 < cfg.test_fraction < 1.0:
+    if not 0.0 < test_fraction < 1.0:
         raise errors.DataError(
-            f"data.test_fraction={cfg.test_fraction!r} must be in (0, 1) for source 'digits'"
+            f"data.test_fraction={test_fraction!r} must be in (0, 1) for source 'digits'"
         )
-    digits = load_digits()
-    images = resize(digits.images.astype(np.float32)[..., None], cfg.image_size)
+    digits = datasets.load_digits()
+    images = resize(digits.images.astype(np.float32)[..., None], image_size)
     # Fixed seed: the test split must not move between runs with different seeds.
     perm = np.random.RandomState(0).permutation(len(digits.target))
-    num_test = round(cfg.test_fraction * len(perm))
+    num_test = round(test_fraction * len(perm))
     test, train = np.sort(perm[:num_test]), np.sort(perm[num_test:])
     y = digits.target.astype(np.int32)
     return images[train], y[train], images[test], y[test], 10, 16.0
@@ -169,11 +172,7 @@ def _load_digits(cfg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
 
 def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
     path = cfg.path
-    if not path or not files.is_file(path):
-        raise errors.MissingFileError(
-            f"data.path={path!r} is not a file; source 'npz' needs a .npz with "
-            f"{_JPEG_KEYS} or {_PLAIN_KEYS}"
-        )
+    _check_npz_path(path)
     key = (_absolute(path), epath.Path(path).stat().mtime, cfg.image_size)
     cache_file = None
     if cache_dir:
@@ -189,10 +188,24 @@ def _load_npz(cfg: Any, cache_dir: str | None) -> _Raw:
         np.savez(buffer, **a)
         files.write_bytes(cache_file, buffer.getvalue())  # Atomic: hosts may share the cache.
     _NPZ_CACHE[key] = a
-    return a["x_train"], a["y_train"], a["x_test"], a["y_test"], _npz_num_classes(a)
+    return a["x_train"], a["y_train"], a["x_test"], a["y_test"], npz_num_classes(a)
 
 
-def _npz_num_classes(a: dict[str, np.ndarray]) -> int:
+def _check_npz_path(path: str) -> None:
+    if not path or not files.is_file(path):
+        raise errors.MissingFileError(
+            f"data.path={path!r} is not a file; source 'npz' needs a .npz with "
+            f"{_JPEG_KEYS} or {_PLAIN_KEYS}"
+        )
+
+
+def checked_npz_arrays(path: str) -> dict[str, np.ndarray]:
+    """The arrays of the npz at ``path``, images undecoded, labels checked (DataError)."""
+    _check_npz_path(path)
+    return _checked_npz(path)[0]
+
+
+def npz_num_classes(a: dict[str, np.ndarray]) -> int:
     if "class_names" in a:
         return len(a["class_names"])
     labels = [y.max() for y in (a["y_train"], a["y_test"]) if y.size]
@@ -251,7 +264,7 @@ def _checked_npz(path: str) -> tuple[dict[str, np.ndarray], dict[str, int]]:
             )
         f[f"y_{s}"] = y.astype(np.int32)
     check_labels(where, sizes["train"], f["y_train"], sizes["test"], f["y_test"],
-                 _npz_num_classes(f))  # fmt: skip
+                 npz_num_classes(f))  # fmt: skip
     return f, sizes
 
 
@@ -287,7 +300,8 @@ def _decode_jpeg(data: np.ndarray) -> np.ndarray:
         return np.asarray(img.convert("L" if img.mode == "L" else "RGB"))
 
 
-def _load_tfds(cfg: Any) -> _Raw:
+def tfds_builder(cfg: Any) -> tuple[Any, str]:
+    """The TFDS builder of ``data.source='tfds:<name>'`` and its evaluation split."""
     import tensorflow_datasets as tfds  # Slow import; only tfds sources pay it.
 
     name, data_dir = cfg.source[len("tfds:") :], cfg.data_dir or None
@@ -307,14 +321,24 @@ def _load_tfds(cfg: Any) -> _Raw:
             f"data.source={cfg.source!r} has splits {sorted(known)}; expected 'train' and "
             "'test' or 'validation'"
         )
+    return builder, eval_split
+
+
+def not_prepared(cfg: Any, e: Exception) -> errors.MissingFileError:
+    """The error for a TFDS set whose ArrayRecord files are missing."""
+    return errors.MissingFileError(
+        f"data.source={cfg.source!r} is not prepared as ArrayRecord in "
+        f"data.data_dir={cfg.data_dir!r} ('' = TFDS default); run `tfds build "
+        f"{cfg.source[len('tfds:') :]} --file_format=array_record --data_dir=<dir>` ({e})"
+    )
+
+
+def _load_tfds(cfg: Any) -> _Raw:
+    builder, eval_split = tfds_builder(cfg)
     try:
         sources = {s: builder.as_data_source(split=s) for s in ("train", eval_split)}
     except (AssertionError, NotImplementedError, OSError, ValueError) as e:
-        raise errors.MissingFileError(
-            f"data.source={cfg.source!r} is not prepared as ArrayRecord in "
-            f"data.data_dir={cfg.data_dir!r} ('' = TFDS default); run `tfds build {name} "
-            f"--file_format=array_record --data_dir=<dir>` ({e})"
-        ) from e
+        raise not_prepared(cfg, e) from e
     out = []
     for split, source in sources.items():
         # One record at a time: mock_data's data sources do not support __getitems__.

@@ -88,3 +88,9 @@ def check_same(what: str, obj: Any) -> None:
         f"{what} differs between processes (process {jax.process_index()} of "
         f"{jax.process_count()}): the hosts' decisions diverged",
     )
+
+
+def sync(what: str) -> None:
+    """Waits until every process gets here: the end of a stage, whose files process 0 wrote."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(what)

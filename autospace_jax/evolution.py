@@ -57,6 +57,7 @@ from autospace_jax import (
     checkpoint,
     config_checks,
     data_sources,
+    distributed,
     evolution_report,
     files,
     input_pipeline,
@@ -151,7 +152,7 @@ class Evolution:
                 f"here and evolve runs {total} (evolution.generations x "
                 "evolution.steps_per_generation), so alpha would never be trained (or raise those)",
             )
-        val = len(dataset.arrays("val")[1])
+        val = dataset.info.num_val
         if self.ec.fitness_batch_size > val:
             config_checks.fail(
                 "evolution.fitness_batch_size",
@@ -486,6 +487,8 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
             t = evo.generation
             figures = evo.run_generation(clock)
             start = time.time()
+            # Per generation: a divergence stops the run where it happened, not at the end.
+            distributed.check_same(f"evolve: the populations after step {evo.step}", evo.meta())
             if evo.generation % ec.checkpoint_every == 0 or not evo.evolving:
                 run_s = elapsed + time.time() - start_time
                 ckpt.save(
@@ -539,6 +542,6 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         **diagnostics,
         "config": config.to_dict(),
     }
-    files.write_json(summary_path, summary)
+    files.write_summary(summary_path, summary)
     evolution_report.log(evo, diagnostics)
     return summary

@@ -1,9 +1,12 @@
 """Use a trained model outside the pipeline: :func:`load_model` and :func:`predict`.
 
 A finished ``--mode=train`` (or ``pipeline``) run leaves in ``<workdir>/train``
-everything inference needs: ``arch.json`` (the network), the Orbax checkpoints
-(the weights), ``normalisation.json`` (the input map) and ``summary.json``
-(which step is final, and the config that fixes the optimizer state's layout).
+everything inference needs: ``arch.json`` (the network, with its
+squeeze-and-excitation ratio and whether the weights have a moving average),
+the Orbax checkpoints (the weights), ``normalisation.json`` (the input map) and
+``summary.json`` (which step is final, the compute dtype, and the config that
+fixes the optimizer state's layout). A run trained with ``train.ema_decay > 0``
+exports its averaged weights, the ones its evaluation used.
 
 Example, on raw images in the training data's pixel units::
 
@@ -16,7 +19,9 @@ Example, on raw images in the training data's pixel units::
     labels = logits.argmax(-1)
 
 ``model`` is a plain ``flax.linen`` module: ``model.apply(variables, x,
-train=False)`` works too, on inputs already normalised with ``norm.apply``.
+train=False)`` works too, on inputs already normalised with ``norm.apply``. It
+computes in the dtype the run trained in, so predictions repeat its evaluation;
+``model.clone(dtype=jnp.float32)`` runs the same weights in float32.
 """
 
 from __future__ import annotations
@@ -68,19 +73,29 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
       workdir: a run folder with a finished train stage.
 
     Returns:
-      ``(cells.Network(arch), {"params": ..., "batch_stats": ...})``, the
-      variables on this process's first device.
+      ``(cells.Network(arch, se_ratio, dtype), {"params": ..., "batch_stats": ...})``,
+      the variables on this process's first device; ``params`` are the moving
+      average of the weights when the run kept one.
 
     Raises:
       MissingFileError: no finished training in ``workdir`` (the message names
         the missing file or checkpoint).
+      RunFolderError: ``arch.json`` and ``summary.json`` describe different networks.
     """
     summary = _finished_summary(workdir)
     stage_dir = _stage_dir(workdir)
-    arch = arch_lib.load_arch(os.path.join(stage_dir, "arch.json"))
+    path = os.path.join(stage_dir, "arch.json")
+    record = arch_lib.read_json(path, "arch")
+    arch = arch_lib.arch_from_json(record, path)
+    layout = train.state_layout(record)
     if arch_lib.arch_to_json(arch) != summary["arch_json"]:
         raise errors.RunFolderError(
             f"{stage_dir}: arch.json is not the arch summary.json was trained with"
+        )
+    if layout != train.state_layout(summary):
+        raise errors.RunFolderError(
+            f"{stage_dir}: arch.json records {layout}, summary.json "
+            f"{train.state_layout(summary)}: not one training; delete {stage_dir} and train again"
         )
     image_shape = load_normalisation(workdir).image_shape
     ckpt_dir = os.path.join(stage_dir, "checkpoints")
@@ -90,21 +105,28 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
             f"{os.path.join(ckpt_dir, str(step))} does not exist: the final checkpoint of the "
             f"training in {workdir!r} is missing"
         )
-    model = cells.Network(arch)
-    target = _abstract_state(model, ml_collections.ConfigDict(summary["config"]), step, image_shape)
+    # Runs from before bfloat16 compute trained in float32.
+    dtype = train.DTYPES[summary.get("dtype", "float32")]
+    model = cells.Network(arch, se_ratio=layout["se_ratio"], dtype=dtype)
+    config = ml_collections.ConfigDict(summary["config"])
+    ema = layout["ema_decay"] > 0
+    target = _abstract_state(model, config, step, image_shape, ema)
     ckpt = checkpoint.Checkpointer(ckpt_dir)
     try:
         state, _ = ckpt.restore(target, step=step)
     finally:
         ckpt.close()
-    return model, {"params": state.params, "batch_stats": state.batch_stats}
+    return model, train.eval_variables(state)
 
 
-def _abstract_state(model: nn.Module, config: Any, steps: int, image_shape) -> train.TrainState:
+def _abstract_state(
+    model: nn.Module, config: Any, steps: int, image_shape, ema: bool
+) -> train.TrainState:
     """Shapes of the saved ``TrainState``: Orbax restores against a target of the same tree.
 
     The optimizer is rebuilt from the run's own config because its state's tree
-    (e.g. with or without a momentum trace) is part of the checkpoint's layout.
+    (e.g. with or without a momentum trace) is part of the checkpoint's layout;
+    so is ``ema``, whether the state holds a moving average of the weights.
     """
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
@@ -115,6 +137,8 @@ def _abstract_state(model: nn.Module, config: Any, steps: int, image_shape) -> t
         batch_stats=variables["batch_stats"],
         opt_state=jax.eval_shape(optimizer.init, variables["params"]),
     )
+    if ema:
+        state = train.EmaTrainState(**vars(state), ema_params=variables["params"])
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), state)
 

@@ -13,10 +13,11 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import logging
 from etils import epath
 
-from autospace_jax import errors
+from autospace_jax import distributed, errors
 
 # OSErrors that mean the run folder, not the library, is at fault.
 FOLDER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS,
@@ -67,10 +68,16 @@ def folder_error(e: OSError) -> errors.RunFolderError | None:
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    """Write-then-rename, so a kill never leaves a half-written file behind."""
+    """Write-then-rename, so a kill never leaves a half-written file behind.
+
+    Only process 0 writes: every process holds the same content (decisions are
+    checked with ``distributed.check_same``), and a stage ends with
+    :func:`write_summary`, so the others read the files only once they exist.
+    """
+    if jax.process_index() != 0:
+        return
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Several hosts may write the same file of a shared run folder: one temporary each.
     tmp = target.parent / f"{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
         tmp.write_bytes(data)
@@ -86,6 +93,12 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_json(path: str, obj: Any) -> None:
     write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def write_summary(path: str, summary: dict[str, Any]) -> None:
+    """A stage's last file; every process waits here until process 0 has written it all."""
+    write_json(path, summary)
+    distributed.sync(path)
 
 
 def finished(

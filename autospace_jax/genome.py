@@ -223,6 +223,12 @@ def has_residual(stride: int, c_in: int, c_out: int) -> bool:
     return stride == 1 and c_in == c_out
 
 
+def se_channels(c_in: int, se_ratio: float) -> int:
+    """Width of a cell's squeeze-and-excitation bottleneck: as EfficientNet's MBConv, a
+    ratio of the cell's *input* channels (not of the expanded ones), at least one."""
+    return max(1, int(c_in * se_ratio))
+
+
 def check_for_layer(genome: Genome, stride: int, c_in: int, c_out: int) -> None:
     """Raises GenomeError if the genome cannot be used in this layer."""
     if is_skip(genome) and not has_residual(stride, c_in, c_out):

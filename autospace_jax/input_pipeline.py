@@ -10,10 +10,13 @@ Sources (``data.source``):
 * ``tfds:<name>``: a TFDS dataset prepared as ArrayRecord in ``data.data_dir``,
   read with ``tfds.data_source`` (random access; TensorFlow is not needed).
 
-Every split is held in host memory as a normalised float32 numpy array: the
-datasets this library targets (digits, CIFAR, small TFDS sets) fit easily, and
-it makes every batch a pure function of ``(seed, split, step)``, so a resumed
-run sees exactly the batches it would have seen. Each process materialises only
+Below ``data.image_size`` 128 every split is held in host memory as a
+normalised float32 numpy array: small-image sets (digits, CIFAR, small TFDS
+sets) fit easily. From 128 px on, images stream from their records instead
+(:mod:`autospace_jax.streaming`: grain workers, Inception crop, centre-crop
+evaluation) behind the same interface. Either way every batch is a pure function
+of ``(seed, split, step)``, so a resumed run sees exactly the batches it would
+have seen. Each process materialises only
 its contiguous slice of the global batch and the global ``jax.Array`` is
 assembled with ``jax.make_array_from_process_local_data``.
 """
@@ -36,6 +39,8 @@ SPLITS = ("train", "val", "test")
 # epoch permutations, which use the plain (seed, epoch) entropy.
 _VAL_STREAM, _AUG_STREAM = 1, 2
 _MIN_AUGMENT_SIZE = 32
+# From this data.image_size on, images stream from their records (autospace_jax.streaming).
+MIN_STREAM_SIZE = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,6 +228,15 @@ def load(
     if not isinstance(cfg.image_size, int) or cfg.image_size < 0:
         raise errors.DataError(
             f"data.image_size={cfg.image_size!r} must be 0 (native size) or a positive int"
+        )
+    if cfg.image_size >= MIN_STREAM_SIZE:
+        from autospace_jax import streaming  # grain; imports this module for DatasetInfo.
+
+        return streaming.StreamingDataset(
+            cfg,
+            seed=seed,
+            process_index=jax.process_index() if process_index is None else process_index,
+            process_count=jax.process_count() if process_count is None else process_count,
         )
     x_train, y_train, x_test, y_test, num_classes, max_value = data_sources.read_source(
         cfg, cache_dir

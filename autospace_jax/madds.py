@@ -2,10 +2,13 @@
 
 Convention (the paper's, and MobileNetV2's 300M): MAdds count the
 multiply-accumulates of convolutions and dense layers only; BatchNorm,
-activations, pooling, aggregation and residual adds are not counted. A conv
-with 'SAME' padding and stride s on an HxW input has ``ceil(H/s) * ceil(W/s) *
-k * k * (C_in / groups) * C_out`` MAdds. Params count conv kernels, BN scale
-and bias (not the running statistics) and the classifier's kernel and bias.
+activations, pooling, aggregation, residual adds and the squeeze-and-excitation
+gating multiply are not counted. A conv with 'SAME' padding and stride s on an
+HxW input has ``ceil(H/s) * ceil(W/s) * k * k * (C_in / groups) * C_out``
+MAdds; a squeeze-and-excitation block's two 1x1 convs run on the pooled 1x1
+map, ``2 * hidden * C_se`` per image. Params count conv kernels, the SE convs'
+biases, BN scale and bias (not the running statistics) and the classifier's
+kernel and bias.
 """
 
 from __future__ import annotations
@@ -40,7 +43,14 @@ def _edge(op: str, size: int, channels: int, stride: int) -> Cost:
     return conv_bn(size, channels, channels, int(op[len("conv")]), stride, False)
 
 
-def cell_cost(g: genome_lib.Genome, size: int, c_in: int, c_out: int, stride: int) -> Cost:
+def squeeze_excite(hidden: int, c_se: int) -> Cost:
+    """``cells.SqueezeExcite`` on ``hidden`` channels: two 1x1 convs with bias on a 1x1 map."""
+    return Cost(madds=2 * hidden * c_se, params=2 * hidden * c_se + c_se + hidden)
+
+
+def cell_cost(
+    g: genome_lib.Genome, size: int, c_in: int, c_out: int, stride: int, se_ratio: float = 0.0
+) -> Cost:
     """MAdds and params of one cell (``cells.Cell``) at a square ``size`` input."""
     live = genome_lib.live_edges(g)
     if not live:
@@ -52,6 +62,8 @@ def cell_cost(g: genome_lib.Genome, size: int, c_in: int, c_out: int, stride: in
             cost += _edge(g.op(i, j), size, hidden, stride)
         else:
             cost += _edge(g.op(i, j), -(-size // stride), hidden, 1)
+    if se_ratio > 0:
+        cost += squeeze_excite(hidden, genome_lib.se_channels(c_in, se_ratio))
     return cost + conv_bn(-(-size // stride), hidden, c_out, 1, 1, False)
 
 
@@ -65,21 +77,22 @@ def head_cost(skeleton: Skeleton, size: int, c_in: int) -> Cost:
     return conv + Cost(madds=dense, params=dense + skeleton.num_classes)
 
 
-def layer_costs(arch: Arch, image_size: int) -> list[Cost]:
+def layer_costs(arch: Arch, image_size: int, se_ratio: float = 0.0) -> list[Cost]:
     """Cost of each layer's cell, in order."""
     return [
-        cell_cost(g, size, c_in, c_out, stride)
+        cell_cost(g, size, c_in, c_out, stride, se_ratio)
         for g, (size, c_in, c_out, stride) in zip(
             arch.genomes, arch.skeleton.layer_shapes(image_size)
         )
     ]
 
 
-def network_cost(arch: Arch, image_size: int, channels: int) -> Cost:
-    """Whole-network cost (``cells.Network``) for ``image_size`` x ``image_size`` x ``channels``."""
+def network_cost(arch: Arch, image_size: int, channels: int, se_ratio: float = 0.0) -> Cost:
+    """Whole-network cost (``cells.Network(arch, se_ratio)``) for ``image_size`` x
+    ``image_size`` x ``channels``."""
     sk = arch.skeleton
     total = stem_cost(sk, image_size, channels)
-    for c in layer_costs(arch, image_size):
+    for c in layer_costs(arch, image_size, se_ratio):
         total += c
     size, _, c_last, stride = sk.layer_shapes(image_size)[-1]
     return total + head_cost(sk, -(-size // stride), c_last)

@@ -43,7 +43,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "arch": [str(g) for g in arch.genomes],
         "config": config.to_dict(),
     }
-    files.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_summary(os.path.join(workdir, "summary.json"), summary)
     logging.info("pipeline: done\n%s", table(summary))
     return summary
 

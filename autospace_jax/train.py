@@ -3,6 +3,15 @@
 Trains ``Network(arch)`` with SGD (momentum, Nesterov), linear warm-up then
 cosine decay, weight decay on kernels and label smoothing; evaluates top-1 on
 the validation and test splits; writes ``<workdir>/train/summary.json``.
+Options of the paper's Table 7 setting: squeeze-and-excitation in every cell
+(``train.se_ratio``) and an exponential moving average of the weights
+(``train.ema_decay``), which evaluation and export then use. The network
+computes in ``model.dtype`` (bfloat16 on accelerators by default) with float32
+parameters, optimizer state, BatchNorm statistics and loss.
+
+``<workdir>/train/arch.json`` records the arch and the options that fix what
+the checkpoints hold (:data:`STATE_LAYOUT`); a re-run with other values is
+refused rather than restored into the wrong tree.
 
 The path a batch takes: config -> mesh -> input -> abstract state -> shardings
 -> init or restore -> step loop -> checkpoint. Every step is a pure function of
@@ -30,6 +39,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import (
     cells,
     checkpoint,
+    config_checks,
     errors,
     failures,
     files,
@@ -44,6 +54,12 @@ from autospace_jax import genome as genome_lib
 
 STAGE = "train"
 
+# Options that fix the checkpoints' layout, recorded in train/arch.json and
+# summary.json, with the value that means "off": runs from before an option
+# existed do not record it.
+STATE_LAYOUT = {"se_ratio": 0.0, "ema_decay": 0.0}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -51,6 +67,15 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+
+
+@flax.struct.dataclass
+class EmaTrainState(TrainState):
+    """A :class:`TrainState` that also keeps the moving average of ``params``
+    (train.ema_decay > 0). A subclass, not an optional field: without EMA the
+    checkpoints keep the layout of runs from before EMA existed, and restore."""
+
+    ema_params: Any
 
 
 # ----------------------------------------------------------------------------
@@ -82,6 +107,38 @@ def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.Gradien
         optax.add_decayed_weights(train_config.weight_decay, mask=kernel_mask),
         optax.sgd(schedule, momentum=train_config.momentum, nesterov=train_config.nesterov),
     )
+
+
+def compute_dtype(setting: str) -> Any:
+    """``model.dtype`` as a dtype: "auto" is bfloat16 on GPU and TPU (their matrix units'
+    fast type), float32 on CPU (where bfloat16 is emulated and slower)."""
+    if setting == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return DTYPES[setting]
+
+
+def state_layout(record: dict[str, Any]) -> dict[str, float]:
+    """:data:`STATE_LAYOUT`'s options as recorded in train/arch.json or summary.json."""
+    return {key: record.get(key, off) for key, off in STATE_LAYOUT.items()}
+
+
+def ema_update(ema_params: Any, params: Any, decay: float, step: jax.Array) -> Any:
+    """The weights' moving average after update number ``step`` (1-based).
+
+    As TensorFlow's ``ExponentialMovingAverage(decay, num_updates=step)``, which
+    EfficientNet trains with: the decay is ``min(decay, (1 + step) / (10 + step))``,
+    so early averages follow the weights instead of staying near their random
+    initial values for ~1/(1 - decay) steps.
+    """
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return optax.incremental_update(params, ema_params, 1.0 - rate)
+
+
+def eval_variables(state: TrainState) -> dict[str, Any]:
+    """What evaluation, test and export run: the EMA weights when kept, with the live
+    BatchNorm statistics."""
+    params = state.ema_params if isinstance(state, EmaTrainState) else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
 
 
 def evaluate(
@@ -133,7 +190,11 @@ def resolve_arch(
 
 
 def make_train_step(
-    model: nn.Module, optimizer: optax.GradientTransformation, mesh, label_smoothing: float
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    mesh,
+    label_smoothing: float,
+    ema_decay: float = 0.0,
 ):
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
 
@@ -154,32 +215,44 @@ def make_train_step(
             state.params
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        new_state = TrainState(
+        new_state = state.replace(
             step=state.step + 1,
             params=optax.apply_updates(state.params, updates),
             batch_stats=batch_stats,
             opt_state=opt_state,
         )
+        if ema_decay > 0:
+            new_state = new_state.replace(
+                ema_params=ema_update(state.ema_params, new_state.params, ema_decay, new_state.step)
+            )
         accuracy = (jnp.argmax(logits, -1) == labels).mean()
         return new_state, {"loss": loss, "accuracy": accuracy}
 
     return train_step
 
 
-def init_state(model: nn.Module, optimizer, image_shape, seed: int, mesh) -> TrainState:
-    """Host-side initialisation from abstract shapes, placed replicated on the mesh."""
+def init_state(
+    model: nn.Module, optimizer, image_shape, seed: int, mesh, ema: bool = False
+) -> TrainState:
+    """Host-side initialisation from abstract shapes, placed replicated on the mesh.
+
+    ``ema``: keep a moving average of the weights, starting at the initial weights.
+    """
     abstract = jax.eval_shape(
         functools.partial(model.init, train=False),
         jax.random.key(0),
         jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
     )
     variables = initializers.host_init(abstract, seed)
+    params = variables["params"]
     state = TrainState(
         step=np.zeros((), np.int32),
-        params=variables["params"],
+        params=params,
         batch_stats=variables["batch_stats"],
-        opt_state=optimizer.init(variables["params"]),
+        opt_state=optimizer.init(params),
     )
+    if ema:  # A copy: the train step donates the state, and a buffer is donated once.
+        state = EmaTrainState(**vars(state), ema_params=jax.tree.map(np.copy, params))
     return jax.device_put(state, sharding.replicated(mesh))
 
 
@@ -188,6 +261,32 @@ def xla_madds(model: nn.Module, variables: Any, image_shape) -> int:
     x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
     cost = jax.jit(lambda v, x: model.apply(v, x, train=False)).lower(variables, x).cost_analysis()
     return int(cost["flops"] / 2)
+
+
+def check_resumable(
+    trained_arch: str, arch: arch_lib.Arch, arch_source: str, layout: dict[str, float]
+) -> None:
+    """Refuses to resume checkpoints of another arch, or of another :data:`STATE_LAYOUT`.
+
+    Raises:
+      RunFolderError: ``trained_arch`` (train/arch.json) is another architecture.
+      ConfigError: it was trained with another train.se_ratio or train.ema_decay.
+    """
+    record = arch_lib.read_json(trained_arch, "arch")
+    stage_dir = os.path.dirname(trained_arch)
+    if arch_lib.arch_from_json(record, trained_arch) != arch:
+        raise errors.RunFolderError(
+            f"{stage_dir}/checkpoints holds the checkpoints of another architecture than "
+            f"{arch_source}; use a new --workdir, or delete {stage_dir} to start over"
+        )
+    for key, trained in state_layout(record).items():
+        if layout[key] != trained:
+            config_checks.fail(
+                f"train.{key}",
+                layout[key],
+                f"{trained}, the value the checkpoints in {stage_dir} were trained with "
+                f"(or a new --workdir, or delete {stage_dir} to start over)",
+            )
 
 
 def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
@@ -216,49 +315,56 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     arch, arch_source = resolve_arch(config, workdir, info)
     arch_lib.check_image_size(arch.skeleton, info.image_shape)
     arch_json = arch_lib.arch_to_json(arch)
+    layout = {"se_ratio": tc.se_ratio, "ema_decay": tc.ema_decay}
     summary = files.finished(
-        summary_path, lambda s: s.get("steps") == total_steps and s.get("arch_json") == arch_json
+        summary_path,
+        lambda s: (
+            s.get("steps") == total_steps
+            and s.get("arch_json") == arch_json
+            and state_layout(s) == layout
+        ),
     )
     if summary is not None:
         return summary
 
     # --- model, abstract state, init or restore ---------------------------------------
-    model = cells.Network(arch)
+    dtype = compute_dtype(config.model.dtype)
+    model = cells.Network(arch, se_ratio=tc.se_ratio, dtype=dtype)
     optimizer = sgd(tc, total_steps, tc.warmup_epochs * steps_per_epoch)
     ckpt = checkpoint.Checkpointer(
         os.path.join(stage_dir, "checkpoints"), tc.max_checkpoints, stage=STAGE
     )
-    cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2])
+    cost = madds.network_cost(arch, info.image_shape[0], info.image_shape[2], tc.se_ratio)
     trained_arch = os.path.join(stage_dir, "arch.json")
-    state = init_state(model, optimizer, info.image_shape, config.seed, mesh)
+    state = init_state(model, optimizer, info.image_shape, config.seed, mesh, tc.ema_decay > 0)
     meta = {"elapsed_s": 0.0}
     if ckpt.latest_step() is not None:
-        if arch_lib.load_arch(trained_arch) != arch:
-            raise errors.RunFolderError(
-                f"{ckpt.directory} holds the checkpoints of another architecture than "
-                f"{arch_source}; use a new --workdir, or delete {stage_dir} to start over"
-            )
+        check_resumable(trained_arch, arch, arch_source, layout)
         state, meta = ckpt.restore(state)
         logging.info("train: resumed from step %d of %d", int(state.step), total_steps)
-    else:  # The checkpoints about to be written belong to this arch.
-        arch_lib.save_arch(trained_arch, arch, madds=cost.madds, params=cost.params)
+    else:  # The checkpoints about to be written belong to this arch and layout.
+        arch_lib.save_arch(trained_arch, arch, madds=cost.madds, params=cost.params, **layout)
         # The input map inference needs (export.predict); the data may be gone by then.
         normalisation.save(
             os.path.join(stage_dir, normalisation.FILENAME),
             normalisation.from_dataset(dataset),
         )
     logging.info(
-        "train: arch from %s, %d layers, %.2fM MAdds, %.3fM params, %d steps (%d epochs)",
+        "train: arch from %s, %d layers, %.2fM MAdds, %.3fM params, %d steps (%d epochs), "
+        "SE ratio %g, EMA decay %g, %s compute",
         arch_source,
         arch.skeleton.num_layers,
         cost.madds / 1e6,
         cost.params / 1e6,
         total_steps,
         tc.epochs,
+        tc.se_ratio,
+        tc.ema_decay,
+        jnp.dtype(dtype).name,
     )
 
     # --- step loop --------------------------------------------------------------------
-    train_step = make_train_step(model, optimizer, mesh, tc.label_smoothing)
+    train_step = make_train_step(model, optimizer, mesh, tc.label_smoothing, tc.ema_decay)
     eval_step = make_eval_step(model, mesh)
     writer = writers.create_writer(stage_dir)
     progress = periodic_actions.ReportProgress(
@@ -285,7 +391,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
                 writer.write_scalars(done, {f"train_{k}": v for k, v in means.items()})
                 pending = []
             if done % (tc.eval_every_epochs * steps_per_epoch) == 0 and done < total_steps:
-                variables = {"params": state.params, "batch_stats": state.batch_stats}
+                variables = eval_variables(state)
                 val = evaluate(eval_step, variables, dataset, "val", tc.eval_batch_size, mesh)
                 writer.write_scalars(done, {f"val_{k}": v for k, v in val.items()})
             if is_ckpt:
@@ -295,7 +401,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         ckpt.close()
 
     # --- final evaluation and summary -------------------------------------------------
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    variables = eval_variables(state)
     val = evaluate(eval_step, variables, dataset, "val", tc.eval_batch_size, mesh)
     test = evaluate(eval_step, variables, dataset, "test", tc.eval_batch_size, mesh)
     writer.write_scalars(
@@ -313,9 +419,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         "xla_madds": xla_madds(model, variables, info.image_shape),
         "arch": arch_source,
         "arch_json": arch_json,
+        **layout,
+        "dtype": jnp.dtype(dtype).name,
         "config": config.to_dict(),
     }
-    files.write_json(summary_path, summary)
+    files.write_summary(summary_path, summary)
     logging.info(
         "train: done. test top-1 %.4f, val top-1 %.4f, %d MAdds, %d params, %.1f s",
         test["accuracy"],

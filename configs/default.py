@@ -24,7 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.image_size = 0  # 0 = native; else resize to image_size x image_size at load.
     c.data.val_fraction = 0.1  # Held out of train: fitness/arch steps and validation.
     c.data.test_fraction = 0.2  # digits only (it has no official test split).
-    c.data.augment = True  # Random crop + flip on train batches, images >= 32 px only.
+    # Train batches: random crop + flip at 32-127 px; Inception crop + flip from 128 px.
+    c.data.augment = True
+    # From image_size 128 on, images stream from their records: worker processes that
+    # decode and crop (0 = threads of the main process).
+    c.data.workers = 0
+    c.data.rand_augment = ""  # RandAugment 'num_layers,magnitude', train images >= 128 px, '' off.
 
     # Macro skeleton: stage s has blocks[s] layers of width widths[s]; its first
     # layer has stride strides[s].
@@ -35,6 +40,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.blocks = (1, 2, 2)
     c.model.strides = (1, 2, 2)
     c.model.head = 128
+    # Compute dtype of the final network (parameters, optimizer state, BatchNorm
+    # statistics and loss stay float32): auto (bfloat16 on GPU/TPU, float32 on CPU) |
+    # float32 | bfloat16.
+    c.model.dtype = "auto"
 
     c.genome = ml_collections.ConfigDict()
     c.genome.palette = "default"  # default (7 ops, + dwconv5x5/7x7) | paper (its 5 ops)
@@ -116,6 +125,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.nesterov = True
     c.train.weight_decay = 4e-5  # On conv and dense kernels only.
     c.train.label_smoothing = 0.1
+    # Squeeze-and-excitation in every cell, C_se = max(1, int(C_in * se_ratio)), as
+    # EfficientNet's 0.25 (paper Table 7); 0 = none.
+    c.train.se_ratio = 0.0
+    # Moving average of the weights for evaluation and export (EfficientNet: 0.9999;
+    # the decay ramps up as (1 + step) / (10 + step)); 0 = none.
+    c.train.ema_decay = 0.0
     c.train.log_every_steps = 50
     c.train.eval_every_epochs = 10
     c.train.checkpoint_every_steps = 200

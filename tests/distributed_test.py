@@ -19,12 +19,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_two(cmd: list[str]) -> list[subprocess.CompletedProcess]:
+def start_two(
+    cmd: list[str], extra_env: dict[str, str] | None = None
+) -> list[subprocess.CompletedProcess]:
+    """Runs ``cmd`` as processes 0 and 1 of one JAX job (``extra_env`` added to runner.env())."""
     port = _free_port()
     procs = []
     for i in range(2):
         env = {
             **runner.env(),
+            **(extra_env or {}),
             "AUTOSPACE_DISTRIBUTED": "1",
             "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
             "AUTOSPACE_NUM_PROCESSES": "2",
@@ -45,7 +49,7 @@ def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
     workdir = str(tmp_path / "run")
     flags = [f for f in TINY if "generations" not in f and "search.steps" not in f]
     flags += ["--config.evolution.generations=2", "--config.search.steps=10"]
-    first, second = _start_two(runner.command(workdir, *flags))
+    first, second = start_two(runner.command(workdir, *flags))
     assert first.returncode == 0, first.stdout[-3000:]
     assert second.returncode == 0, second.stdout[-3000:]
     assert "process 0 of 2" in first.stdout and "process 1 of 2" in second.stdout
@@ -59,7 +63,7 @@ def test_diverging_decisions_stop_every_process(tmp_path):
         "from autospace_jax import distributed; import jax; distributed.maybe_initialize(); "
         "distributed.check_same('the arch', {'layer_0': jax.process_index()})"
     )
-    results = _start_two([sys.executable, "-c", script])
+    results = start_two([sys.executable, "-c", script])
     for r in results:
         assert r.returncode != 0
         assert "the arch differs between processes" in r.stdout

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, config_checks, madds, population, spaces
+from autospace_jax import cells, config_checks, errors, madds, population, spaces
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
 from autospace_jax.search import context
@@ -134,6 +134,22 @@ def test_unknown_budget_names_the_accepted_ones():
         imagenet_mobile.get_config("250M")
 
 
+def test_table7_option_adds_se_ema_and_rand_augment_only():
+    plain = imagenet_mobile.get_config("300M").to_dict()
+    table7 = imagenet_mobile.get_config("300M,table7").to_dict()
+    assert (table7["train"]["se_ratio"], table7["train"]["ema_decay"]) == (0.25, 0.9999)
+    assert table7["data"]["rand_augment"] == "2,9"
+    for section, fields in (("train", ("se_ratio", "ema_decay")), ("data", ("rand_augment",))):
+        for field in fields:
+            table7[section].pop(field)
+            plain[section].pop(field, None)  # data.rand_augment: '' (off) by default.
+    assert table7 == plain
+    assert imagenet_mobile.get_config("100M,table7").search.target_madds == 150_000_000
+    with pytest.raises(errors.ConfigError, match="option 'table8' is unknown; accepted: "
+                       r"\['table7'\]"):  # fmt: skip
+        imagenet_mobile.get_config("300M,table8")
+
+
 # ----------------------------------------------------------------------------
 # Skeleton, final network, supernet.
 # ----------------------------------------------------------------------------
@@ -162,6 +178,22 @@ def test_uniform_irb_network_params_and_madds(skeleton, kernel, expansion):
     assert logits.shape == (1, 1000)
     if (kernel, expansion) == (3, 6):  # The reference: 530.3M MAdds, 4.69M params.
         assert 5.2e8 < expected.madds < 5.4e8 and 4.6e6 < expected.params < 4.8e6
+
+
+def test_se_network_params_and_madds(skeleton):
+    """Table 7's SE (ratio 0.25 of each cell's input channels) on the reference network:
+    ``madds.py`` against a count over the abstract Flax network's kernels."""
+    arch = arch_lib.uniform(skeleton, g.irb(3, 6))
+    params, _, intermediates = _abstract(cells.Network(arch, se_ratio=0.25))
+    cost = madds.network_cost(arch, 224, 3, se_ratio=0.25)
+    assert _count_params(params) == cost.params
+    assert _count_madds(params, intermediates) == cost.madds
+    # By hand: per layer two 1x1 convs with bias, hidden = 6 * C_in <-> C_in / 4.
+    c_ins = [32] + [width for width, layers, _ in PROXYLESS_STAGES for _ in range(layers)][:-1]
+    by_hand = sum(2 * 6 * c * (c // 4) + c // 4 + 6 * c for c in c_ins)
+    plain = madds.network_cost(arch, 224, 3)
+    assert cost.params - plain.params == by_hand
+    assert cost.madds - plain.madds == sum(2 * 6 * c * (c // 4) for c in c_ins)
 
 
 def test_k9_supernet_of_the_initial_population(config, skeleton):

@@ -97,7 +97,7 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
         **figures,
         "config": config.to_dict(),
     }
-    files.write_json(summary_path, summary)
+    files.write_summary(summary_path, summary)
     logging.info(
         "search: %s chose %s: %d MAdds (target %s), %d params, supernet val top-1 %.4f, %.1f s",
         sc.algorithm, path, cost.madds, sc.target_madds or "none", cost.params, val_accuracy,
