@@ -153,7 +153,7 @@ class Dataset:
         """
         sharding_lib.check_batch_size(batch_size, sharding.mesh, "train.batch_size")
         x, y = self.local_train_batch(step, batch_size, seed=seed, split=split)
-        return _to_global(x, sharding, batch_size), _to_global(y, sharding, batch_size)
+        return to_global(x, sharding, batch_size), to_global(y, sharding, batch_size)
 
     def local_eval_batches(
         self, split: str, batch_size: int
@@ -188,7 +188,7 @@ class Dataset:
         sharding_lib.check_batch_size(batch_size, sharding.mesh, "eval batch_size")
         self._host_slice(batch_size)
         local = self.local_eval_batches(split, batch_size)
-        return (tuple(_to_global(a, sharding, batch_size) for a in batch) for batch in local)
+        return (tuple(to_global(a, sharding, batch_size) for a in batch) for batch in local)
 
     def _host_slice(self, batch_size: int) -> slice:
         if batch_size % self.process_count:
@@ -307,5 +307,5 @@ def _crop_and_flip(x: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: i
     return np.where(flips[:, None, None, None], x[:, :, ::-1], x)
 
 
-def _to_global(local: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
+def to_global(local: np.ndarray, sharding: NamedSharding, batch_size: int) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local, (batch_size, *local.shape[1:]))

@@ -453,9 +453,6 @@ class StreamingDataset:
     def _to_device(self, local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int):
         """``(images, labels[, mask])`` global arrays; images flipped and normalised there."""
         local = {"flip": np.zeros(len(local["label"]), bool), **local}
-        arrays = {
-            k: jax.make_array_from_process_local_data(sharding, a, (batch_size, *a.shape[1:]))
-            for k, a in local.items()
-        }
+        arrays = {k: input_pipeline.to_global(a, sharding, batch_size) for k, a in local.items()}
         images = _model_input(arrays["image"], arrays["flip"], *self.scale_shift, sharding)
         return (images, arrays["label"], *([arrays["mask"]] if "mask" in arrays else []))
