@@ -14,7 +14,7 @@ EfficientNet's MBConv (the paper's Table 7 setting); the supernet never has one.
 
 Precision follows Flax's ``dtype`` / ``param_dtype`` convention: every module
 computes in ``dtype`` (float32 by default; bfloat16 on accelerators for the
-final network, ``train.compute_dtype``) while parameters and BatchNorm
+supernet and final network, :func:`compute_dtype`) while parameters and BatchNorm
 statistics stay float32, and the logits leave the head as float32, so the loss
 and softmax are float32.
 """
@@ -31,6 +31,17 @@ from jax import lax
 
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Arch
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(setting: str) -> Dtype:
+    """``model.dtype`` as a dtype: "auto" is bfloat16 on GPU and TPU (their matrix units'
+    fast type), float32 on CPU (where bfloat16 is emulated and slower)."""
+    if setting == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return DTYPES[setting]
+
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5

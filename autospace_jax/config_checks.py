@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import augment, errors, files, gates
+from autospace_jax import augment, errors, files, gates, supernet
 from autospace_jax import genome as genome_lib
 
 ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
@@ -137,6 +137,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "supernet.fitness_init_std": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.warmup_epochs": _int_at_least(0),
     "supernet.compensation_clip": ((lambda v: _is_num(v) and v >= 1), "a number >= 1"),
+    "supernet.program": _one_of(supernet.PROGRAMS),
     "train.batch_size": _int_at_least(1),
     "train.eval_batch_size": _int_at_least(1),
     "train.epochs": _int_at_least(1),

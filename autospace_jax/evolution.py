@@ -54,6 +54,7 @@ from absl import logging
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import (
+    cells,
     checkpoint,
     config_checks,
     data_sources,
@@ -120,7 +121,10 @@ class Evolution:
             self.sc.weight_decay, self.sc.momentum, self.sc.nesterov, self.sc.fitness_b1
         )
         self.bank = WeightBank(self.skeleton, self.image_shape, self.tx, config.seed)
-        self.precompiler = precompile.Precompiler(self, self.ec.background_compile)
+        # Per-cell programs only serve the pieces; the fused step compiles per generation.
+        self.dtype = cells.compute_dtype(config.model.dtype)
+        pieces_mode = sn.resolve_program(self.sc.program) == "pieces"
+        self.precompiler = precompile.Precompiler(self, self.ec.background_compile and pieces_mode)
         self.populations: list[list[Individual]] = []
         self.generation = 0  # T..: final rounds.
         self.step = 0
@@ -288,7 +292,7 @@ class Evolution:
             [[self.populations[l][i].genome for i in idx] for l, idx in enumerate(picked)],
         )
         trainer = sn.SupernetTrainer.from_config(
-            spec, self.sc, fitness_estimate=ec.fitness_estimate
+            spec, self.config, fitness_estimate=ec.fitness_estimate
         )
         alphas = [
             np.array([self.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)

@@ -106,7 +106,7 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
             f"training in {workdir!r} is missing"
         )
     # Runs from before bfloat16 compute trained in float32.
-    dtype = train.DTYPES[summary.get("dtype", "float32")]
+    dtype = cells.DTYPES[summary.get("dtype", "float32")]
     model = cells.Network(arch, se_ratio=layout["se_ratio"], dtype=dtype)
     config = ml_collections.ConfigDict(summary["config"])
     ema = layout["ema_decay"] > 0

@@ -1,8 +1,11 @@
 """ProxylessNAS binary gates and the fitness gradient of Eq. 4 (paper §3.2.2; DESIGN §3).
 
-Host-side numpy: which two paths of a layer a step samples, and how dL/dg_k of
-the sampled paths becomes dL/dalpha. The supernet trainer measures dL/dg_k
-(:data:`FITNESS_ESTIMATES`) and applies the result with Adam.
+Which two paths of a layer a step samples, and how dL/dg_k of the sampled
+paths becomes dL/dalpha. The sample is drawn on the host (:func:`sample_gates`,
+numpy: the host-chained pieces must know which cells to run) or on the devices
+(:func:`device_gates`, for the one-program step of ``fused.py``): the same law,
+different random numbers. The supernet trainer measures dL/dg_k
+(:data:`FITNESS_ESTIMATES`) and applies Eq. 4 with Adam.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 # How a fitness step measures dL/dg_k of a sampled path k: "gradient", ProxylessNAS's
@@ -50,7 +55,33 @@ def sample_gates(alphas: Sequence[np.ndarray], rng: np.random.Generator) -> list
     return out
 
 
-def fitness_gradient(alpha: np.ndarray, gates: Gates, dl_dg: Sequence[float]) -> np.ndarray:
+def device_gates(alphas: Sequence[jax.Array], key: jax.Array, tied: bool):
+    """:func:`sample_gates`' law drawn with ``key`` inside a compiled program.
+
+    Returns ``(pair, active)``: int32 arrays ``[L, 2]`` and ``[L]``; a layer with
+    one candidate gets ``pair = (0, 0)``. ``tied``: one draw (layer 0's alpha)
+    for every layer.
+    """
+    pairs, actives = [], []
+    for l, alpha in enumerate(alphas[:1] if tied else alphas):
+        if alpha.shape[0] == 1:
+            pairs.append(jnp.zeros(2, jnp.int32))
+            actives.append(jnp.int32(0))
+            continue
+        k_pair, k_active = jax.random.split(jax.random.fold_in(key, l))
+        alpha = alpha.astype(jnp.float32)
+        pair = jax.random.choice(
+            k_pair, alpha.shape[0], (2,), replace=False, p=jax.nn.softmax(alpha)
+        ).astype(jnp.int32)
+        which = jax.random.choice(k_active, 2, p=jax.nn.softmax(alpha[pair]))
+        pairs.append(pair)
+        actives.append(pair[which])
+    if tied:
+        pairs, actives = pairs * len(alphas), actives * len(alphas)
+    return jnp.stack(pairs), jnp.stack(actives)
+
+
+def fitness_gradient(alpha: jax.Array, pair: jax.Array, dl_dg: jax.Array) -> jax.Array:
     """Eq. 4 without its factor: dL/dalpha_i = sum_k dL/dg_k p_k (delta_ik - p_i).
 
     The sum runs over the two sampled paths with p renormalised over them
@@ -60,22 +91,24 @@ def fitness_gradient(alpha: np.ndarray, gates: Gates, dl_dg: Sequence[float]) ->
     the gradient update step"): on the gradient, a per-logit factor that is
     constant over a generation would be divided out again by Adam.
 
+    jnp, so that it runs inside the compiled fitness step as well as on its own.
+
     Args:
       alpha: the layer's K fitness logits.
-      gates: the layer's sample.
-      dl_dg: dL/dg_k for each path of ``gates.pair``, in order.
+      pair: the two sampled paths (ignored when K = 1: no gradient).
+      dl_dg: dL/dg_k for each path of ``pair``, in order.
 
     Returns:
-      The K-vector dL/dalpha.
+      The K-vector dL/dalpha (float32).
     """
-    grad = np.zeros(len(alpha), np.float32)
-    if len(gates.pair) < 2:
-        return grad
-    idx = list(gates.pair)
-    p = softmax(np.asarray(alpha, np.float64)[idx])
-    for a, i in enumerate(idx):
-        grad[i] = sum(dl_dg[b] * p[b] * (float(a == b) - p[a]) for b in range(len(idx)))
-    return grad
+    alpha = jnp.asarray(alpha, jnp.float32)
+    if alpha.shape[0] < 2:
+        return jnp.zeros_like(alpha)
+    pair = jnp.asarray(pair, jnp.int32)
+    dl_dg = jnp.asarray(dl_dg, jnp.float32)
+    p = jax.nn.softmax(alpha[pair])
+    # sum_b dL/dg_b p_b (delta_ab - p_a) = p_a (dL/dg_a - sum_b p_b dL/dg_b).
+    return jnp.zeros_like(alpha).at[pair].set(p * (dl_dg - p @ dl_dg))
 
 
 def compensation_factor(n: np.ndarray, n_prime: np.ndarray, clip: float) -> np.ndarray:

@@ -73,7 +73,7 @@ def _serialize() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
-def _timed(fn):
+def timed(fn):
     """Wraps a jitted piece: a call that traces is timed as compile time.
 
     Dispatch is asynchronous, so such a call's time is tracing + lowering +
@@ -94,19 +94,33 @@ def _timed(fn):
     return call
 
 
-def _apply_train(module: nn.Module, params, batch_stats, x):
+def apply_train(module: nn.Module, params, batch_stats, x):
     """Train-mode apply: (output, updated batch_stats)."""
     y, updates = module.apply(
         {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"]
     )
-    return y, updates["batch_stats"]
+    return y, updates.get("batch_stats", {})
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
+    """Mean softmax cross-entropy with label smoothing."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def apply_update(tx: optax.GradientTransformation, params, grads, opt_state, learning_rate):
+    """params - learning_rate * direction, the direction from ``tx`` (no ``optax.scale``:
+    the rate is an argument, so one program serves every step of a schedule)."""
+    direction, opt_state = tx.update(grads, opt_state, params)
+    params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
+    return params, opt_state
 
 
 def _shapes(tree) -> tuple:
     return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree))
 
 
-@_timed
+@timed
 @functools.partial(jax.jit, static_argnames=("module",))
 def forward(module: nn.Module, variables: dict, x: jax.Array):
     """Train-mode forward of ``module``. Returns (y, new batch_stats, vjp).
@@ -117,13 +131,13 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     _trace("forward", module)
 
     def apply(params, x):
-        return _apply_train(module, params, variables["batch_stats"], x)
+        return apply_train(module, params, variables["batch_stats"], x)
 
     y, vjp, new_stats = jax.vjp(apply, variables["params"], x, has_aux=True)
     return y, new_stats, vjp
 
 
-@_timed
+@timed
 @jax.jit
 def backward(vjp, dy: jax.Array):
     """Applies a :func:`forward` VJP: returns (d params, d x)."""
@@ -131,7 +145,7 @@ def backward(vjp, dy: jax.Array):
     return vjp(dy)
 
 
-@_timed
+@timed
 @functools.partial(jax.jit, static_argnames=("module",))
 def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     """Inference forward (BatchNorm running statistics)."""
@@ -139,7 +153,7 @@ def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     return module.apply(variables, x, train=False)
 
 
-@_timed
+@timed
 @functools.partial(jax.jit, static_argnames=("module", "label_smoothing"))
 def head_loss(
     module: nn.Module, variables: dict, x: jax.Array, labels: jax.Array, label_smoothing: float
@@ -152,10 +166,8 @@ def head_loss(
     _trace("head_loss", module)
 
     def loss_fn(params, x):
-        logits, stats = _apply_train(module, params, variables["batch_stats"], x)
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-        loss = optax.softmax_cross_entropy(logits, targets).mean()
-        return loss, (logits, stats)
+        logits, stats = apply_train(module, params, variables["batch_stats"], x)
+        return cross_entropy(logits, labels, label_smoothing), (logits, stats)
 
     (loss, (logits, stats)), (dparams, dx) = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
         variables["params"], x
@@ -164,19 +176,17 @@ def head_loss(
     return loss, accuracy, dparams, dx, stats
 
 
-@_timed
+@timed
 @functools.partial(jax.jit, static_argnames=("tx",), donate_argnums=(1, 3))
 def update(
     tx: optax.GradientTransformation, params: Any, grads: Any, opt_state: Any, learning_rate
 ):
     """One optimizer step on one module's tree: params - lr * direction."""
     _trace("update", tx, _shapes(params))
-    direction, opt_state = tx.update(grads, opt_state, params)
-    params = jax.tree.map(lambda p, d: p - learning_rate * d, params, direction)
-    return params, opt_state
+    return apply_update(tx, params, grads, opt_state, learning_rate)
 
 
-@_timed
+@timed
 @jax.jit
 def inner(a: jax.Array, b: jax.Array) -> jax.Array:
     """<a, b> over all elements: dL/dg_k = <dL/d out, o_k(x)> for a gate g_k."""

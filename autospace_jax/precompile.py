@@ -73,7 +73,7 @@ class Precompiler:
             sharding=sharding.batch_sharding(evo.mesh),
         )
         return (
-            sn.piece_cell(genome, cons.c_out, cons.stride),
+            sn.piece_cell(genome, cons.c_out, cons.stride, evo.dtype),
             x,
             sharding.replicated(evo.mesh),
             evo.tx,
@@ -85,10 +85,11 @@ class Precompiler:
         sk, bs = evo.skeleton, evo.sc.batch_size
         data, replicated = sharding.batch_sharding(evo.mesh), sharding.replicated(evo.mesh)
         images = jax.ShapeDtypeStruct((bs, *evo.image_shape), np.float32, sharding=data)
-        pieces.precompile_cell(cells.Stem(sk.stem, sk.stem_stride), images, replicated, evo.tx)
+        stem = cells.Stem(sk.stem, sk.stem_stride, dtype=evo.dtype)
+        pieces.precompile_cell(stem, images, replicated, evo.tx)
         x = jax.ShapeDtypeStruct(
             (bs, *sk.head_shape(evo.image_shape[0])), np.float32, sharding=data
         )
         labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
-        head = cells.Head(sk.head, sk.num_classes)
+        head = cells.Head(sk.head, sk.num_classes, dtype=evo.dtype)
         pieces.precompile_head(head, x, labels, evo.sc.label_smoothing, replicated, evo.tx)

@@ -5,7 +5,9 @@ Linen variable collection ``"fitness"``; ``p^l = softmax(alpha^l)``.
 :class:`Supernet` is the Linen module that owns every variable; its full
 forward is Eq. 3 (all K cells, weighted by p), used for initialisation and
 small checks. Training uses ProxylessNAS binary gates in two-path mode, run by
-:class:`SupernetTrainer` as host-chained compiled pieces (see ``pieces.py``):
+:class:`SupernetTrainer` as host-chained compiled pieces (``pieces.py``, the CPU
+default) or as one compiled program per step (``fused.py``, the GPU/TPU default:
+no device-to-host transfer inside a step; ``supernet.program``):
 
 * per step and layer, two distinct paths are drawn from p and one of them is
   made active with probability proportional to p renormalised over the pair;
@@ -19,7 +21,8 @@ small checks. Training uses ProxylessNAS binary gates in two-path mode, run by
   ``dL/dg_k = <dL/dout, o_k(x)>``, ProxylessNAS) or ``loss`` (the loss of the
   path through each, measured: :meth:`SupernetTrainer.path_losses`); alpha gets
   Eq. 4 (``gates.fitness_gradient``) and Adam, each logit's step scaled by the
-  count compensation ``n(d)/n'(d)`` (data, one array per layer, clipped).
+  count compensation ``n(d)/n'(d)`` (data, one array per layer, clipped):
+  ``fused.alpha_update``, shared by both modes.
 
 Both optimizers live in one state through ``optax.multi_transform`` (labels
 ``weights`` and ``fitness``), applied module by module. :func:`train_iterations`
@@ -41,10 +44,24 @@ import numpy as np
 import optax
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, failures, initializers, pieces
+from autospace_jax import cells, failures, fused, initializers, pieces
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Arch, Skeleton
-from autospace_jax.gates import FITNESS_ESTIMATES, Gates, fitness_gradient, sample_gates
+from autospace_jax.gates import FITNESS_ESTIMATES, Gates, sample_gates
+
+# How a step runs: host-chained per-module programs, or one program (see module docstring).
+PROGRAMS = ("auto", "pieces", "fused")
+
+
+def resolve_program(setting: str) -> str:
+    """``supernet.program``: "auto" is "pieces" on CPU (per-cell programs compile fast,
+    are reused across generations, and XLA:CPU runs conditionals' convolution backward
+    slowly), "fused" on GPU and TPU (a step the host does not stall)."""
+    if setting == "auto":
+        return "pieces" if jax.default_backend() == "cpu" else "fused"
+    if setting not in PROGRAMS:
+        raise ValueError(f"supernet.program={setting!r}; accepted: {list(PROGRAMS)}")
+    return setting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,14 +178,14 @@ class SupernetState:
     step: int = 0
 
 
-def piece_cell(genome: genome_lib.Genome, c_out: int, stride: int) -> cells.Cell:
+def piece_cell(genome: genome_lib.Genome, c_out: int, stride: int, dtype=jnp.float32) -> cells.Cell:
     """The module the pieces compile for ``genome``: built from its canonical form, so
     genomes that compute the same function (and have the same weights) share programs."""
-    return cells.Cell(genome_lib.canonical(genome), c_out, stride)
+    return cells.Cell(genome_lib.canonical(genome), c_out, stride, dtype=dtype)
 
 
 class SupernetTrainer:
-    """Runs weight and fitness steps of one supernet over host-chained pieces."""
+    """Runs weight and fitness steps of one supernet (pieces or one program per step)."""
 
     def __init__(
         self,
@@ -181,6 +198,8 @@ class SupernetTrainer:
         fitness_b1: float = 0.0,
         fitness_estimate: str = "gradient",
         tied: bool = False,
+        program: str = "pieces",
+        dtype: Any = jnp.float32,
     ):
         """Args:
         spec: the skeleton and candidates.
@@ -191,6 +210,8 @@ class SupernetTrainer:
         tied: one gate draw for every layer (all layers need the same number of
           candidates): the supernet then holds K whole networks, as in the paper's
           Table 6, and every layer's alpha gets the same update.
+        program: "pieces" or "fused" (:func:`resolve_program`).
+        dtype: the cells' compute type (parameters stay float32; ``model.dtype``).
         """
         if fitness_estimate not in FITNESS_ESTIMATES:
             raise ValueError(
@@ -198,14 +219,14 @@ class SupernetTrainer:
             )
         if tied and len({len(c) for c in spec.candidates}) != 1:
             raise ValueError("tied gates need the same number of candidates in every layer")
-        self.spec = spec
+        self.spec, self.program = spec, resolve_program(program)
         sk = spec.skeleton
-        self.stem = cells.Stem(sk.stem, sk.stem_stride)
+        self.stem = cells.Stem(sk.stem, sk.stem_stride, dtype=dtype)
         self.layers = [
-            [piece_cell(g, c_out, stride) for g in genomes]
+            [piece_cell(g, c_out, stride, dtype) for g in genomes]
             for genomes, (c_out, stride) in zip(spec.candidates, sk.layers)
         ]
-        self.head = cells.Head(sk.head, sk.num_classes)
+        self.head = cells.Head(sk.head, sk.num_classes, dtype=dtype)
         self.tx = optimizer(weight_decay, momentum, nesterov, fitness_b1)
         self.label_smoothing = label_smoothing
         self.fitness_estimate, self.tied = fitness_estimate, tied
@@ -213,17 +234,23 @@ class SupernetTrainer:
     # --- state ------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, spec: SupernetSpec, supernet_config: Any, **kwargs) -> SupernetTrainer:
-        """A trainer with ``config.supernet``'s settings (``kwargs`` override them); search
-        keeps the gradient estimate (ProxylessNAS-G), evolve passes
+    def from_config(cls, spec: SupernetSpec, config: Any, **kwargs) -> SupernetTrainer:
+        """A trainer with ``config.supernet``'s settings and ``model.dtype`` (``kwargs``
+        override them); search keeps the gradient estimate (ProxylessNAS-G), evolve passes
         ``fitness_estimate=evolution.fitness_estimate``."""
-        kwargs = {"fitness_b1": supernet_config.fitness_b1, **kwargs}
+        sc = config.supernet
+        kwargs = {
+            "fitness_b1": sc.fitness_b1,
+            "program": sc.program,
+            "dtype": cells.compute_dtype(config.model.dtype),
+            **kwargs,
+        }
         return cls(
             spec,
-            weight_decay=supernet_config.weight_decay,
-            momentum=supernet_config.momentum,
-            nesterov=supernet_config.nesterov,
-            label_smoothing=supernet_config.label_smoothing,
+            weight_decay=sc.weight_decay,
+            momentum=sc.momentum,
+            nesterov=sc.nesterov,
+            label_smoothing=sc.label_smoothing,
             **kwargs,
         )
 
@@ -283,10 +310,9 @@ class SupernetTrainer:
         return keys + ["head"]
 
     def alphas(self, state: SupernetState) -> list[np.ndarray]:
-        return [
-            np.asarray(state.variables["fitness"][f"layer_{l}"]["alpha"])
-            for l in range(len(self.layers))
-        ]
+        """Every layer's alpha on the host (one transfer)."""
+        fitness = state.variables["fitness"]
+        return jax.device_get([fitness[f"layer_{l}"]["alpha"] for l in range(len(self.layers))])
 
     def _vars(self, state: SupernetState, key: str) -> dict[str, Any]:
         return {
@@ -339,7 +365,10 @@ class SupernetTrainer:
         """SGD step of the active path's modules on a training batch.
 
         The path is sampled by the binary gates, or given (SPOS, RL: one index per layer).
+        Returns the loss and top-1 as device scalars.
         """
+        if self.program == "fused":
+            return self._fused_weight_step(state, images, labels, learning_rate, seed, path)
         if path is None:
             gates = self.gates(state, seed, stream=0)
         else:
@@ -356,6 +385,21 @@ class SupernetTrainer:
         state.step += 1
         return {"loss": loss, "accuracy": accuracy}
 
+    def _fused_weight_step(self, state, images, labels, learning_rate, seed, path):
+        if path is None:
+            path = fused.sample(state.variables["fitness"], seed, state.step, 0, self.tied)[1]
+        else:
+            path = np.asarray(path, np.int32)
+        keys = self.module_keys()
+        v = state.variables
+        v["params"], v["batch_stats"], opt, metrics = fused.weight_step(
+            self, v["params"], v["batch_stats"], {k: state.opt_state[k] for k in keys},
+            images, labels, learning_rate, path,
+        )  # fmt: skip
+        state.opt_state.update(opt)
+        state.step += 1
+        return metrics
+
     def fitness_step(
         self,
         state: SupernetState,
@@ -364,7 +408,7 @@ class SupernetTrainer:
         learning_rate: float,
         seed: int,
         compensation: Sequence[np.ndarray] | None = None,
-        extra_gradients: Sequence[np.ndarray] | None = None,
+        extra: fused.Extra = None,
     ):
         """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay.
 
@@ -372,32 +416,33 @@ class SupernetTrainer:
         step's size that form one (the estimates are averaged): a larger fitness
         batch then runs the programs the weight step compiled. ``compensation``
         (per layer, K each: Eq. 4's clipped n/n') scales each logit's step.
-        ``extra_gradients`` (per layer, K each) are added to Eq. 4's, e.g. the MAdds
-        term of Eq. 6.
+        ``extra`` maps every layer's alpha to gradients added to Eq. 4's, e.g. the
+        MAdds term of Eq. 6 (jnp: it runs inside the compiled step).
         """
-        gates = self.gates(state, seed, stream=1)
         batches = list(zip(images, labels)) if isinstance(images, list) else [(images, labels)]
-        estimate = self.path_losses if self.fitness_estimate == "loss" else self.gate_gradients
-        dl_dg = [np.mean(d, axis=0) for d in zip(*(estimate(state, gates, *b) for b in batches))]
-        if self.tied and self.fitness_estimate == "gradient":  # A network's gate: every layer's.
-            dl_dg = [np.sum(dl_dg, axis=0)] * len(gates)
-        alphas = self.alphas(state)
-        for l, (alpha, g) in enumerate(zip(alphas, gates)):
-            grad = fitness_gradient(alpha, g, dl_dg[l])
-            if extra_gradients is not None:
-                grad = grad + np.asarray(extra_gradients[l], np.float32)
-            step = learning_rate
-            if compensation is not None:
-                step = jnp.asarray(learning_rate * np.asarray(compensation[l], np.float32))
-            key = f"fitness/layer_{l}"
-            new, state.opt_state[key] = pieces.update(
-                self.tx,
-                {"fitness": state.variables["fitness"][f"layer_{l}"]},
-                {"fitness": {"alpha": jnp.asarray(grad)}},
-                state.opt_state[key],
-                step,
-            )
-            state.variables["fitness"][f"layer_{l}"] = new["fitness"]
+        if compensation is not None:
+            compensation = [jnp.asarray(c, jnp.float32) for c in compensation]
+        keys = [f"fitness/layer_{l}" for l in range(len(self.layers))]
+        fitness, opt = state.variables["fitness"], {k: state.opt_state[k] for k in keys}
+        if self.program == "fused":
+            pair, active = fused.sample(fitness, seed, state.step, 1, self.tied)
+            images, labels = (tuple(a) for a in zip(*batches))
+            fitness, opt = fused.fitness_step(
+                self, state.variables["params"], state.variables["batch_stats"], fitness, opt,
+                images, labels, learning_rate, pair, active, compensation, extra,
+            )  # fmt: skip
+        else:
+            gates = self.gates(state, seed, stream=1)
+            estimate = self.path_losses if self.fitness_estimate == "loss" else self.gate_gradients
+            estimates = [estimate(state, gates, *b) for b in batches]
+            pair = np.array([(g.pair * 2)[:2] for g in gates], np.int32)
+            sum_layers = self.tied and self.fitness_estimate == "gradient"
+            fitness, opt = fused.alpha_step(
+                self.tx, fitness, opt, pair, estimates, learning_rate, compensation, extra,
+                sum_layers,
+            )  # fmt: skip
+        state.variables["fitness"] = fitness
+        state.opt_state.update(opt)
 
     def path_losses(self, state: SupernetState, gates: list[Gates], images, labels):
         """dL/dg_k measured: for each layer's pair (a, b), the losses of path A (every
@@ -411,8 +456,8 @@ class SupernetTrainer:
         independently); two forwards, no backward.
         """
         paths = ([g.pair[0] for g in gates], [g.pair[-1] for g in gates])
-        losses = jax.device_get([self._path_head(state, path, images, labels)[0] for path in paths])
-        return [[float(v) for v in losses][: len(g.pair)] for g in gates]
+        losses = [self._path_head(state, path, images, labels)[0] for path in paths]
+        return [losses] * len(gates)  # Device scalars: no transfer inside the step.
 
     def _path_head(self, state: SupernetState, path: Sequence[int], images, labels):
         """(loss, top-1) of one path on one batch, with batch statistics."""
@@ -426,7 +471,7 @@ class SupernetTrainer:
         return loss, accuracy
 
     def gate_gradients(self, state: SupernetState, gates: list[Gates], images, labels):
-        """dL/dg_k for each layer's sampled pair, k in ``gates[l].pair`` order."""
+        """dL/dg_k for each layer's sampled pair, k in ``gates[l].pair`` order (device arrays)."""
         x, tape = self._forward(state, gates, images, both=True)
         _, _, _, dx, _ = pieces.head_loss(
             self.head, self._vars(state, "head"), x, labels, self.label_smoothing
@@ -435,7 +480,7 @@ class SupernetTrainer:
         for key, vjp, _, outputs in reversed(tape):
             if outputs is not None:
                 l = int(key.split("/")[0].split("_")[1])
-                dl_dg[l] = [float(pieces.inner(dx, outputs[k][0])) for k in gates[l].pair]
+                dl_dg[l] = [pieces.inner(dx, outputs[k][0]) for k in gates[l].pair]
             if key != "stem":
                 _, dx = pieces.backward(vjp, dx)
         return dl_dg
@@ -518,6 +563,9 @@ def train_iterations(
       uniform_paths: see above.
       stage, where: for the messages of a NaN/Inf stop.
 
+    Host syncs: with ``trainer.program == "fused"`` none until the end (the losses and
+    alpha, read once); with pieces, alpha once per fitness step (the gate draw).
+
     Returns:
       The weight steps' losses (host floats), checked finite.
     """
@@ -539,8 +587,11 @@ def train_iterations(
                    for j in range(chunks)]  # fmt: skip
             images, labels = (list(a) for a in zip(*val))
             trainer.fitness_step(state, images, labels, fitness_learning_rate, seed, compensation)
-            failures.check_alphas(stage, state.step, trainer.alphas(state), first_step, losses,
-                                  where)  # fmt: skip
+            # The pieces read alpha for every gate draw anyway: check it at once. The fused
+            # program reads nothing back; its alpha is checked once, at the end.
+            if trainer.program == "pieces" or i == steps - 1:
+                failures.check_alphas(stage, state.step, trainer.alphas(state), first_step,
+                                      losses, where)  # fmt: skip
     losses = jax.device_get(losses)  # One transfer for the check and the caller.
     failures.check_steps(stage, first_step, [{"loss": v} for v in losses], where)
     return [float(v) for v in losses]

@@ -58,7 +58,6 @@ STAGE = "train"
 # summary.json, with the value that means "off": runs from before an option
 # existed do not record it.
 STATE_LAYOUT = {"se_ratio": 0.0, "ema_decay": 0.0}
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @flax.struct.dataclass
@@ -107,14 +106,6 @@ def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.Gradien
         optax.add_decayed_weights(train_config.weight_decay, mask=kernel_mask),
         optax.sgd(schedule, momentum=train_config.momentum, nesterov=train_config.nesterov),
     )
-
-
-def compute_dtype(setting: str) -> Any:
-    """``model.dtype`` as a dtype: "auto" is bfloat16 on GPU and TPU (their matrix units'
-    fast type), float32 on CPU (where bfloat16 is emulated and slower)."""
-    if setting == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return DTYPES[setting]
 
 
 def state_layout(record: dict[str, Any]) -> dict[str, float]:
@@ -328,7 +319,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         return summary
 
     # --- model, abstract state, init or restore ---------------------------------------
-    dtype = compute_dtype(config.model.dtype)
+    dtype = cells.compute_dtype(config.model.dtype)
     model = cells.Network(arch, se_ratio=tc.se_ratio, dtype=dtype)
     optimizer = sgd(tc, total_steps, tc.warmup_epochs * steps_per_epoch)
     ckpt = checkpoint.Checkpointer(

@@ -447,7 +447,7 @@ def score_gradients(trainer, state, dataset, data, batch: int, seed: int, draws:
         else:
             dl_dg = np.sum(trainer.gate_gradients(state, gates, images, labels), axis=0)
         out.append(
-            (-gates_lib.fitness_gradient(trainer.alphas(state)[0], gates[0], dl_dg)).tolist()
+            (-gates_lib.fitness_gradient(trainer.alphas(state)[0], gates[0].pair, dl_dg)).tolist()
         )
     return out
 
@@ -457,7 +457,7 @@ def depth_supernet(c: ml_collections.ConfigDict, dataset, skeleton, init: int, *
     alpha ~ N(0, supernet.fitness_init_std) from seed ``init``."""
     spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
     trainer_kw.setdefault("fitness_estimate", c.evolution.fitness_estimate)
-    trainer = sn.SupernetTrainer.from_config(spec, c.supernet, tied=True, **trainer_kw)
+    trainer = sn.SupernetTrainer.from_config(spec, c, tied=True, **trainer_kw)
     mesh = sharding.create_mesh()
     state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
                          sharding.replicated(mesh))  # fmt: skip

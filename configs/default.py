@@ -40,9 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.blocks = (1, 2, 2)
     c.model.strides = (1, 2, 2)
     c.model.head = 128
-    # Compute dtype of the final network (parameters, optimizer state, BatchNorm
-    # statistics and loss stay float32): auto (bfloat16 on GPU/TPU, float32 on CPU) |
-    # float32 | bfloat16.
+    # Compute dtype of the supernet and the final network (parameters, optimizer state,
+    # BatchNorm statistics and loss stay float32): auto (bfloat16 on GPU/TPU, float32 on
+    # CPU) | float32 | bfloat16.
     c.model.dtype = "auto"
 
     c.genome = ml_collections.ConfigDict()
@@ -112,6 +112,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.supernet.fitness_init_std = 1e-3  # alpha ~ N(0, std): near-uniform p (paper Table 6).
     c.supernet.warmup_epochs = 4  # Weight steps only (alpha fixed) before fitness steps.
     c.supernet.compensation_clip = 10.0  # Max of n(d)/n'(d) in Eq. 4.
+    # How a step runs: auto (per-cell programs chained by the host on CPU, one program
+    # per step on GPU/TPU) | pieces | fused. Same step, different gate draws.
+    c.supernet.program = "auto"
 
     # Final training from scratch (paper §4.1).
     c.train = ml_collections.ConfigDict()

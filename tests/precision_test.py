@@ -87,8 +87,8 @@ def test_params_and_optimizer_state_stay_float32_after_a_bfloat16_step():
 
 
 def test_dtype_setting():
-    assert train.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
-    assert train.compute_dtype("bfloat16") == jnp.bfloat16
+    assert cells.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
+    assert cells.compute_dtype("bfloat16") == jnp.bfloat16
     config = digits.get_config()
     config.model.dtype = "float16"
     with pytest.raises(config_checks.ConfigError, match=r"config.model.dtype='float16' is invalid"):

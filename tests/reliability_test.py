@@ -341,3 +341,16 @@ def test_search_stops_on_nan_loss_or_fitness(tmp_path, monkeypatch, split, what)
     run = functools.partial(search_stage.search, config, workdir)
     _raises_non_finite(run, "stage 'search'", what, "at step 15;")
     _assert_latest_is(os.path.join(workdir, "search", "checkpoints"), 10, saved[10])
+
+
+def test_fused_search_stops_on_nan_fitness_at_the_next_save(tmp_path, monkeypatch):
+    """The fused program reads alpha back only at a save: the NaN of step 15 stops the
+    run there (step 20), and the checkpoint of step 10 stays the newest."""
+    workdir = str(tmp_path / "run")
+    saved = _record_saves(monkeypatch)
+    _poison(monkeypatch, at_step=14, poisoned="val")
+    config = search_config(tmp_path, warmup_steps=5)
+    config.supernet.program = "fused"
+    run = functools.partial(search_stage.search, config, workdir)
+    _raises_non_finite(run, "stage 'search'", "non-finite fitness logits (alpha)", "at step 20;")
+    _assert_latest_is(os.path.join(workdir, "search", "checkpoints"), 10, saved[10])

@@ -74,7 +74,7 @@ def test_eq4_fitness_gradient_matches_formula():
     p = np.exp(alpha[pair]) / np.exp(alpha[pair]).sum()
     expected = np.zeros(3)
     expected[pair] = (np.diag(p) - np.outer(p, p)) @ dl_dg[pair]
-    got = gates_lib.fitness_gradient(alpha, gates[0], ours)
+    got = np.asarray(gates_lib.fitness_gradient(alpha, pair, ours))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert got[[k for k in range(3) if k not in pair]] == pytest.approx(0.0)
 

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from autospace_jax import cells, checkpoint, errors, failures, madds, pieces, sharding
+from autospace_jax import cells, checkpoint, errors, failures, fused, madds, pieces, sharding
 from autospace_jax import supernet as sn
 
 
@@ -68,18 +68,18 @@ class SearchContext:
         metrics = self.trainer.weight_step(self.state, *self.batch(step), lr, self.seed, path)
         self.pending_losses.append((step + 1, metrics["loss"]))
 
-    def fitness_step(self, step: int, extra_gradients: list[np.ndarray] | None = None) -> None:
-        """One fitness (alpha) step on validation batch ``step`` (0-based), then the
-        NaN check the next step's gate sampling needs (:func:`failures.check_alphas`)."""
+    def fitness_step(self, step: int, extra: fused.Extra = None) -> None:
+        """One fitness (alpha) step on validation batch ``step`` (0-based). With pieces,
+        the NaN check the next gate draw needs (:func:`failures.check_alphas`; they read
+        alpha anyway); the fused program's alpha is checked at each save."""
         lr = self.config.supernet.fitness_learning_rate
         images, labels = self.batch(step, "val")
-        self.trainer.fitness_step(
-            self.state, images, labels, lr, self.seed, extra_gradients=extra_gradients
-        )
-        first = self.pending_losses[0][0] if self.pending_losses else step + 1
-        alphas = self.trainer.alphas(self.state)
-        losses = [v for _, v in self.pending_losses]
-        failures.check_alphas(self.checkpointer.stage, step + 1, alphas, first, losses)
+        self.trainer.fitness_step(self.state, images, labels, lr, self.seed, extra=extra)
+        if self.trainer.program == "pieces":
+            first = self.pending_losses[0][0] if self.pending_losses else step + 1
+            alphas = self.trainer.alphas(self.state)
+            losses = [v for _, v in self.pending_losses]
+            failures.check_alphas(self.checkpointer.stage, step + 1, alphas, first, losses)
 
     # --- checkpoints: the supernet plus an algorithm's own arrays and JSON ---------------
 

@@ -16,6 +16,10 @@ of Eq. 6, Loss = CE + lambda * E[MAdds], E[MAdds] = sum_l sum_k p_lk MAdds(d_lk)
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from autospace_jax.search.context import SearchContext, most_probable_within
@@ -26,17 +30,39 @@ def _softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def madds_gradient(ctx: SearchContext, alphas: list[np.ndarray]) -> list[np.ndarray]:
-    """d(penalty)/d alpha for the Eq. 6 MAdds term (see module docstring)."""
+@dataclasses.dataclass(frozen=True)
+class MaddsTerm:
+    """d(penalty)/d alpha of Eq. 6's MAdds term (see module docstring), every layer's
+    alpha in, jnp: it runs inside the compiled fitness step (hashable by value, so
+    equal settings share that program)."""
+
+    table: tuple[tuple[float, ...], ...]  # [l][k]: MAdds of candidate k of layer l.
+    base: float  # Stem + head.
+    madds_lambda: float
+    target: float  # 0: lambda mode.
+    max_madds: float
+
+    def __call__(self, alphas):
+        probs = [jax.nn.softmax(jnp.asarray(a, jnp.float32)) for a in alphas]
+        table = [jnp.asarray(m, jnp.float32) for m in self.table]
+        if self.target > 0:
+            expected = self.base + sum(p @ m for p, m in zip(probs, table))
+            scale = self.madds_lambda * 2.0 * (expected / self.target - 1.0) / self.target
+        else:
+            scale = self.madds_lambda / self.max_madds
+        # dE/dalpha_lk = p_lk (MAdds_lk - sum_j p_lj MAdds_lj).
+        return [scale * p * (m - p @ m) for p, m in zip(probs, table)]
+
+
+def madds_term(ctx: SearchContext) -> MaddsTerm:
     sc = ctx.config.search
-    probs = [_softmax(np.asarray(a, np.float64)) for a in alphas]
-    if sc.target_madds > 0:
-        expected = ctx.expected_madds(probs)
-        scale = sc.madds_lambda * 2.0 * (expected / sc.target_madds - 1.0) / sc.target_madds
-    else:
-        scale = sc.madds_lambda / ctx.max_madds()
-    # dE/dalpha_lk = p_lk (MAdds_lk - sum_j p_lj MAdds_lj).
-    return [(scale * p * (m - p @ m)).astype(np.float32) for p, m in zip(probs, ctx.madds_table)]
+    return MaddsTerm(
+        table=tuple(tuple(float(v) for v in m) for m in ctx.madds_table),
+        base=float(ctx.base_madds),
+        madds_lambda=float(sc.madds_lambda),
+        target=float(sc.target_madds),
+        max_madds=float(ctx.max_madds()),
+    )
 
 
 def derive(ctx: SearchContext, alphas: list[np.ndarray]) -> list[int]:
@@ -52,10 +78,11 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
     sc = ctx.config.search
     restored = ctx.restore({})
     start = restored[1]["step"] if restored else 0
+    term = madds_term(ctx)
     for step in range(start, sc.steps):
         ctx.weight_step(step)
         if step >= sc.warmup_steps:
-            ctx.fitness_step(step, madds_gradient(ctx, ctx.trainer.alphas(ctx.state)))
+            ctx.fitness_step(step, term)
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(step + 1, {}, {})
     alphas = ctx.trainer.alphas(ctx.state)

@@ -28,7 +28,7 @@ def build_context(config: Any, workdir: str) -> tuple[SearchContext, str]:
     skeleton = arch_lib.skeleton_from_config(config.model, info.num_classes)
     arch_lib.check_image_size(skeleton, info.image_shape)
     space, space_source = spaces.resolve(sc.space, workdir, skeleton)
-    trainer = sn.SupernetTrainer.from_config(space, config.supernet)
+    trainer = sn.SupernetTrainer.from_config(space, config)
     state = trainer.init(info.image_shape, config.seed, config.supernet.fitness_init_std,
                          sharding.replicated(mesh))  # fmt: skip
     table, base = network_madds(space, info.image_shape)
