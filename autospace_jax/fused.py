@@ -243,3 +243,10 @@ def fitness_step(
     return alpha_update(
         trainer.tx, fitness, fitness_opt, pair, dl_dg, learning_rate, compensation, extra
     )
+
+
+def forget() -> None:
+    """Drops the compiled steps of earlier supernets (each is keyed by its trainer): an
+    evolution builds a new supernet every generation, and their programs would pile up."""
+    weight_step.__wrapped__.clear_cache()
+    fitness_step.__wrapped__.clear_cache()

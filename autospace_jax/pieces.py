@@ -120,14 +120,36 @@ def _shapes(tree) -> tuple:
     return tuple((tuple(a.shape), str(a.dtype)) for a in jax.tree.leaves(tree))
 
 
-@timed
-@functools.partial(jax.jit, static_argnames=("module",))
-def forward(module: nn.Module, variables: dict, x: jax.Array):
-    """Train-mode forward of ``module``. Returns (y, new batch_stats, vjp).
+# Each module's forward, backward and inference programs, in jit objects of its own, so
+# that :func:`release` can drop a cell's programs (and the host memory they hold) when no
+# population holds the cell any more; programs keyed by shapes (update, head) are shared.
+_MODULE_PROGRAMS: dict[nn.Module, dict[str, Any]] = {}
+_LOCK = threading.Lock()  # Compile threads create entries too.
 
-    ``vjp(dy)`` gives (d params, d x); it is a pytree (``jax.tree_util.Partial``)
-    holding the residuals, so it can leave the jit and feed :func:`backward`.
-    """
+
+def _programs(module: nn.Module) -> dict[str, Any]:
+    with _LOCK:
+        programs = _MODULE_PROGRAMS.get(module)
+        if programs is None:
+            programs = _MODULE_PROGRAMS[module] = {
+                name: jax.jit(functools.partial(fn, module))
+                for name, fn in (
+                    ("forward", _forward),
+                    ("backward", _backward),
+                    ("forward_eval", _forward_eval),
+                )
+            }
+        return programs
+
+
+def release(modules) -> None:
+    """Drops the compiled programs of ``modules``; a later call compiles them again."""
+    with _LOCK:
+        for module in modules:
+            _MODULE_PROGRAMS.pop(module, None)
+
+
+def _forward(module: nn.Module, variables: dict, x: jax.Array):
     _trace("forward", module)
 
     def apply(params, x):
@@ -137,20 +159,36 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     return y, new_stats, vjp
 
 
-@timed
-@jax.jit
-def backward(vjp, dy: jax.Array):
-    """Applies a :func:`forward` VJP: returns (d params, d x)."""
-    _trace("backward", jax.tree.structure(vjp), _shapes(vjp))
+def _backward(module: nn.Module, vjp, dy: jax.Array):
+    _trace("backward", module, _shapes(vjp))
     return vjp(dy)
 
 
-@timed
-@functools.partial(jax.jit, static_argnames=("module",))
-def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
-    """Inference forward (BatchNorm running statistics)."""
+def _forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     _trace("forward_eval", module)
     return module.apply(variables, x, train=False)
+
+
+@timed
+def forward(module: nn.Module, variables: dict, x: jax.Array):
+    """Train-mode forward of ``module``. Returns (y, new batch_stats, vjp).
+
+    ``vjp(dy)`` gives (d params, d x); it is a pytree (``jax.tree_util.Partial``)
+    holding the residuals, so it can leave the jit and feed :func:`backward`.
+    """
+    return _programs(module)["forward"](variables, x)
+
+
+@timed
+def backward(module: nn.Module, vjp, dy: jax.Array):
+    """Applies the VJP of ``module``'s :func:`forward`: returns (d params, d x)."""
+    return _programs(module)["backward"](vjp, dy)
+
+
+@timed
+def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
+    """Inference forward (BatchNorm running statistics)."""
+    return _programs(module)["forward_eval"](variables, x)
 
 
 @timed
@@ -202,15 +240,16 @@ def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) 
     :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry.
     """
     variables = _abstract_variables(module, x, replicated)
-    compiled = forward.__wrapped__.lower(module, variables, x).compile()
+    programs = _programs(module)
+    compiled = programs["forward"].lower(variables, x).compile()
     # The backward's cache key includes its inputs' shardings: those the forward's
     # outputs (the VJP residuals) will really carry.
     y, _, vjp = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(forward.__wrapped__, module, variables, x),
+        jax.eval_shape(programs["forward"], variables, x),
         compiled.output_shardings,
     )
-    backward.__wrapped__.lower(vjp, y).compile()
+    programs["backward"].lower(vjp, y).compile()
     _precompile_update(tx, variables["params"], replicated)
 
 
@@ -275,6 +314,12 @@ class Compiler:
             if key in self._pending:
                 self._pending.pop(key).result()
         return time.perf_counter() - start
+
+    def cancel(self, keys) -> None:
+        """Drops the queued jobs of ``keys`` (running ones finish)."""
+        for key in keys:
+            if key in self._pending:
+                self._pending.pop(key).cancel()
 
     def close(self) -> None:
         """Drops queued jobs, waits for the running ones."""

@@ -60,6 +60,13 @@ class Precompiler:
                 self.compiler.submit(key, pieces.precompile_cell, *self._job(*key))
         return waited
 
+    def forget(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
+        """Cells that left their population: not compiled ahead any more (if one comes
+        back, it is queued again)."""
+        self.compiled.difference_update(keys)
+        if self.compiler is not None:
+            self.compiler.cancel(keys)
+
     def close(self) -> None:
         if self.compiler is not None:
             self.compiler.close()

@@ -380,7 +380,7 @@ class SupernetTrainer:
         )
         self._apply(state, key, dparams, stats, learning_rate)
         for key, vjp, stats, _ in reversed(tape):
-            dparams, dx = pieces.backward(vjp, dx)
+            dparams, dx = pieces.backward(self._module(key), vjp, dx)
             self._apply(state, key, dparams, stats, learning_rate)
         state.step += 1
         return {"loss": loss, "accuracy": accuracy}
@@ -482,7 +482,7 @@ class SupernetTrainer:
                 l = int(key.split("/")[0].split("_")[1])
                 dl_dg[l] = [pieces.inner(dx, outputs[k][0]) for k in gates[l].pair]
             if key != "stem":
-                _, dx = pieces.backward(vjp, dx)
+                _, dx = pieces.backward(self._module(key), vjp, dx)
         return dl_dg
 
     def _apply(self, state, key, dparams, stats, learning_rate):

@@ -87,7 +87,7 @@ def measure(cells: int, parts: bool) -> dict:
         for i in range(18):
             start = time.perf_counter()
             y, _, vjp = pieces.forward(module, {**variables, **params}, images)
-            grads, _ = pieces.backward(vjp, y)
+            grads, _ = pieces.backward(module, vjp, y)
             params, opt = pieces.update(tx, params, {"params": grads}, opt, 0.1)
             jax.block_until_ready(params)
             if i >= 3:
@@ -103,8 +103,8 @@ def measure(cells: int, parts: bool) -> dict:
 
         def forward_compile(module):
             variables = pieces._abstract_variables(module, x, rep)
-            lowered = pieces.forward.__wrapped__.lower
-            return _seconds(lambda: lowered(module, variables, x).compile())
+            lowered = pieces._programs(module)["forward"].lower
+            return _seconds(lambda: lowered(variables, x).compile())
 
         _seconds(lambda: jax.jit(lambda a: a + 1).lower(jnp.zeros(3)).compile())  # Warm-up.
         out["trivial_s"] = _seconds(lambda: jax.jit(lambda a: a * 2).lower(jnp.zeros(3)).compile())

@@ -63,9 +63,9 @@ def peak_of_step(k: int, batch: int, image: int, all_paths: bool) -> tuple[int, 
     peak = [0]
     original = pieces.backward
 
-    def measured(vjp, dy):
+    def measured(module, vjp, dy):
         peak[0] = max(peak[0], live_bytes())
-        return original(vjp, dy)
+        return original(module, vjp, dy)
 
     pieces.backward = measured
     try:

@@ -205,7 +205,7 @@ def check_module(trainer, state, net, key, x, rng, labels=None):
     if labels is None:
         y, _, vjp = pieces.forward(trainer._module(key), variables, x)
         dy = rng.standard_normal(y.shape).astype(np.float32)
-        dparams, dx = pieces.backward(vjp, dy)
+        dparams, dx = pieces.backward(trainer._module(key), vjp, dy)
         yt = module(xt)
         yt.backward(_nchw(dy))
         forward = _close(y, _numpy(yt), f"{key} output")

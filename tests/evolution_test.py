@@ -195,3 +195,20 @@ def test_a_fitness_batch_larger_than_the_validation_split_is_rejected(tmp_path):
     config.evolution.fitness_batch_size = 640  # Digits holds out 143 validation images.
     with pytest.raises(ConfigError, match=r"evolution.fitness_batch_size=640 .*accepted: 1 to 1"):
         evo.evolve(config, str(tmp_path))
+
+
+def test_programs_of_dead_cells_are_released(tmp_path):
+    """Compiled cells hold host memory: only cells some population holds keep theirs."""
+    from autospace_jax import cells, pieces
+    from tests.reliability_test import evolve_config
+
+    config = evolve_config()
+    config.evolution.generations = 4
+    before = dict(pieces.TRACES)
+    evo.evolve(config, str(tmp_path))
+    traced = {k[1] for k, n in pieces.TRACES.items() if n > before.get(k, 0) and k[0] == "forward"}
+    compiled = {m for m in traced if isinstance(m, cells.Cell)}
+    held = {m for m in pieces._MODULE_PROGRAMS if isinstance(m, cells.Cell)}
+    living = config.evolution.population_size * sum(config.model.blocks)
+    assert len(compiled) > living, "the evolution should outlive some of its cells"
+    assert len(held & compiled) <= living
