@@ -203,7 +203,7 @@ def test_programs_of_dead_cells_are_released(tmp_path):
     from tests.reliability_test import evolve_config
 
     config = evolve_config()
-    config.evolution.generations = 4
+    config.evolution.generations = 3
     before = dict(pieces.TRACES)
     evo.evolve(config, str(tmp_path))
     traced = {k[1] for k, n in pieces.TRACES.items() if n > before.get(k, 0) and k[0] == "forward"}
