@@ -16,7 +16,7 @@ generation t = 0..T-1:
    picked from t+2 on: its cell compiles in the background during t+1);
 2. a supernet of the picked cells, alpha from the population, weights from the
    :class:`~autospace_jax.weight_bank.WeightBank`;
-3. f supernet iterations (:func:`supernet.train_iterations`): a weight step on
+3. f supernet iterations (:func:`generation.train_iterations`): a weight step on
    paths drawn uniformly, then (after ``supernet.warmup_epochs``) a fitness step
    whose dL/dg_k is the measured loss of each sampled path
    (``evolution.fitness_estimate``; chosen, with the optimizer, the fitness
@@ -62,6 +62,7 @@ from autospace_jax import (
     evolution_report,
     files,
     fused,
+    generation,
     input_pipeline,
     madds,
     pieces,
@@ -322,7 +323,7 @@ class Evolution:
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
         where = f"generation {t}" if self.evolving else f"final round {t - ec.generations + 1}"
-        losses = sn.train_iterations(
+        losses = generation.train_iterations(
             trainer,
             state,
             self.dataset,

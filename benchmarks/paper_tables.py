@@ -84,6 +84,7 @@ from autospace_jax import (  # noqa: E402,E501
     data_sources,
     evolution,
     files,
+    generation,
     input_pipeline,
     sharding,
     spaces,
@@ -471,7 +472,7 @@ def supernet_iterations(c, trainer, state, dataset, data, seed: int, steps: int,
               fitness_learning_rate=c.supernet.fitness_learning_rate,
               fitness_batch_size=c.evolution.fitness_batch_size, uniform_paths=True)  # fmt: skip
     kw.update(overrides)
-    return sn.train_iterations(trainer, state, dataset, steps=steps, seed=seed, data=data,
+    return generation.train_iterations(trainer, state, dataset, steps=steps, seed=seed, data=data,
                                warmup_steps=warmup, stage="table 6", **kw)  # fmt: skip
 
 

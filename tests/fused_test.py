@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import failures, fused, sharding
+from autospace_jax import failures, fused, generation, sharding
 from autospace_jax import gates as gates_lib
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
@@ -152,7 +152,7 @@ def test_fused_nan_alpha_stops_at_the_end_of_the_interval():
 
     nan = [np.full(len(c), np.nan) for c in SPEC.candidates]  # Poisons alpha's step.
     with pytest.raises(failures.NonFiniteError, match=r"fitness logits \(alpha\).*at step 3"):
-        sn.train_iterations(
+        generation.train_iterations(
             trainer, state, Data(), steps=3, seed=0, data=sharding.batch_sharding(mesh),
             batch_size=8, learning_rate=0.1, fitness_learning_rate=0.05, fitness_batch_size=8,
             compensation=nan, stage="evolve",
