@@ -103,7 +103,8 @@ def sample(fitness: dict, seed, step, stream, tied: bool):
     return gates_lib.device_gates(_alphas(fitness), key, tied)
 
 
-def _get(tree: dict, *keys: str) -> Any:
+def subtree(tree: dict, *keys: str) -> Any:
+    """``tree[k1][k2]...``; {} where a key is missing (the skip cell has no variables)."""
     for key in keys:
         tree = tree.get(key, {})
     return tree
@@ -133,11 +134,12 @@ def _layer(cells_l, index, params_l: dict, stats_l: dict, x):
 
 def _forward(trainer, params, batch_stats, images, path):
     """Stem, the path's cell in every layer; (features, new batch_stats)."""
-    x, stem = pieces.apply_train(trainer.stem, params["stem"], _get(batch_stats, "stem"), images)
+    x, stem = pieces.apply_train(trainer.stem, params["stem"], subtree(batch_stats, "stem"), images)
     stats = {**batch_stats, "stem": stem}
     for l, cells_l in enumerate(trainer.layers):
         name = f"layer_{l}"
-        x, layer_stats = _layer(cells_l, path[l], _get(params, name), _get(batch_stats, name), x)
+        params_l, stats_l = subtree(params, name), subtree(batch_stats, name)
+        x, layer_stats = _layer(cells_l, path[l], params_l, stats_l, x)
         if name in stats:
             stats[name] = layer_stats
     return x, stats
@@ -171,9 +173,9 @@ def weight_step(trainer, params, batch_stats, opt_state, images, labels, learnin
     opt_state = dict(opt_state)
     for key in trainer.module_keys():
         parts = key.split("/")
-        old = _get(params, *parts)
+        old = subtree(params, *parts)
         new, opt = pieces.apply_update(
-            trainer.tx, {"params": old}, {"params": _get(grads, *parts)}, opt_state[key],
+            trainer.tx, {"params": old}, {"params": subtree(grads, *parts)}, opt_state[key],
             learning_rate,
         )  # fmt: skip
         new = new["params"]
@@ -215,9 +217,9 @@ def fitness_step(
     def loss_of_gates(g, x, labels):
         """The supernet with one-hot gates g on both sampled paths of each layer:
         out = g_a o_a(x) + g_b o_b(x), so dL/dg_k = <dL/dout, o_k(x)> (ProxylessNAS)."""
-        x, _ = pieces.apply_train(trainer.stem, params["stem"], _get(batch_stats, "stem"), x)
+        x, _ = pieces.apply_train(trainer.stem, params["stem"], subtree(batch_stats, "stem"), x)
         for l, cells_l in enumerate(trainer.layers):
-            p, s = _get(params, f"layer_{l}"), _get(batch_stats, f"layer_{l}")
+            p, s = subtree(params, f"layer_{l}"), subtree(batch_stats, f"layer_{l}")
             if len(cells_l) == 1:
                 x, _ = _layer(cells_l, 0, p, s, x)
                 continue

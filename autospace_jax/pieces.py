@@ -102,8 +102,8 @@ def apply_train(module: nn.Module, params, batch_stats, x):
     return y, updates.get("batch_stats", {})
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
-    """Mean softmax cross-entropy with label smoothing."""
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy with (optional) label smoothing."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
     return optax.softmax_cross_entropy(logits, targets).mean()
 

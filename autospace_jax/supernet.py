@@ -523,9 +523,7 @@ def _hits(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> tuple[
 
 def _get(tree: dict, key: str) -> Any:
     """Subtree at ``a/b``; {} for a module without variables (the skip cell)."""
-    for part in key.split("/"):
-        tree = tree.get(part, {})
-    return tree
+    return fused.subtree(tree, *key.split("/"))
 
 
 def _set(tree: dict, key: str, value: Any) -> None:

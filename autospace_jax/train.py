@@ -51,6 +51,7 @@ from autospace_jax import (
     writers,
 )
 from autospace_jax import genome as genome_lib
+from autospace_jax.pieces import cross_entropy
 
 STAGE = "train"
 
@@ -80,12 +81,6 @@ class EmaTrainState(TrainState):
 # ----------------------------------------------------------------------------
 # Pieces shared by every stage that trains weights.
 # ----------------------------------------------------------------------------
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean softmax cross-entropy with (optional) label smoothing."""
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
 
 
 def kernel_mask(params: Any) -> Any:
