@@ -106,6 +106,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.final_rounds": _int_at_least(2),
     "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),
+    "progress_every_secs": ((lambda v: _is_num(v) and v > 0), "a number of seconds > 0"),
     "search.algorithm": _one_of(("proxyless", "rl", "spos")),
     "search.space": (
         (lambda v: isinstance(v, str) and v != ""),

@@ -73,6 +73,7 @@ from autospace_jax import (
 from autospace_jax import gates as gates_lib
 from autospace_jax import genome as genome_lib
 from autospace_jax import population as pop_lib
+from autospace_jax import progress as progress_lib
 from autospace_jax import supernet as sn
 from autospace_jax.population import Individual
 from autospace_jax.weight_bank import WeightBank
@@ -323,6 +324,11 @@ class Evolution:
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
         where = f"generation {t}" if self.evolving else f"final round {t - ec.generations + 1}"
+        heartbeat = progress_lib.Progress(
+            ec.steps_per_generation,
+            every_secs=self.config.progress_every_secs,
+            excluded=pieces.compile_seconds,
+        )
         losses = generation.train_iterations(
             trainer,
             state,
@@ -338,6 +344,9 @@ class Evolution:
             compensation=compensation,
             stage=STAGE,
             where=where,
+            report=lambda i, loss: heartbeat.report(
+                i, f"evolve: {self.label(t)}, step", sync=loss, excluded_name="compiling"
+            ),
         )
         self.step = state.step
         loss = float(np.mean(losses))
@@ -363,6 +372,13 @@ class Evolution:
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
+
+    def label(self, t: int) -> str:
+        """Generation ``t`` (0-based) as the log names it."""
+        ec = self.ec
+        if t < ec.generations:
+            return f"generation {t + 1}/{ec.generations}"
+        return f"final round {t - ec.generations + 1} (at most {ec.final_rounds})"
 
     def _unpicked(self, picked: list[list[int]]) -> list[tuple]:
         """(priority, key) of every individual not picked: the fittest compile first."""
@@ -507,9 +523,11 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         clock.add("other", time.time() - start)
 
         # --- generations, then final rounds until the top-K is stable.
+        overall = progress_lib.Progress(ec.generations + ec.final_rounds, done=evo.generation)
         while not evo.done():
             t = evo.generation
             figures = evo.run_generation(clock)
+            pieces.return_freed_memory()  # The generation's supernet and batches are gone.
             start = time.time()
             # Per generation: a divergence stops the run where it happened, not at the end.
             distributed.check_same(f"evolve: the populations after step {evo.step}", evo.meta())
@@ -522,26 +540,25 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
                 )
             clock.add("inherit", time.time() - start)
             best = [max(i.alpha for i in pop) for pop in evo.populations]
+            done = overall.measure(evo.generation)
             writer.write_scalars(
                 t,
                 {
                     **figures,
+                    **done.scalars("generation"),
                     **{f"alpha_max/layer_{l}": a for l, a in enumerate(best)},
                     **{f"time/{k}_s": v for k, v in clock.totals.items()},
                 },
             )
-            what = (
-                f"generation {t + 1}/{ec.generations}"
-                if t < ec.generations
-                else f"final round {t - ec.generations + 1} (at most {ec.final_rounds})"
-            )
             logging.info(
-                "evolve: %s  loss %.4f  compile %.1fs inherit %.1fs train %.1fs (totals)",
-                what,
+                "evolve: %s  loss %.4f  compile %.1fs inherit %.1fs train %.1fs (totals), %s, %s",
+                evo.label(t),
                 figures["supernet_loss"],
                 clock.totals["compile"],
                 clock.totals["inherit"],
                 clock.totals["train"],
+                done.rate("generation"),
+                done.eta(bound=True),  # Final rounds stop once the top-K holds.
             )
     finally:  # Even on failure: a save in flight completes, the compile threads stop.
         start = time.time()

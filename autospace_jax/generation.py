@@ -8,7 +8,7 @@ weights' learning rate restarting every generation.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -41,6 +41,7 @@ def train_iterations(
     uniform_paths: bool = True,
     stage: str = "evolve",
     where: str = "",
+    report: Callable[[int, Any], None] | None = None,
 ) -> list[float]:
     """``steps`` supernet iterations from ``state.step`` (one evolve generation).
 
@@ -66,6 +67,8 @@ def train_iterations(
       compensation: per layer, Eq. 4's clipped n/n' for each cell.
       uniform_paths: see above.
       stage, where: for the messages of a NaN/Inf stop.
+      report: called as ``report(iterations done, last loss)`` after each iteration
+        (progress lines; the loss is a device value to wait on).
 
     Host syncs: with ``trainer.program == "fused"`` none until the end (the losses and
     alpha, read once); with pieces, alpha once per fitness step (the gate draw).
@@ -96,6 +99,8 @@ def train_iterations(
             if trainer.program == "pieces" or i == steps - 1:
                 failures.check_alphas(stage, state.step, trainer.alphas(state), first_step,
                                       losses, where)  # fmt: skip
+        if report is not None:
+            report(i + 1, losses[-1])
     losses = jax.device_get(losses)  # One transfer for the check and the caller.
     failures.check_steps(stage, first_step, [{"loss": v} for v in losses], where)
     return [float(v) for v in losses]

@@ -33,10 +33,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class QuietLibraries(py_logging.Filter):
-    """Orbax logs every file it renames at INFO; keep its warnings, drop the chatter."""
+    """Keeps libraries' warnings, drops their INFO chatter: Orbax logs every file it
+    renames; JAX logs each backend it probes and does not find (on a CPU machine,
+    "Unable to initialize backend 'tpu': ... Failed to open libtpu.so", which reads
+    like an error). The startup line names the backend in use instead."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
-        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+        if record.levelno >= py_logging.WARNING:
+            return True
+        probe = "xla_bridge" in record.pathname and "Unable to initialize backend" in (
+            record.getMessage()
+        )
+        return "/orbax/" not in record.pathname and not probe
 
 
 def main(argv):
@@ -77,13 +85,18 @@ def run(config, mode: str, workdir: str) -> None:
     config_checks.validate(config)
     files.check_run_folder(workdir)
     cache = use_compilation_cache(config.compilation_cache, workdir)
+    device = jax.devices()[0]
     logging.info(
-        "autospace_jax %s: %d devices (%s), process %d of %d, compilation cache %s",
+        "autospace_jax %s on %s: %d x %s (%d local), process %d of %d, jax %s, "
+        "compilation cache %s",
         mode,
+        jax.default_backend(),
         jax.device_count(),
-        jax.devices()[0].platform,
+        device.device_kind,
+        jax.local_device_count(),
         jax.process_index(),
         jax.process_count(),
+        jax.__version__,
         cache or "off",
     )
     MODES[mode](config, workdir)

@@ -19,6 +19,8 @@ BatchNorm and loss see the global batch.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import functools
 import threading
 import time
@@ -53,6 +55,28 @@ def background_compile_seconds() -> float:
     is the caller's to count.
     """
     return _SECONDS["background"]
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+    return getattr(libc, "malloc_trim", None)
+
+
+def return_freed_memory() -> None:
+    """Hands the host memory malloc holds free back to the OS.
+
+    XLA:CPU's buffers (on CPU the device memory is host memory) and the compiler's
+    temporaries come from malloc, and glibc keeps what they free as fragments it
+    rarely returns: on an evolve at 224 px, resident memory crept from 0.67 to
+    1.2 GB over three generations without this, and starts each generation at
+    0.67 GB with it. Called once per evolve generation: after every compile it
+    cost a third more compile time (the pages are faulted in again).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _trace(*key) -> None:
@@ -140,6 +164,12 @@ def _programs(module: nn.Module) -> dict[str, Any]:
                 )
             }
         return programs
+
+
+def compiled(modules) -> int:
+    """How many of ``modules`` have their programs (compiled, or compiling now)."""
+    with _LOCK:
+        return sum(module in _MODULE_PROGRAMS for module in modules)
 
 
 def release(modules) -> None:

@@ -346,10 +346,10 @@ class SupernetTrainer:
             for k in ran:
                 key = f"layer_{l}/cell_{k}"
                 y, stats, vjp = pieces.forward(self._module(key), self._vars(state, key), x)
-                outputs[k] = (y, stats, vjp)
-            y, stats, vjp = outputs[g.active]
-            tape.append((f"layer_{l}/cell_{g.active}", vjp, stats, outputs))
-            x = y  # One-hot gates: the layer output is the active path's output.
+                outputs[k] = y
+                if k == g.active:  # Only the active cell's residuals are kept for backward.
+                    tape.append((key, vjp, stats, outputs))
+            x = outputs[g.active]  # One-hot gates: the layer output is the active path's.
         return x, tape
 
     def weight_step(
@@ -479,7 +479,7 @@ class SupernetTrainer:
         for key, vjp, _, outputs in reversed(tape):
             if outputs is not None:
                 l = int(key.split("/")[0].split("_")[1])
-                dl_dg[l] = [pieces.inner(dx, outputs[k][0]) for k in gates[l].pair]
+                dl_dg[l] = [pieces.inner(dx, outputs[k]) for k in gates[l].pair]
             if key != "stem":
                 _, dx = pieces.backward(self._module(key), vjp, dx)
         return dl_dg

@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import periodic_actions
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import (
@@ -51,6 +50,7 @@ from autospace_jax import (
     writers,
 )
 from autospace_jax import genome as genome_lib
+from autospace_jax import progress as progress_lib
 from autospace_jax.pieces import cross_entropy
 
 STAGE = "train"
@@ -353,8 +353,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
     train_step = make_train_step(model, optimizer, mesh, tc.label_smoothing, tc.ema_decay)
     eval_step = make_eval_step(model, mesh)
     writer = writers.create_writer(stage_dir)
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_secs=15
+    progress = progress_lib.Progress(
+        total_steps, done=int(state.step), every_secs=config.progress_every_secs
     )
     batch_sharding = sharding.batch_sharding(mesh)
     first_step = int(state.step)
@@ -367,7 +367,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             state, metrics = train_step(state, images, labels)
             pending.append(metrics)
             done = step + 1
-            progress(done)
+            measured = progress.report(done, "train: step", sync=metrics)
+            if measured is not None:
+                writer.write_scalars(done, measured.scalars("step"))
             is_ckpt = done % tc.checkpoint_every_steps == 0 or done == total_steps
             if done % tc.log_every_steps == 0 or is_ckpt:
                 # Every step since the last check, before anything is checkpointed.

@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # JAX's persistent compilation cache: '' = <workdir>/compilation_cache, 'off' = none.
     c.compilation_cache = ""
+    # Seconds between progress lines (rate and ETA of finished work) of a long stage.
+    c.progress_every_secs = 15.0
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | npz | tfds:<name>

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
@@ -26,6 +27,7 @@ TINY = [
     "--config.supernet.batch_size=32",
     "--config.evolution.fitness_batch_size=32",
     "--config.supernet.warmup_epochs=0",
+    "--config.progress_every_secs=0.01",
 ]
 
 
@@ -84,7 +86,14 @@ def _read(workdir, name):
 
 def test_evolve_run_kill_resume_constraints_and_accounting(tmp_path):
     straight = str(tmp_path / "straight")
-    runner.run(runner.command(straight, *TINY), check=True)
+    log = runner.run(runner.command(straight, *TINY), check=True).stderr
+    # The startup line names backend and devices; JAX's probe of absent backends is not
+    # logged (on CPU: "Unable to initialize backend 'tpu' ... libtpu.so").
+    assert re.search(r"autospace_jax evolve on cpu: 1 x cpu \(1 local\), process 0 of 1", log)
+    assert "Unable to initialize backend" not in log and "libtpu" not in log
+    # Progress: inside each generation (its steps), and after it (the whole run).
+    assert re.search(r"evolve: generation \d/4, step \d/4 \(\d+%\), .*, ETA \d+s", log)
+    assert re.search(r"evolve: generation 2/4 .* s/generation, ETA at most \d+", log)
 
     killed = str(tmp_path / "killed")
     ckpt = os.path.join(killed, "evolve", "checkpoints")
@@ -197,15 +206,20 @@ def test_a_fitness_batch_larger_than_the_validation_split_is_rejected(tmp_path):
         evo.evolve(config, str(tmp_path))
 
 
-def test_programs_of_dead_cells_are_released(tmp_path):
-    """Compiled cells hold host memory: only cells some population holds keep theirs."""
+def test_programs_of_dead_cells_are_released(tmp_path, monkeypatch):
+    """Compiled cells hold host memory: only cells some population holds keep theirs;
+    the memory malloc holds free goes back to the OS after every generation."""
     from autospace_jax import cells, pieces
     from tests.reliability_test import evolve_config
 
     config = evolve_config()
     config.evolution.generations = 3
     before = dict(pieces.TRACES)
-    evo.evolve(config, str(tmp_path))
+    trims = []
+    trim = pieces.return_freed_memory
+    monkeypatch.setattr(pieces, "return_freed_memory", lambda: trims.append(trim()))
+    summary = evo.evolve(config, str(tmp_path))
+    assert len(trims) == config.evolution.generations + summary["final_rounds"]
     traced = {k[1] for k, n in pieces.TRACES.items() if n > before.get(k, 0) and k[0] == "forward"}
     compiled = {m for m in traced if isinstance(m, cells.Cell)}
     held = {m for m in pieces._MODULE_PROGRAMS if isinstance(m, cells.Cell)}

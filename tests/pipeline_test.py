@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 
 import pytest
 
@@ -24,6 +25,7 @@ TINY = [
     "--config.train.epochs=2",
     "--config.train.batch_size=32",
     "--config.train.checkpoint_every_steps=10",
+    "--config.progress_every_secs=0.01",
 ]
 
 # (stage, first checkpoint step that must exist before the kill; 0 = the stage's
@@ -49,8 +51,42 @@ def _ready(workdir, stage, step):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("straight"))
-    runner.run(runner.command(workdir, *TINY), check=True)
+    log = runner.run(runner.command(workdir, *TINY), check=True).stderr
+    with open(os.path.join(workdir, "run.log"), "w") as f:
+        f.write(log)
     return workdir
+
+
+def _line_form(line: str) -> str:
+    """A regex of a README sample line: its paths, number lists, durations and numbers
+    stand for any of their kind (a run on other data prints other values)."""
+    kinds = [
+        (r"runs/digits\S*?(?=[),]|$)", r"\S+?"),
+        (r"\[[\d, ]+\]", r"\[[\d, ]*\]"),
+        (r"(?<![\d.])\d+(?:h\d\dm|m\d\ds|s)\b", r"(?:\d+h\d\dm|\d+m\d\ds|\d+s)"),
+        (r"\d[\d,]*(?:\.\d+)?", r"\d[\d,]*(?:\.\d+)?"),
+    ]
+    pattern = re.compile("|".join(f"({k})" for k, _ in kinds))
+    out, last = [], 0
+    for m in pattern.finditer(line):
+        out.append(re.escape(line[last : m.start()]))
+        out.append(kinds[m.lastindex - 1][1])
+        last = m.end()
+    return "".join(out) + re.escape(line[last:])
+
+
+def test_readme_sample_output_matches_a_run(straight):
+    with open(os.path.join(runner.ROOT, "README.md")) as f:
+        readme = f.read()
+    sample = readme.split("<!-- sample-output -->")[1].split("<!-- /sample-output -->")[0]
+    lines = [line for line in sample.splitlines() if line and not line.startswith("```")]
+    with open(os.path.join(straight, "run.log")) as f:
+        # absl's prefix: I1202 11:43:07.250716 140284583844736 main.py:89]
+        log = [re.sub(r"^[IWEF]\d{4} [\d:.]+ +\d+ \S+:\d+\] ", "", x) for x in f]
+    assert len(lines) >= 8
+    for line in lines:
+        form = re.compile(_line_form(line))
+        assert any(form.match(x) for x in log), line
 
 
 def test_uninterrupted_pipeline_summary(straight):

@@ -2,7 +2,9 @@
 
 import itertools
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -110,10 +112,24 @@ def test_search_meets_two_madds_targets(tmp_path, algorithm):
         assert 0.0 <= summary["val_accuracy"] <= 1.0
 
 
-def test_proxyless_large_lambda_picks_cheaper_cells(tmp_path):
-    free = stage.search(tiny_config(madds_lambda=0.0, steps=40), str(tmp_path / "free"))
-    taxed = stage.search(tiny_config(madds_lambda=50.0, steps=40), str(tmp_path / "taxed"))
+def test_proxyless_large_lambda_picks_cheaper_cells_and_the_log_says_so(tmp_path, caplog):
+    configs = [tiny_config(madds_lambda=lam, steps=40) for lam in (0.0, 50.0)]
+    for c in configs:
+        c.progress_every_secs = 0.01
+    with caplog.at_level(logging.INFO):
+        free = stage.search(configs[0], str(tmp_path / "free"))
+        taxed = stage.search(configs[1], str(tmp_path / "taxed"))
     assert taxed["madds"] < free["madds"]
+    log = "\n".join(r.getMessage() for r in caplog.records)
+    # Progress of both phases with an ETA (compile time, when a cell compiles, is named
+    # apart: tests/progress_test.py; here the cells may be compiled by an earlier test).
+    for phase in ("warm-up", "search"):
+        assert re.search(rf"search: proxyless {phase} step \d+/\d+ \(\d+%\), .*ETA \d", log), phase
+    # The end: where the path sits in the space's range, and a hint at the cheap end.
+    assert re.search(r"search: [\d.]+M MAdds, 0% of the way from the space's cheapest path", log)
+    assert "no target: the cost term is lambda * E[MAdds] / max (search.madds_lambda=50)" in log
+    assert "Hint: the path is among the cheapest of the space" in log
+    assert "--config.search.target_madds=" in log
 
 
 def test_spos_bn_recalibration_changes_the_evaluated_accuracy(tmp_path):

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from autospace_jax import cells, checkpoint, errors, failures, fused, madds, pieces, sharding
+from autospace_jax import progress as progress_lib
 from autospace_jax import supernet as sn
 
 
@@ -29,6 +30,8 @@ class SearchContext:
     resumed_step: int = 0  # The checkpoint step this run resumed from.
     # (step, loss) of the weight steps since the last save, checked before it.
     pending_losses: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
+    writer: Any = None  # TensorBoard: the progress figures.
+    _progress: dict[str, progress_lib.Progress] = dataclasses.field(default_factory=dict)
 
     @property
     def seed(self) -> int:
@@ -80,6 +83,36 @@ class SearchContext:
             alphas = self.trainer.alphas(self.state)
             losses = [v for _, v in self.pending_losses]
             failures.check_alphas(self.checkpointer.stage, step + 1, alphas, first, losses)
+
+    # --- progress ----------------------------------------------------------------------
+
+    def report(self, done: int, phase: str, warmup_steps: int = 0) -> None:
+        """Progress of the supernet steps, after step ``done`` (1-based): the first
+        ``warmup_steps`` as ``warm-up``, the rest as ``phase``, each with its own rate
+        and ETA (a search step costs more than a warm-up step). Compile time (each
+        new cell compiles when it first runs) is named apart, not in the rate."""
+        steps = self.config.search.steps
+        warm = done <= warmup_steps
+        name, offset = ("warm-up", 0) if warm else (phase, warmup_steps)
+        if name not in self._progress:
+            self._progress[name] = progress_lib.Progress(
+                warmup_steps if warm else steps - warmup_steps,
+                done=done - offset - 1,
+                every_secs=self.config.progress_every_secs,
+                excluded=pieces.compile_seconds,
+            )
+        if not self._progress[name].due():
+            return
+        what = f"search: {self.config.search.algorithm} {name} step"
+        sync = self.pending_losses[-1][1] if self.pending_losses else None
+        cells_ = {self.trainer._module(f"layer_{l}/cell_{k}")
+                  for l, c in enumerate(self.space.candidates) for k in range(len(c))}  # fmt: skip
+        compiling = f"compiling, {pieces.compiled(cells_)} of {len(cells_)} cells"
+        if self.trainer.program == "fused":
+            compiling = "compiling"  # One program holds every cell.
+        measured = self._progress[name].report(done - offset, what, sync, compiling)
+        if measured is not None and self.writer is not None:
+            self.writer.write_scalars(done, measured.scalars("step"))
 
     # --- checkpoints: the supernet plus an algorithm's own arrays and JSON ---------------
 

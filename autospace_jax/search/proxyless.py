@@ -83,6 +83,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
         ctx.weight_step(step)
         if step >= sc.warmup_steps:
             ctx.fitness_step(step, term)
+        ctx.report(step + 1, "search", sc.warmup_steps)
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(step + 1, {}, {})
     alphas = ctx.trainer.alphas(ctx.state)

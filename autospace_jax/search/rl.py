@@ -114,6 +114,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
             images, labels = ctx.batch(step, "val")
             paths = [controller.sample(rng) for _ in range(sc.rl_samples)]
             controller.update(paths, [reward(p, images, labels) for p in paths])
+        ctx.report(step + 1, "search", sc.warmup_steps)
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(
                 step + 1, {"controller": controller.state()}, {"baseline": controller.baseline}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from autospace_jax import pieces
+from autospace_jax import progress as progress_lib
 from autospace_jax.search.context import SearchContext, UnreachableTarget
 
 MAX_TRIES = 1000
@@ -45,6 +47,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
         rng = np.random.default_rng((ctx.seed, step, 5))
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
         ctx.weight_step(step, path)
+        ctx.report(step + 1, "supernet (uniform paths)")
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
             ctx.save(step + 1, {}, {"scores": {}, "population": [], "round": 0})
 
@@ -59,6 +62,10 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
     population = [list(p) for p in meta["population"]]
     if not population:
         population = _initial_population(ctx, sc.spos_population, limit)
+    rounds = progress_lib.Progress(
+        sc.spos_iterations, done=meta["round"], unit="round",
+        every_secs=ctx.config.progress_every_secs, excluded=pieces.compile_seconds,
+    )  # fmt: skip
     for round_ in range(meta["round"], sc.spos_iterations):
         ranked = sorted(population, key=lambda p: (-score(p), p))
         parents = ranked[: sc.spos_parents]
@@ -79,5 +86,9 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
         population = parents + children
         state = {"scores": scores, "population": population, "round": round_ + 1}
         ctx.save(sc.steps + round_ + 1, {}, state)
+        what = f"search: spos evolution (BN recalibrated on {sc.bn_batches} batches per path) round"
+        measured = rounds.report(round_ + 1, what, excluded_name="compiling")
+        if measured is not None and ctx.writer is not None:
+            ctx.writer.write_scalars(sc.steps + round_ + 1, measured.scalars("round"))
     best = sorted(population, key=lambda p: (-score(p), p))[0]
     return best, {"evaluated_paths": len(scores), "best_recalibrated_val_accuracy": score(best)}
