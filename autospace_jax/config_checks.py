@@ -113,6 +113,18 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "'manual_irb', 'learned' or a space.json path",
     ),
     "search.target_madds": _int_at_least(0),
+    "search.cost": _one_of(("madds", "latency")),
+    "search.target_latency_ms": ((lambda v: _is_num(v) and v >= 0), "a number of ms >= 0"),
+    "search.targets": (
+        lambda v: isinstance(v, (tuple, list)) and all(_is_num(x) and x > 0 for x in v),
+        "a tuple of targets > 0 in the cost's unit (MAdds or ms), or () for one target",
+    ),
+    "search.latency_table": ((lambda v: isinstance(v, str)), "'' or a table.json path"),
+    "search.latency_batch": _int_at_least(1),
+    "latency.batch_sizes": _positive_ints(),
+    "latency.warmup": _int_at_least(0),
+    "latency.repeats": _int_at_least(1),
+    "latency.check_paths": _int_at_least(0),
     "search.tolerance": _num_in(0.0, 1.0, high_open=True),
     "search.madds_lambda": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "search.steps": _int_at_least(1),
@@ -205,8 +217,9 @@ def validate(config: Any) -> None:
             "chunks of the weight step's batch, with the programs that step compiled",
         )
     se = config.search
-    if se.algorithm in ("rl", "spos") and se.target_madds <= 0:
-        fail("search.target_madds", se.target_madds, f"> 0 for search.algorithm={se.algorithm!r}")
+    if se.cost == "latency" and se.latency_batch not in tuple(config.latency.batch_sizes):
+        fail("search.latency_batch", se.latency_batch,
+             f"one of latency.batch_sizes {tuple(config.latency.batch_sizes)}")  # fmt: skip
     if se.spos_parents > se.spos_population:
         fail(
             "search.spos_parents",

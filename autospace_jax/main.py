@@ -15,11 +15,21 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import config_checks, distributed, errors, evolution, files, pipeline, train
+from autospace_jax import (
+    config_checks,
+    distributed,
+    errors,
+    evolution,
+    files,
+    latency,
+    pipeline,
+    train,
+)
 from autospace_jax.search import stage
 
 MODES = {
     "evolve": evolution.evolve,
+    "latency": latency.run,
     "pipeline": pipeline.run,
     "search": stage.search,
     "train": train.train_and_evaluate,

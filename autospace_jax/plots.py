@@ -66,6 +66,22 @@ def _save(fig: Figure, path: str) -> None:
     files.write_bytes(path, png.getvalue())
 
 
+def plot_front(front: list[dict], unit: str, path: str) -> None:
+    """A search's front: each target's chosen path, its cost against its supernet val
+    top-1, the targets marked on the cost axis."""
+    fig = _new_figure(5.0, 3.4, 120)
+    ax = fig.add_subplot(1, 1, 1)
+    costs = [p["cost"] for p in front]
+    ax.plot(costs, [p["val_accuracy"] for p in front], "o-", color="#1f77b4", label="chosen")
+    for p in front:
+        ax.axvline(p["target"], color="#999999", lw=0.8, ls=":")
+    ax.set_xlabel(f"cost ({unit}); dotted: the targets")
+    ax.set_ylabel("supernet val top-1")
+    ax.set_title("search front")
+    fig.tight_layout()
+    _save(fig, path)
+
+
 def _alpha_series(
     history: list[list[dict]], layer: int
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -85,7 +85,18 @@ def get_config() -> ml_collections.ConfigDict:
     c.search = ml_collections.ConfigDict()
     c.search.algorithm = "proxyless"  # proxyless | rl | spos
     c.search.space = "manual_irb"  # manual_irb | learned (<workdir>/evolve/space.json) | a path
-    c.search.target_madds = 0  # 0: proxyless uses lambda * E[MAdds]; rl and spos need > 0.
+    # What targets, Eq. 6's term, the RL reward and the SPOS limit count: madds, or
+    # latency (ms, from the table --mode=latency measures on this kind of device).
+    c.search.cost = "madds"
+    # The target (0: none; proxyless then uses lambda * E[cost], rl and spos the reference
+    # network's cost: the reference cell in every layer).
+    c.search.target_madds = 0
+    c.search.target_latency_ms = 0.0
+    # A front from one search: one arch per target (in the cost's unit) as
+    # search/arch_<target>.json, plus front.json and front.png; () = one target.
+    c.search.targets = ()
+    c.search.latency_table = ""  # '' = <workdir>/latency/table.json.
+    c.search.latency_batch = 1  # Which of the table's batch sizes the search counts.
     c.search.tolerance = 0.1  # Chosen arch within target * (1 +- tolerance) (proxyless, rl).
     c.search.madds_lambda = 0.5  # lambda of Eq. 6.
     c.search.steps = 300  # Supernet iterations.
@@ -100,6 +111,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.search.spos_population = 12
     c.search.spos_iterations = 5
     c.search.spos_parents = 4
+
+    # --mode=latency: every candidate cell of search.space timed on this device.
+    c.latency = ml_collections.ConfigDict()
+    c.latency.batch_sizes = (1, 64)  # 1 and a serving batch.
+    c.latency.warmup = 3  # Untimed calls first.
+    c.latency.repeats = 50  # The median of these.
+    c.latency.check_paths = 10  # Random whole networks timed against the table's sum.
 
     # Weight-sharing supernet with binary gates (Eq. 3-4), used by evolve and search.
     c.supernet = ml_collections.ConfigDict()

@@ -285,13 +285,14 @@ def _subclasses(cls):
 def test_every_user_error_class_is_one_fatal_line(monkeypatch, tmp_path):
     """Walks every user-facing class (a new one must be added here, with a real case)."""
     # Imported for their classes: each module defines one.
-    from autospace_jax import checkpoint, failures, genome  # noqa: F401
+    from autospace_jax import checkpoint, failures, genome, latency  # noqa: F401
     from autospace_jax.search import context  # noqa: F401
 
+    # Real cases of LatencyTableError: tests/latency_test.py.
     classes = {c.__name__: c for c in _subclasses(errors.UserError)}
     assert sorted(classes) == ["CheckpointError", "ConfigError", "DataError", "GenomeError",
-                               "MissingFileError", "NonFiniteError", "RunFolderError",
-                               "UnreachableTarget"]  # fmt: skip
+                               "LatencyTableError", "MissingFileError", "NonFiniteError",
+                               "RunFolderError", "UnreachableTarget"]  # fmt: skip
     path = _valid_npz(tmp_path)
     for name, cls in classes.items():
 

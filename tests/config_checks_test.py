@@ -76,8 +76,8 @@ def test_bad_value_names_field_value_and_accepted(field, value, accepted):
 
 def test_cross_field_rules():
     config = digits.get_config()
-    config.search.algorithm, config.search.target_madds = "rl", 0
-    with pytest.raises(config_checks.ConfigError, match=r"search.target_madds=0 .* > 0 for"):
+    config.search.cost, config.search.latency_batch = "latency", 32
+    with pytest.raises(config_checks.ConfigError, match=r"latency_batch=32 .* one of latency.b"):
         config_checks.validate(config)
     config = digits.get_config()
     config.model.widths = (8, 16)

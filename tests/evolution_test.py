@@ -168,7 +168,7 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path):
     config.model.blocks, config.model.strides = (1, 1), (1, 2)
     ev = config.evolution
     ev.population_size, ev.cells_per_layer, ev.tournament_size = 4, 2, 2
-    ev.steps_per_generation, ev.generations = 2, 4
+    ev.steps_per_generation, ev.generations = 2, 3
     config.supernet.batch_size, config.supernet.warmup_epochs = 32, 0
     ev.fitness_batch_size = 32
     spaces = {}

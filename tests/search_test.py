@@ -91,25 +91,50 @@ def test_rl_controller_entropy_falls_on_toy_reward():
 
 def _targets(tmp_path):
     ctx, _ = stage.build_context(tiny_config(), str(tmp_path / "probe"))
-    # Two targets that real paths of the space hit exactly: a cheap and a dear one.
+    # Three targets that real paths of the space hit exactly: cheap, middle and dear.
     costs = sorted(
         ctx.path_madds(p) for p in itertools.product(*(range(len(m)) for m in ctx.madds_table))
     )
-    return costs[len(costs) // 4], costs[3 * len(costs) // 4]
+    return tuple(costs[len(costs) * q // 8] for q in (1, 4, 7))
 
 
 @pytest.mark.parametrize("algorithm", ["proxyless", "rl", "spos"])
-def test_search_meets_two_madds_targets(tmp_path, algorithm):
-    for target in _targets(tmp_path):
-        workdir = str(tmp_path / f"{algorithm}_{target}")
-        summary = stage.search(tiny_config(algorithm=algorithm, target_madds=target), workdir)
-        arch = arch_lib.load_arch(os.path.join(workdir, "search", "arch.json"))
-        assert arch.skeleton.num_layers == 2 and summary["madds"] > 0
+def test_one_search_gives_a_front_of_three_madds_targets(tmp_path, algorithm):
+    targets = _targets(tmp_path)
+    workdir = str(tmp_path / algorithm)
+    summary = stage.search(tiny_config(algorithm=algorithm, targets=targets), workdir)
+    front = summary["front"]
+    assert [p["target"] for p in front] == list(targets) and summary["target"] == targets[1]
+    costs = [p["madds"] for p in front]
+    assert costs == sorted(costs), costs
+    for point, target in zip(front, targets):
+        arch = arch_lib.load_arch(os.path.join(workdir, "search", f"arch_{target:g}.json"))
+        assert arch.genomes == tuple(
+            c[k] for c, k in zip(spaces.manual_irb(arch.skeleton).candidates, point["path"])
+        )
         if algorithm == "spos":
-            assert summary["madds"] <= target
+            assert point["madds"] <= target
         else:
-            assert abs(summary["madds"] - target) <= 0.1 * target, (summary["madds"], target)
-        assert 0.0 <= summary["val_accuracy"] <= 1.0
+            assert abs(point["madds"] - target) <= 0.1 * target, (point["madds"], target)
+        assert 0.0 <= point["val_accuracy"] <= 1.0
+    # arch.json (what train picks up) is the middle target's.
+    main = arch_lib.load_arch(os.path.join(workdir, "search", "arch.json"))
+    assert main == arch_lib.load_arch(os.path.join(workdir, "search", f"arch_{targets[1]:g}.json"))
+    with open(os.path.join(workdir, "search", "front.json")) as f:
+        assert json.load(f)["front"] == front
+    assert os.path.getsize(os.path.join(workdir, "search", "front.png")) > 1000
+
+
+@pytest.mark.parametrize("algorithm", ["rl", "spos"])
+def test_rl_and_spos_without_a_target_use_the_reference_networks(tmp_path, algorithm):
+    from autospace_jax import config_checks, madds
+
+    config = tiny_config(algorithm=algorithm)
+    config_checks.validate(config)  # No target is accepted.
+    ctx, _ = stage.build_context(config, str(tmp_path))
+    reference = arch_lib.uniform(ctx.space.skeleton, g.irb())
+    assert ctx.target == madds.network_cost(reference, 8, 1).madds
+    assert "reference cell in every layer" in ctx.target_source
 
 
 def test_proxyless_large_lambda_picks_cheaper_cells_and_the_log_says_so(tmp_path, caplog):

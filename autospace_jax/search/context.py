@@ -27,6 +27,12 @@ class SearchContext:
     checkpointer: checkpoint.Checkpointer
     madds_table: list[np.ndarray]  # [l][k]: MAdds of candidate k of layer l.
     base_madds: int  # Stem + head.
+    # What the search counts (search.cost): the MAdds above, or milliseconds from the
+    # latency table; its target (0: none) in that unit, set by :func:`stage.build_context`.
+    cost_table: list[np.ndarray] = None
+    base_cost: float = 0.0
+    target: float = 0.0
+    target_source: str = "none"
     resumed_step: int = 0  # The checkpoint step this run resumed from.
     # (step, loss) of the weight steps since the last save, checked before it.
     pending_losses: list[tuple[int, Any]] = dataclasses.field(default_factory=list)
@@ -48,6 +54,40 @@ class SearchContext:
 
     def max_madds(self) -> int:
         return self.path_madds([int(np.argmax(m)) for m in self.madds_table])
+
+    # --- cost: MAdds or latency (search.cost) -------------------------------------------
+
+    @property
+    def unit(self) -> str:
+        return "ms" if self.config.search.cost == "latency" else "MAdds"
+
+    def path_cost(self, path) -> float:
+        return float(self.base_cost + sum(self.cost_table[l][k] for l, k in enumerate(path)))
+
+    def expected_cost(self, probs: list[np.ndarray]) -> float:
+        """Eq. 6's E[cost] = sum_l sum_k p_lk cost(d_lk) (plus the fixed stem and head)."""
+        return self.base_cost + sum(float(p @ c) for p, c in zip(probs, self.cost_table))
+
+    def cost_range(self) -> tuple[float, float]:
+        """The cost of the space's cheapest and of its largest path."""
+        return tuple(self.path_cost([int(f(c)) for c in self.cost_table])
+                     for f in (np.argmin, np.argmax))  # fmt: skip
+
+    def fmt(self, cost: float) -> str:
+        return f"{cost / 1e6:.2f}M MAdds" if self.unit == "MAdds" else f"{cost:.3f} ms"
+
+    def window(self, target: float) -> tuple[float, float]:
+        """The costs search.tolerance allows around ``target``."""
+        tol = self.config.search.tolerance
+        return target * (1 - tol), target * (1 + tol)
+
+    def within(self, log_probs: list[np.ndarray], target: float) -> list[int]:
+        """The most probable path whose cost lies in :meth:`window` of ``target``."""
+        low, high = self.window(target)
+        field = "targets" if self.config.search.targets else (
+            "target_latency_ms" if self.unit == "ms" else "target_madds")  # fmt: skip
+        return most_probable_within(log_probs, self.cost_table, self.base_cost, low, high,
+                                    unit=self.unit, field=f"config.search.{field}")  # fmt: skip
 
     # --- data and schedule ------------------------------------------------------------
 
@@ -208,12 +248,14 @@ class UnreachableTarget(errors.UserError, ValueError):
 def most_probable_within(
     log_probs: list[np.ndarray],
     table: list[np.ndarray],
-    base: int,
+    base: float,
     low: float,
     high: float,
     buckets: int = 4000,
+    unit: str = "MAdds",
+    field: str = "config.search.target_madds",
 ) -> list[int]:
-    """The path maximising sum_l log p_l[k_l] with base + sum MAdds in [low, high].
+    """The path maximising sum_l log p_l[k_l] with base + sum cost in [low, high].
 
     Dynamic programming over layers with MAdds in ``buckets`` bins; the result's
     exact MAdds are checked. Raises ValueError when no path fits the range.
@@ -248,9 +290,11 @@ def most_probable_within(
         if low <= total <= high:
             return path
     span = [base + sum(f(m) for m in table) for f in (np.min, np.max)]
+    f = "{:.0f}" if unit == "MAdds" else "{:.4g}"
+    low, high, span = f.format(low), f.format(high), [f.format(v) for v in span]
     raise UnreachableTarget(
-        f"no architecture of this space has MAdds in [{low:.0f}, {high:.0f}] "
-        f"(config.search.target_madds +- config.search.tolerance); its paths span "
-        f"{span[0]:.0f}..{span[1]:.0f} MAdds, not every value between: pick a target in "
+        f"no architecture of this space has {unit} in [{low}, {high}] "
+        f"({field} +- config.search.tolerance); its paths span "
+        f"{span[0]}..{span[1]} {unit}, not every value between: pick a target in "
         "that range, a larger tolerance, or 0 for no target"
     )

@@ -8,21 +8,26 @@ of Eq. 6, Loss = CE + lambda * E[MAdds], E[MAdds] = sum_l sum_k p_lk MAdds(d_lk)
 * lambda mode (``search.target_madds = 0``): the term is lambda * E[MAdds] / M,
   M the MAdds of the space's largest path, so lambda is unit-free; the
   architecture is the argmax of p per layer;
-* target mode (``search.target_madds > 0``): the term is
-  lambda * (E[MAdds] / T - 1)^2, pulling the expectation onto the target T;
-  the architecture is the most probable path (max sum_l log p_l) whose MAdds lie
-  within ``search.tolerance`` of T.
+* target mode (a target T > 0): the term is lambda * (E[MAdds] / T - 1)^2,
+  pulling the expectation onto T; the architecture is the most probable path
+  (max sum_l log p_l) whose MAdds lie within ``search.tolerance`` of T.
+
+With ``search.cost=latency`` the same holds with each cell's milliseconds from
+the latency table in place of its MAdds; with ``search.targets`` the supernet
+trains for the middle target and every target takes its own path.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autospace_jax.search.context import SearchContext, most_probable_within
+from autospace_jax.search.context import SearchContext
 
 
 def _softmax(a: np.ndarray) -> np.ndarray:
@@ -55,26 +60,25 @@ class MaddsTerm:
 
 
 def madds_term(ctx: SearchContext) -> MaddsTerm:
-    sc = ctx.config.search
+    """Eq. 6's term over the search's cost (MAdds or latency) and its target."""
     return MaddsTerm(
-        table=tuple(tuple(float(v) for v in m) for m in ctx.madds_table),
-        base=float(ctx.base_madds),
-        madds_lambda=float(sc.madds_lambda),
-        target=float(sc.target_madds),
-        max_madds=float(ctx.max_madds()),
+        table=tuple(tuple(float(v) for v in c) for c in ctx.cost_table),
+        base=float(ctx.base_cost),
+        madds_lambda=float(ctx.config.search.madds_lambda),
+        target=float(ctx.target),
+        max_madds=float(ctx.cost_range()[1]),
     )
 
 
-def derive(ctx: SearchContext, alphas: list[np.ndarray]) -> list[int]:
-    sc = ctx.config.search
-    if sc.target_madds <= 0:
+def derive(ctx: SearchContext, alphas: list[np.ndarray], target: float) -> list[int]:
+    """The argmax of p per layer (no target), else the most probable path within the
+    target's tolerance."""
+    if target <= 0:
         return [int(np.argmax(a)) for a in alphas]
-    log_probs = [np.log(_softmax(np.asarray(a, np.float64))) for a in alphas]
-    low, high = sc.target_madds * (1 - sc.tolerance), sc.target_madds * (1 + sc.tolerance)
-    return most_probable_within(log_probs, ctx.madds_table, ctx.base_madds, low, high)
+    return ctx.within([np.log(_softmax(np.asarray(a, np.float64))) for a in alphas], target)
 
 
-def run(ctx: SearchContext) -> tuple[list[int], dict]:
+def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
     restored = ctx.restore({})
     start = restored[1]["step"] if restored else 0
@@ -90,6 +94,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
     probs = [_softmax(np.asarray(a, np.float64)) for a in alphas]
     figures = {
         "expected_madds": ctx.expected_madds(probs),
+        "expected_cost": ctx.expected_cost(probs),
         "probabilities": [p.round(4).tolist() for p in probs],
     }
-    return derive(ctx, alphas), figures
+    return functools.partial(derive, ctx, alphas), figures

@@ -5,22 +5,24 @@ the shared weights on a path drawn from the controller (after
 ``search.warmup_steps`` of uniform paths), and every ``search.rl_every`` steps
 it draws ``search.rl_samples`` paths and rewards each with the MnasNet form
 
-  reward = val accuracy * (MAdds / T) ** w,  w = search.rl_madds_exponent,
+  reward = val accuracy * (cost / T) ** w,  w = search.rl_madds_exponent,
 
 accuracy measured on a validation batch with batch statistics. The gradient is
 REINFORCE with a moving-average baseline; theta takes Adam steps. The
 architecture is the controller's most probable path within
-``search.tolerance`` of the target T.
+``search.tolerance`` of the target T (each target of a front its own). The cost
+is MAdds or latency (``search.cost``); T defaults to the reference network's.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import optax
 
-from autospace_jax.search.context import SearchContext, most_probable_within
+from autospace_jax.search.context import SearchContext
 
 
 class Controller:
@@ -86,9 +88,9 @@ def train_controller(
     return entropies
 
 
-def run(ctx: SearchContext) -> tuple[list[int], dict]:
+def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
-    target = sc.target_madds
+    target = ctx.target
     controller = Controller(
         [len(c) for c in ctx.space.candidates], sc.rl_learning_rate, sc.rl_baseline_decay
     )
@@ -101,7 +103,7 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
 
     def reward(path: list[int], images, labels) -> float:
         accuracy = ctx.trainer.batch_accuracy(ctx.state, path, images, labels)
-        return accuracy * (ctx.path_madds(path) / target) ** sc.rl_madds_exponent
+        return accuracy * (ctx.path_cost(path) / target) ** sc.rl_madds_exponent
 
     for step in range(start, sc.steps):
         rng = np.random.default_rng((ctx.seed, step, 3))
@@ -120,12 +122,8 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
                 step + 1, {"controller": controller.state()}, {"baseline": controller.baseline}
             )
     probs = controller.probabilities()
-    low, high = target * (1 - sc.tolerance), target * (1 + sc.tolerance)
-    path = most_probable_within(
-        [np.log(p) for p in probs], ctx.madds_table, ctx.base_madds, low, high
-    )
     figures = {
         "controller_entropy": controller.entropy(),
         "probabilities": [p.round(4).tolist() for p in probs],
     }
-    return path, figures
+    return functools.partial(ctx.within, [np.log(p) for p in probs]), figures

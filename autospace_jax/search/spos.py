@@ -1,8 +1,9 @@
 """SPOS (random sampling, RS) inside a space: single-path one-shot + evolutionary search.
 
 Phase 1 trains the supernet with one uniformly drawn path per step
-(``search.steps``). Phase 2 is an evolutionary search over paths whose MAdds
-are at most ``search.target_madds`` (a hard limit): a population of
+(``search.steps``). Phase 2 is an evolutionary search over paths whose cost
+(MAdds or latency) is at most the target (a hard limit; each target of a front
+searched on the same trained supernet): a population of
 ``search.spos_population`` paths, ``search.spos_iterations`` rounds, the best
 ``search.spos_parents`` produce children by mutation (each layer redrawn with
 probability 0.1) and uniform crossover. Before each candidate is evaluated on
@@ -11,6 +12,8 @@ the validation split, its BatchNorm statistics are recalibrated on
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,29 +32,33 @@ def _initial_population(ctx: SearchContext, size: int, limit: float) -> list[lis
         if len(population) >= size:
             break
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
-        if ctx.path_madds(path) <= limit and path not in population:
+        if ctx.path_cost(path) <= limit and path not in population:
             population.append(path)
     if not population:
+        low = ctx.cost_range()[0]
         raise UnreachableTarget(
-            f"no path of this space has MAdds <= config.search.target_madds={limit}"
+            f"no path of this space costs at most {ctx.fmt(limit)} (the SPOS limit: the "
+            f"search's target); its cheapest costs {ctx.fmt(low)}"
         )
     return population
 
 
-def run(ctx: SearchContext) -> tuple[list[int], dict]:
+def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
-    limit = sc.target_madds
     restored = ctx.restore({})
-    meta = restored[1] if restored else {"step": 0, "scores": {}, "population": [], "round": 0}
+    # Phase 2 per limit (a front has several): its population and round, checkpointed.
+    meta = restored[1] if restored else {"step": 0, "scores": {}, "searches": {}}
     for step in range(meta["step"], sc.steps):
         rng = np.random.default_rng((ctx.seed, step, 5))
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
         ctx.weight_step(step, path)
         ctx.report(step + 1, "supernet (uniform paths)")
         if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
-            ctx.save(step + 1, {}, {"scores": {}, "population": [], "round": 0})
+            ctx.save(step + 1, {}, {"scores": {}, "searches": {}})
 
     scores: dict[str, float] = meta["scores"]  # Path (as "i,j,...") -> recalibrated val top-1.
+    searches: dict[str, dict] = meta["searches"]
+    figures = {"evaluated_paths": 0}
 
     def score(path: list[int]) -> float:
         key = ",".join(map(str, path))
@@ -59,36 +66,50 @@ def run(ctx: SearchContext) -> tuple[list[int], dict]:
             scores[key] = ctx.val_accuracy(path, sc.bn_batches)
         return scores[key]
 
-    population = [list(p) for p in meta["population"]]
-    if not population:
-        population = _initial_population(ctx, sc.spos_population, limit)
-    rounds = progress_lib.Progress(
-        sc.spos_iterations, done=meta["round"], unit="round",
-        every_secs=ctx.config.progress_every_secs, excluded=pieces.compile_seconds,
-    )  # fmt: skip
-    for round_ in range(meta["round"], sc.spos_iterations):
-        ranked = sorted(population, key=lambda p: (-score(p), p))
-        parents = ranked[: sc.spos_parents]
-        rng = np.random.default_rng((ctx.seed, 12, round_))
-        children = []
-        for _ in range(MAX_TRIES):
-            if len(children) >= sc.spos_population - len(parents):
-                break
-            a = parents[int(rng.integers(len(parents)))]
-            if rng.random() < 0.5:
-                b = parents[int(rng.integers(len(parents)))]
-                child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
-            else:
-                child = [int(rng.integers(len(c))) if rng.random() < 0.1 else k
-                         for k, c in zip(a, ctx.space.candidates)]  # fmt: skip
-            if child not in parents and child not in children and ctx.path_madds(child) <= limit:
-                children.append(child)
-        population = parents + children
-        state = {"scores": scores, "population": population, "round": round_ + 1}
-        ctx.save(sc.steps + round_ + 1, {}, state)
-        what = f"search: spos evolution (BN recalibrated on {sc.bn_batches} batches per path) round"
-        measured = rounds.report(round_ + 1, what, excluded_name="compiling")
-        if measured is not None and ctx.writer is not None:
-            ctx.writer.write_scalars(sc.steps + round_ + 1, measured.scalars("round"))
-    best = sorted(population, key=lambda p: (-score(p), p))[0]
-    return best, {"evaluated_paths": len(scores), "best_recalibrated_val_accuracy": score(best)}
+    def choose(limit: float) -> list[int]:
+        state = searches.setdefault(f"{limit:g}", {"population": [], "round": 0})
+        population = [list(p) for p in state["population"]]
+        if not population:
+            population = _initial_population(ctx, sc.spos_population, limit)
+        rounds = progress_lib.Progress(
+            sc.spos_iterations, done=state["round"], unit="round",
+            every_secs=ctx.config.progress_every_secs, excluded=pieces.compile_seconds,
+        )  # fmt: skip
+        for round_ in range(state["round"], sc.spos_iterations):
+            population = _next_population(ctx, population, score, limit, round_)
+            state.update(population=population, round=round_ + 1)
+            # Steps after the supernet's: one per round of every limit searched so far.
+            done = sum(s["round"] for s in searches.values())
+            ctx.save(sc.steps + done, {}, {"scores": scores, "searches": searches})
+            what = (f"search: spos evolution at most {ctx.fmt(limit)} (BN recalibrated on "
+                    f"{sc.bn_batches} batches per path) round")  # fmt: skip
+            measured = rounds.report(round_ + 1, what, excluded_name="compiling")
+            if measured is not None and ctx.writer is not None:
+                ctx.writer.write_scalars(sc.steps + done, measured.scalars("round"))
+        figures["evaluated_paths"] = len(scores)
+        return sorted(population, key=lambda p: (-score(p), p))[0]
+
+    return choose, figures
+
+
+def _next_population(ctx, population, score, limit: float, round_: int) -> list[list[int]]:
+    """One round: the best ``spos_parents`` stay and breed children by mutation (each
+    layer redrawn with probability 0.1) and uniform crossover, all within ``limit``."""
+    sc = ctx.config.search
+    ranked = sorted(population, key=lambda p: (-score(p), p))
+    parents = ranked[: sc.spos_parents]
+    rng = np.random.default_rng((ctx.seed, 12, round_))
+    children = []
+    for _ in range(MAX_TRIES):
+        if len(children) >= sc.spos_population - len(parents):
+            break
+        a = parents[int(rng.integers(len(parents)))]
+        if rng.random() < 0.5:
+            b = parents[int(rng.integers(len(parents)))]
+            child = [x if rng.random() < 0.5 else y for x, y in zip(a, b)]
+        else:
+            child = [int(rng.integers(len(c))) if rng.random() < 0.1 else k
+                     for k, c in zip(a, ctx.space.candidates)]  # fmt: skip
+        if child not in parents and child not in children and ctx.path_cost(child) <= limit:
+            children.append(child)
+    return parents + children

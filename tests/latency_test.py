@@ -1,0 +1,65 @@
+"""The latency table (--mode=latency) and a search that counts latency (search.cost)."""
+
+import itertools
+import json
+import os
+
+import pytest
+
+from autospace_jax import genome as g
+from autospace_jax import latency
+from autospace_jax.search import stage
+from tests.search_test import tiny_config
+
+
+def _config(**search):
+    c = tiny_config(**search)
+    c.model.widths, c.model.blocks, c.model.strides = (8,), (1,), (1,)  # One layer, 7 cells.
+    c.latency.batch_sizes, c.latency.warmup, c.latency.repeats = (1, 8), 1, 3
+    c.latency.check_paths = 2
+    return c
+
+
+def test_latency_table_and_a_search_at_a_latency_target(tmp_path):
+    workdir = str(tmp_path)
+    table = latency.run(_config(), workdir)
+    path = os.path.join(workdir, "latency", "table.json")
+    assert latency.load(path) == json.loads(json.dumps(table))  # Reloaded as written.
+
+    # Keyed by canonical genome and shapes: every candidate, the reference, stem and head.
+    ctx, _ = stage.build_context(_config(cost="latency", target_latency_ms=1.0), workdir)
+    sk = ctx.space.skeleton
+    for genomes, shape in zip(ctx.space.candidates, sk.layer_shapes(8)):
+        for genome in (*genomes, g.irb()):
+            assert set(table["ms"][latency.cell_key(genome, shape)]) == {"1", "8"}
+    assert latency.stem_key(sk, (8, 8, 1)) in table["ms"]
+    assert latency.head_key(sk, 8) in table["ms"]
+    assert table["device_kind"] == latency.device_kind() and "jax" in table["versions"]
+    rows = table["check"]["paths"]
+    assert len(rows) == 4 and all(r["measured_ms"] > 0 and r["predicted_ms"] > 0 for r in rows)
+
+    # A search at a latency target that a real path meets: the path is within tolerance.
+    paths = itertools.product(*(range(len(c)) for c in ctx.cost_table))
+    costs = sorted(ctx.path_cost(p) for p in paths)
+    target = costs[len(costs) // 2]
+    config = _config(cost="latency", target_latency_ms=target, steps=20, warmup_steps=5)
+    config.search.latency_table = path
+    summary = stage.search(config, str(tmp_path / "run"))
+    assert summary["cost"] == "latency" and summary["target"] == target
+    assert abs(summary["path_cost"] - target) <= 0.1 * target, (summary["path_cost"], target)
+
+    # Another kind of device, a missing or a damaged table: one clear error each.
+    with open(path) as f:
+        other = {**json.load(f), "device_kind": "TPU v4"}
+    with open(path, "w") as f:
+        json.dump(other, f)
+    with pytest.raises(
+        latency.LatencyTableError, match=r"measured on 'TPU v4', but this run is on"
+    ):
+        latency.load(path)
+    with pytest.raises(latency.LatencyTableError, match="does not exist: measure one"):
+        latency.load(str(tmp_path / "none.json"))
+    with open(path, "w") as f:
+        f.write('{"ms": {}}')
+    with pytest.raises(latency.LatencyTableError, match="is not one --mode=latency wrote"):
+        latency.load(path)
