@@ -170,7 +170,8 @@ def load(path: str) -> dict[str, Any]:
 
 
 def lookup(table: dict[str, Any], key: str, batch: int, path: str) -> float:
-    if str(batch) not in table["batch_sizes"] and batch not in table["batch_sizes"]:
+    """One entry's milliseconds at ``batch``; ``path`` names the table in errors."""
+    if batch not in table["batch_sizes"]:
         raise LatencyTableError(
             f"latency table {path!r} holds batch sizes {table['batch_sizes']}, not "
             f"search.latency_batch={batch}: pick one of them or measure with "
