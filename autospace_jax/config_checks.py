@@ -97,6 +97,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.momentum": _num_in(0.0, 1.0),
     "evolution.tau": _num_in(0.0, 1.0),
     "evolution.max_madds_factor": ((lambda v: _is_num(v) and v > 0), "a number > 0"),
+    "evolution.max_latency_factor": ((lambda v: _is_num(v) and v >= 0), "0 (off) or a number > 0"),
     "evolution.use_reference": ((lambda v: isinstance(v, bool)), "true or false"),
     "evolution.offspring": _int_at_least(0),
     "evolution.removal": _one_of(("oldest", "worst")),

@@ -90,6 +90,14 @@ def check_same(what: str, obj: Any) -> None:
     )
 
 
+def from_process_0(value: float) -> float:
+    """Process 0's ``value`` on every process: a measurement (a time) decisions depend on,
+    which each host would otherwise measure differently."""
+    if jax.process_count() == 1:
+        return value
+    return float(multihost_utils.broadcast_one_to_all(np.float32(value)))
+
+
 def sync(what: str) -> None:
     """Waits until every process gets here: the end of a stage, whose files process 0 wrote."""
     if jax.process_count() > 1:

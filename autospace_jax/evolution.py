@@ -25,8 +25,9 @@ generation t = 0..T-1:
    generation, so a cell born late trains at the full rate before it is scored;
 4. Eq. 5 for each picked cell, and n' += f;
 5. breeding: the fittest ``offspring`` of the K winners produce one child each,
-   a new function under the layer's constraints; the child starts with its
-   parent's alpha and inherits its weights edge by edge;
+   a new function under the layer's constraints (MAdds, and with
+   ``evolution.max_latency_factor`` its time on this device: :class:`latency.CellTimer`);
+   the child starts with its parent's alpha and inherits its weights edge by edge;
 6. the population is cut back to P (the oldest, or the least fit, go).
 
 Final rounds ("after the network converges"): per layer the final candidates
@@ -64,6 +65,7 @@ from autospace_jax import (
     fused,
     generation,
     input_pipeline,
+    latency,
     madds,
     pieces,
     precompile,
@@ -107,6 +109,10 @@ class Evolution:
         self.skeleton = arch_lib.skeleton_from_config(config.model, num_classes)
         arch_lib.check_image_size(self.skeleton, self.image_shape)
         self.reference = genome_lib.reference(config.genome.reference)
+        self.timer, bound = None, None
+        if self.ec.max_latency_factor:
+            self.timer = latency.CellTimer(config.latency, config.search.latency_batch)
+            bound = pop_lib.LatencyBound(self.timer, self.ec.max_latency_factor, self.reference)
         self.constraints = []
         for size, c_in, c_out, stride in self.skeleton.layer_shapes(self.image_shape[0]):
             ref_cost = madds.cell_cost(self.reference, size, c_in, c_out, stride).madds
@@ -118,6 +124,7 @@ class Evolution:
                     size,
                     self.ec.max_madds_factor * ref_cost,
                     config.genome.palette,
+                    bound,
                 )
             )
         self.tx = sn.optimizer(
@@ -211,6 +218,7 @@ class Evolution:
             "rejected": dict(self.rejected),
             "losses": self.losses,
             "final": self.final,
+            "latency": self.timer.state if self.timer else None,
         }
 
     def load_meta(self, meta: dict[str, Any]) -> None:
@@ -219,6 +227,8 @@ class Evolution:
         self.history, self.children = meta["history"], meta["children"]
         self.rejected = collections.Counter(meta["rejected"])
         self.losses, self.final = meta["losses"], meta["final"]
+        if self.timer and meta.get("latency"):
+            self.timer.load(meta["latency"])
 
     def genomes(self) -> list[list[genome_lib.Genome]]:
         return [[ind.genome for ind in pop] for pop in self.populations]
@@ -421,6 +431,7 @@ class Evolution:
                         "canonical_id": genome_lib.canonical(child).id,
                         "madds": cons.madds(child),
                         "max_madds": cons.max_madds,
+                        **self._latency_record(cons, child),
                         "hamming_to_reference": pop_lib.distance(child, self.reference),
                         "first_half": first_half,
                         "inherited": inherited,
@@ -431,6 +442,12 @@ class Evolution:
                 self.bank.remove(l, victim.genome)
                 dead.append((l, victim.function))
         self._release(dead)
+
+    @staticmethod
+    def _latency_record(cons: pop_lib.Constraints, child: genome_lib.Genome) -> dict[str, float]:
+        if cons.latency is None:
+            return {}
+        return {"latency_ms": cons.latency_ms(child), "max_latency_ms": cons.max_latency_ms}
 
     def _release(self, dead: list[tuple[int, genome_lib.Genome]]) -> None:
         """Drops the compiled programs of cells no population holds any more: each holds
@@ -482,6 +499,12 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
 
     # --- populations and weight bank.
     evo = Evolution(config, *peeked, mesh)
+    if evo.timer:
+        logging.info(
+            "evolve: a child must run faster than %g x the reference cell of its layer "
+            "(evolution.max_latency_factor), each cell timed once at batch %d on %s",
+            ec.max_latency_factor, evo.timer.batch, latency.device_kind(),
+        )  # fmt: skip
     if dataset is not None:
         evo.attach(dataset)  # Bad settings fail here, before anything compiles.
     ckpt = checkpoint.Checkpointer(

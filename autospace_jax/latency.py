@@ -12,7 +12,8 @@ genome and shapes, with the device kind and library versions. It then times
 prediction and records the error.
 
 ``search.cost=latency`` reads the table (:func:`load`), which must come from
-the same kind of device.
+the same kind of device. ``evolution.max_latency_factor`` bounds evolve's
+children by the same per-cell times (:class:`CellTimer`), timed as they are born.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, errors, files, input_pipeline, spaces
+from autospace_jax import cells, distributed, errors, files, input_pipeline, spaces
 from autospace_jax import genome as genome_lib
 from autospace_jax import supernet as sn
 
@@ -99,6 +100,57 @@ def call_overhead_ms(warmup: int, repeats: int) -> float:
     return _median_ms(jax.jit(lambda x: x), (jnp.zeros((1,)),), warmup, repeats)
 
 
+def _less_overhead_ms(module, shape, batch: int, lc: Any, overhead: float) -> float:
+    return max(time_ms(module, (batch, *shape), lc.warmup, lc.repeats) - overhead, 0)
+
+
+def _cell_job(genome: genome_lib.Genome, shape: tuple[int, int, int, int]):
+    """The module and input shape (H, W, C) that time a cell at its layer's shapes."""
+    size, c_in, c_out, stride = shape
+    return sn.piece_cell(genome, c_out, stride), (size, size, c_in)
+
+
+class CellTimer:
+    """Cells' milliseconds at ``batch`` on this device, each function and shape timed once.
+
+    Evolve's latency bound (:class:`population.LatencyBound`) asks for every child
+    it would admit; the times are kept in the evolve checkpoint (:attr:`state`), so
+    a resumed run decides from the times the killed one measured. Timing is noisy:
+    two fresh runs may see different times and so grow different spaces.
+    """
+
+    def __init__(self, lc: Any, batch: int, state: dict[str, Any] | None = None):
+        self.lc, self.batch, self.ms = lc, batch, {}
+        self.overhead: float | None = None
+        if state is not None:
+            self.load(state)
+
+    def __call__(self, genome: genome_lib.Genome, shape: tuple[int, int, int, int]) -> float:
+        key = cell_key(genome, shape)
+        if key not in self.ms:
+            if self.overhead is None:
+                self.overhead = call_overhead_ms(self.lc.warmup, self.lc.repeats)
+            module, x_shape = _cell_job(genome, shape)
+            ms = _less_overhead_ms(module, x_shape, self.batch, self.lc, self.overhead)
+            self.ms[key] = distributed.from_process_0(ms)  # Every host decides alike.
+        return self.ms[key]
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return {"device_kind": device_kind(), "batch": self.batch, "ms": dict(self.ms)}
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Times a checkpoint kept; refused when measured on another device kind or batch."""
+        if (state["device_kind"], state["batch"]) != (device_kind(), self.batch):
+            raise LatencyTableError(
+                f"this evolve checkpoint timed its cells on {state['device_kind']!r} at batch "
+                f"{state['batch']}, but this run is on {device_kind()!r} at batch {self.batch} "
+                "(search.latency_batch): its latency bound would mix the two; resume where it "
+                "started, or start a new --workdir"
+            )
+        self.ms = dict(state["ms"])
+
+
 def measure(
     space: sn.SupernetSpec, image_shape, lc: Any, reference: genome_lib.Genome
 ) -> dict[str, Any]:
@@ -111,14 +163,13 @@ def measure(
         cells.Head(sk.head, sk.num_classes), tuple(sk.head_shape(size))
     )  # fmt: skip
     for genomes, shape in zip(space.candidates, sk.layer_shapes(size)):
-        s, c_in, c_out, stride = shape
         for g in (*genomes, reference):
-            jobs.setdefault(cell_key(g, shape), (sn.piece_cell(g, c_out, stride), (s, s, c_in)))
+            jobs.setdefault(cell_key(g, shape), _cell_job(g, shape))
     ms: dict[str, dict[str, float]] = {}
     start = time.time()
     overhead = call_overhead_ms(lc.warmup, lc.repeats)
     for i, (key, (module, shape)) in enumerate(jobs.items()):
-        ms[key] = {str(b): max(time_ms(module, (b, *shape), lc.warmup, lc.repeats) - overhead, 0)
+        ms[key] = {str(b): _less_overhead_ms(module, shape, b, lc, overhead)
                    for b in lc.batch_sizes}  # fmt: skip
         logging.info("latency: %d/%d timed (%s: %s ms), %.0f s", i + 1, len(jobs), key,
                      {b: round(v, 4) for b, v in ms[key].items()}, time.time() - start)  # fmt: skip

@@ -21,9 +21,10 @@ How this module reads the paper where it is not explicit:
   out of an IRB (each of its two edges alone is dead), so without neutral
   steps the DAG could not grow at all. A child that is invalid in the layer,
   computes a function some living individual computes, costs MAdds_max or
-  more, or (first half of the generations) lies tau or further from the
-  reference is rejected and the parent tried again; rejections are counted by
-  reason (:data:`REASONS`).
+  more, (first half of the generations) lies tau or further from the
+  reference, or (with a latency bound) is not faster than the bound is
+  rejected and the parent tried again; rejections are counted by reason
+  (:data:`REASONS`).
 * **Breeding** ("the winner cells with the largest K fitness scores are allowed
   to generate off-springs"): the parents are the K tournament winners of the
   generation, ranked by their fitness after the generation (Eq. 5); the
@@ -42,7 +43,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from autospace_jax import errors, madds
@@ -51,7 +52,7 @@ from autospace_jax import genome as genome_lib
 MAX_TRIES = 2000  # Mutation attempts per child before the parent gives up.
 MAX_NEUTRAL = 4  # Neutral mutations walked through within one attempt.
 # Why a mutation was not accepted as a child; "neutral" ones were walked on.
-REASONS = ("neutral", "duplicate", "invalid", "madds", "tau")
+REASONS = ("neutral", "duplicate", "invalid", "madds", "tau", "latency")
 
 
 @dataclasses.dataclass
@@ -82,6 +83,20 @@ class Individual:
 
 
 @dataclasses.dataclass(frozen=True)
+class LatencyBound:
+    """Children must run faster than ``factor`` x the reference cell of their layer.
+
+    ``timer(genome, (size, c_in, c_out, stride))`` gives a cell's milliseconds
+    (:class:`latency.CellTimer`: timed once per function and shape, then remembered),
+    so the bound is read from the same remembered times as the children.
+    """
+
+    timer: Callable[[genome_lib.Genome, tuple[int, int, int, int]], float]
+    factor: float
+    reference: genome_lib.Genome
+
+
+@dataclasses.dataclass(frozen=True)
 class Constraints:
     """What a genome must satisfy to join one layer's population."""
 
@@ -91,6 +106,7 @@ class Constraints:
     size: int
     max_madds: float
     palette: str
+    latency: LatencyBound | None = None  # evolution.max_latency_factor > 0.
 
     def cost(self, g: genome_lib.Genome) -> madds.Cost:
         return madds.cell_cost(g, self.size, self.c_in, self.c_out, self.stride)
@@ -98,8 +114,16 @@ class Constraints:
     def madds(self, g: genome_lib.Genome) -> int:
         return self.cost(g).madds
 
+    def latency_ms(self, g: genome_lib.Genome) -> float:
+        return self.latency.timer(g, (self.size, self.c_in, self.c_out, self.stride))
+
+    @property
+    def max_latency_ms(self) -> float:
+        return self.latency.factor * self.latency_ms(self.latency.reference)
+
     def ok(self, g: genome_lib.Genome) -> bool:
-        """Valid in the layer (palette, no skip cell without a residual) and under MAdds_max."""
+        """Valid in the layer (palette, no skip cell without a residual), under MAdds_max and
+        the latency bound."""
         return self.reject(g, set(), None, 1.0) is None
 
     def reject(
@@ -129,6 +153,9 @@ class Constraints:
             return "madds"
         if reference is not None and distance(function, reference) >= tau:
             return "tau"
+        # Last: timing a cell compiles it, every other test is arithmetic.
+        if self.latency is not None and self.latency_ms(g) >= self.max_latency_ms:
+            return "latency"
         return None
 
 
@@ -232,10 +259,15 @@ def initial_population(
             g = genome_lib.random_genome(rng, constraints.palette)
         if constraints.reject(g, functions, reference, tau) is None:
             admit(g)
+    bound = ""
+    if constraints.latency is not None:
+        bound = (f" and {constraints.max_latency_ms:.3f} ms "
+                 "(config.evolution.max_latency_factor)")  # fmt: skip
     raise errors.ConfigError(
         f"could not find {size} genomes of distinct functions (config.evolution.population_size) "
         f"within tau={tau} (config.evolution.tau) under MAdds_max={constraints.max_madds:.0f} "
-        "(config.evolution.max_madds_factor); raise tau or the factor, or lower the population"
+        f"(config.evolution.max_madds_factor){bound}; raise tau or the factor, or lower the "
+        "population"
     )
 
 

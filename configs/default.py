@@ -64,6 +64,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.evolution.momentum = 0.5  # epsilon of Eq. 5.
     c.evolution.tau = 0.1  # Max Hamming distance (Eq. 2) to the reference, first half only.
     c.evolution.max_madds_factor = 4.0  # MAdds_max of a layer = factor x the reference's MAdds.
+    # > 0: a child must also run faster than factor x the reference cell of its layer, each
+    # timed on this device at search.latency_batch (latency.warmup, latency.repeats); 0: off.
+    c.evolution.max_latency_factor = 0.0
     c.evolution.use_reference = True  # False: random initial population, no tau constraint.
     c.evolution.offspring = 2  # Children per layer per generation: the fittest winners breed.
     c.evolution.removal = "oldest"  # oldest (aging) | worst (lowest alpha).

@@ -63,3 +63,49 @@ def test_latency_table_and_a_search_at_a_latency_target(tmp_path):
         f.write('{"ms": {}}')
     with pytest.raises(latency.LatencyTableError, match="is not one --mode=latency wrote"):
         latency.load(path)
+
+
+def test_evolve_bounds_children_by_their_time_and_a_resume_keeps_the_times(tmp_path, monkeypatch):
+    from autospace_jax import evolution, sharding
+    from configs import digits
+
+    config = digits.get_config()
+    config.model.stem, config.model.widths, config.model.head = 8, (8,), 16
+    config.model.blocks, config.model.strides = (1,), (1,)
+    ev = config.evolution
+    ev.population_size, ev.cells_per_layer, ev.tournament_size = 3, 2, 2
+    ev.steps_per_generation, ev.generations, ev.max_latency_factor = 2, 4, 1.5
+    config.supernet.batch_size = ev.fitness_batch_size = 32
+    config.supernet.warmup_epochs = 0
+    config.search.latency_batch = 64  # Cells of a few microseconds at batch 1 are all noise.
+    config.latency.warmup, config.latency.repeats = 1, 5
+    summary = evolution.evolve(config, str(tmp_path))
+    with open(tmp_path / "evolve" / "children.json") as f:
+        children = json.load(f)
+    assert children and all(c["latency_ms"] < c["max_latency_ms"] for c in children)
+    assert set(summary["rejected"]) >= {"latency", "madds"}
+
+    # The times are in the checkpoint; a resumed run reads them and times nothing again.
+    ckpts = tmp_path / "evolve" / "checkpoints"
+    step = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    with open(ckpts / str(step) / "meta" / "metadata") as f:
+        meta = json.load(f)["evolution"]
+    kept = meta["latency"]
+    assert kept["device_kind"] == latency.device_kind() and kept["batch"] == 64
+
+    def timed_again(*args, **kwargs):
+        raise AssertionError("a resumed evolve timed a cell again")
+
+    monkeypatch.setattr(latency, "time_ms", timed_again)
+    resumed = evolution.Evolution(config, (8, 8, 1), 10, sharding.create_mesh())
+    resumed.load_meta(meta)
+    cons = resumed.constraints[0]
+    shape = (cons.size, cons.c_in, cons.c_out, cons.stride)
+    for c in children:
+        child = g.from_json(c["child"])
+        assert kept["ms"][latency.cell_key(child, shape)] == c["latency_ms"]
+        assert cons.latency_ms(child) == c["latency_ms"]
+        assert cons.max_latency_ms == c["max_latency_ms"]
+    # Times from another kind of device are not mixed in.
+    with pytest.raises(latency.LatencyTableError, match=r"timed its cells on 'TPU v4' at batch"):
+        resumed.load_meta({**meta, "latency": {**kept, "device_kind": "TPU v4"}})

@@ -14,6 +14,8 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
+from tests import runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "autospace_colab.ipynb")
 
@@ -31,7 +33,7 @@ def _kernel_manager(folder) -> KernelManager:
 def test_notebook_runs_and_shows_its_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSPACE_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("AUTOSPACE_REPO", ROOT)
-    monkeypatch.setenv("XLA_FLAGS", "")  # One CPU device, not conftest's 8 fake ones.
+    monkeypatch.setenv("XLA_FLAGS", runner.FAST_COMPILE)  # One CPU device, not conftest's 8.
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     run_dir = tmp_path / "run"

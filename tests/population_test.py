@@ -1,11 +1,12 @@
 """The pure population logic: Eq. 5, tournament, breeding under constraints, final top-K."""
 
+import dataclasses
 import random
 
 import pytest
 
+from autospace_jax import errors, madds
 from autospace_jax import genome as g
-from autospace_jax import madds
 from autospace_jax import population as pop
 from autospace_jax.population import Individual
 
@@ -78,6 +79,38 @@ def test_reasons_are_checked_in_order():
     assert _constraints().reject(far, set(), ref, 0.1) == "tau"
     assert _constraints(stride=2, c_in=8).reject(g.SKIP, set(), None, 1.0) == "invalid"
     assert _constraints(palette="paper").reject(g.irb(5, 3), set(), None, 1.0) == "invalid"
+
+
+def test_a_latency_bound_refuses_children_no_faster_than_factor_x_the_reference():
+    # A fake timer: ms grows with the cell's MAdds, and every call is recorded.
+    calls = []
+
+    def timer(genome, shape):
+        calls.append((g.canonical(genome).id, shape))
+        return madds.cell_cost(genome, shape[0], shape[1], shape[2], shape[3]).madds / 1e5
+
+    ref = g.reference()
+    bound = pop.LatencyBound(timer, 1.2, ref)
+    cons = dataclasses.replace(_constraints(factor=100.0), latency=bound)
+    assert cons.max_latency_ms == pytest.approx(1.2 * timer(ref, (8, 16, 16, 1)))
+    assert cons.reject(g.irb(7, 6), set(), None, 1.0) == "latency"  # Slower, MAdds fine.
+    assert cons.reject(g.irb(5, 3), set(), None, 1.0) is None
+    # Every cheaper test comes first: a duplicate or a far cell is never timed.
+    calls.clear()
+    assert cons.reject(ref, {g.canonical(ref)}, None, 1.0) == "duplicate"
+    far = g.Genome(("conv1x1", "zero", "zero", "zero", "conv1x1", "zero"), 3, "add")
+    assert cons.reject(far, set(), ref, 0.1) == "tau" and calls == []
+    living, rng, rejected = {g.canonical(ref)}, random.Random(0), 0
+    for _ in range(8):
+        child, counts = pop.breed(ref, cons, living, rng, None, 1.0)
+        assert child is not None and cons.latency_ms(child) < cons.max_latency_ms
+        rejected += counts["latency"]
+        living.add(g.canonical(child))
+    assert rejected > 0
+    # A bound nothing meets: the population cannot be filled, and the error names it.
+    tight = dataclasses.replace(cons, latency=pop.LatencyBound(timer, 0.01, ref))
+    with pytest.raises(errors.ConfigError, match="evolution.max_latency_factor"):
+        pop.initial_population(tight, 4, random.Random(0), None, 1.0)
 
 
 def test_initial_population_has_distinct_functions_within_tau():

@@ -159,9 +159,8 @@ def test_evaluated_weights_are_the_moving_average_of_the_trained_ones():
 # ----------------------------------------------------------------------------
 
 
-def _main(workdir, cache):
-    """The CLI run; its runs share one compilation cache, so only the first compiles."""
-    return runner.command(workdir, "--mode=train", *RECIPE, f"--config.compilation_cache={cache}")
+def _main(workdir):
+    return runner.command(workdir, "--mode=train", *RECIPE)
 
 
 def _final_state(workdir):
@@ -181,15 +180,15 @@ def trained(tmp_path_factory):
     """An uninterrupted digits run with SE (0.25) and EMA; returns its workdir."""
     root = tmp_path_factory.mktemp("recipe")
     workdir = str(root / "straight")
-    runner.run(_main(workdir, root / "cache"), check=True)
+    runner.run(_main(workdir), check=True)
     return workdir
 
 
 def test_kill_and_resume_keeps_weights_and_average_bit_identical(trained, tmp_path):
-    killed, cache = str(tmp_path / "killed"), os.path.join(os.path.dirname(trained), "cache")
+    killed = str(tmp_path / "killed")
     ckpt_dir = os.path.join(killed, "train", "checkpoints")
-    runner.kill_when(_main(killed, cache), lambda: runner.checkpoints(ckpt_dir))
-    runner.run(_main(killed, cache), check=True)
+    runner.kill_when(_main(killed), lambda: runner.checkpoints(ckpt_dir))
+    runner.run(_main(killed), check=True)
 
     resumed, straight = _summary(killed), _summary(trained)
     assert resumed["resumed_from_step"] > 0 and straight["resumed_from_step"] == 0

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import checkpoint, failures, input_pipeline, spaces, train
@@ -170,20 +169,6 @@ def test_a_url_directory_is_left_alone(monkeypatch):
 
 
 # --- stages -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every stage run jits its steps anew; within this module, re-runs load them from disk."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
-    before = [getattr(jax.config, key) for key in keys]
-    compilation_cache_lib.reset_cache()
-    jax.config.update(keys[0], str(tmp_path_factory.mktemp("compilation_cache")))
-    jax.config.update(keys[1], 0.0)
-    yield
-    for key, value in zip(keys, before):
-        jax.config.update(key, value)
-    compilation_cache_lib.reset_cache()
 
 
 def _tiny(config):
