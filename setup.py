@@ -37,7 +37,6 @@ setup(
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",  # README's test command runs two test processes.
             "hypothesis==6.170.17",
-            "chex==0.1.92",
             "ruff==0.17.6",
             # tests/notebook_test.py runs notebooks/autospace_colab.ipynb in a kernel.
             "nbclient==0.11.0",

@@ -1,6 +1,5 @@
 """AutoSpace in JAX/Flax: learn the NAS search space, search in it, train the result."""
 
-from autospace_jax import _clu_compat  # noqa: F401  (first: clu without TensorFlow)
 from autospace_jax.arch import Arch, Skeleton, load_arch, save_arch
 from autospace_jax.cells import Cell, Network
 from autospace_jax.export import load_model

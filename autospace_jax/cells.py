@@ -195,14 +195,11 @@ def edge_op(
     op: str, features: int, stride: int, name: str, dtype: Dtype = jnp.float32
 ) -> nn.Module | None:
     """The module for one edge op, or None for ``identity`` (see :func:`apply_identity`)."""
-    if op == "conv1x1":
-        return ConvBN(features, 1, stride, dtype=dtype, name=name)
-    if op == "conv3x3":
-        return ConvBN(features, 3, stride, dtype=dtype, name=name)
-    if op.startswith("dwconv"):
-        kernel = int(op[len("dwconv")])
-        return ConvBN(features, kernel, stride, depthwise=True, dtype=dtype, name=name)
-    if op == "identity":
+    spec = genome_lib.op_spec(op)
+    if spec.kind in ("conv", "dwconv"):
+        depthwise = spec.kind == "dwconv"
+        return ConvBN(features, spec.kernel, stride, depthwise=depthwise, dtype=dtype, name=name)
+    if spec.kind == "identity":
         return None
     raise genome_lib.GenomeError(
         f"edge op {op!r} has no module; accepted: {genome_lib.ALL_OPS[1:]}"

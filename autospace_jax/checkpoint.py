@@ -76,7 +76,7 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Saves asynchronously; call :meth:`wait` before relying on it.
+        """Saves asynchronously; :meth:`close` waits for it.
 
         Raises:
           failures.NonFiniteError: ``state`` or ``meta`` holds NaN/Inf; nothing is written.
@@ -198,9 +198,6 @@ class Checkpointer:
         if jax.process_count() > 1:
             ocp.multihost.sync_global_processes("autospace_move_unreadable_checkpoints")
         self._manager.reload()
-
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import augment, errors, files, gates, supernet
+from autospace_jax import augment, errors, files, gates, search, supernet
 from autospace_jax import genome as genome_lib
 
 ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
@@ -108,7 +108,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),
     "progress_every_secs": ((lambda v: _is_num(v) and v > 0), "a number of seconds > 0"),
-    "search.algorithm": _one_of(("proxyless", "rl", "spos")),
+    "search.algorithm": _one_of(tuple(search.ALGORITHMS)),
     "search.space": (
         (lambda v: isinstance(v, str) and v != ""),
         "'manual_irb', 'learned' or a space.json path",

@@ -105,7 +105,7 @@ class Evolution:
         """Everything but the data (see :meth:`attach`), so compiling can start before it loads."""
         self.config, self.ec, self.sc = config, config.evolution, config.supernet
         self.image_shape, self.mesh = tuple(image_shape), mesh
-        self.dataset: input_pipeline.Dataset | None = None
+        self.dataset: input_pipeline.Batches | None = None
         self.skeleton = arch_lib.skeleton_from_config(config.model, num_classes)
         arch_lib.check_image_size(self.skeleton, self.image_shape)
         self.reference = genome_lib.reference(config.genome.reference)
@@ -147,7 +147,7 @@ class Evolution:
 
     # --- state ------------------------------------------------------------------------
 
-    def attach(self, dataset: input_pipeline.Dataset) -> None:
+    def attach(self, dataset: input_pipeline.Batches) -> None:
         """The data to train on; its shapes must be those the supernet was built for."""
         info = dataset.info
         expected = (self.image_shape, self.skeleton.num_classes)

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, checkpoint, errors, files, normalisation, train
+from autospace_jax import cells, checkpoint, errors, files, initializers, normalisation, train
 
 Normalisation = normalisation.Normalisation
 
@@ -128,8 +128,7 @@ def _abstract_state(
     (e.g. with or without a momentum trace) is part of the checkpoint's layout;
     so is ``ema``, whether the state holds a moving average of the weights.
     """
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), x)
+    variables = initializers.abstract_variables(model, (1, *image_shape))
     optimizer = train.sgd(config.train, steps, 1)
     state = train.TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),

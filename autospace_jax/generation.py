@@ -56,7 +56,7 @@ def train_iterations(
 
     Args:
       trainer, state: the supernet and its state (advanced in place).
-      dataset: an :class:`~autospace_jax.input_pipeline.Dataset`.
+      dataset: :class:`~autospace_jax.input_pipeline.Batches`.
       steps: iterations to run.
       seed: the run seed (batches and gate draws follow from (seed, step)).
       data: the batch sharding.

@@ -50,16 +50,29 @@ EDGES: tuple[tuple[int, int], ...] = tuple(itertools.combinations(range(1, 5), 2
 EXPANSIONS = (1, 3, 6)
 AGGREGATIONS = ("add", "mul")
 
-# Op codes G_ij of Eq. 2 are positions in ALL_OPS; 0 is the zero op.
-ALL_OPS = (
-    "zero",
-    "identity",
-    "conv1x1",
-    "conv3x3",
-    "dwconv3x3",
-    "dwconv5x5",
-    "dwconv7x7",
-)
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    """What an edge op computes, read by cells (its module), madds (its cost), plots
+    (``label``) and the benchmarks' PyTorch twin. Adding an op is one :data:`OPS` entry
+    (and a module in cells.py if its ``kind`` is new)."""
+
+    kind: str  # zero | identity | conv (full, C -> C) | dwconv (depthwise)
+    kernel: int = 0  # k of a k x k convolution; 0 for zero and identity.
+    label: str = ""  # Short name on cell drawings.
+
+
+# The op table. Op codes G_ij of Eq. 2 are positions in it (ALL_OPS); 0 is the zero op.
+OPS: dict[str, Op] = {
+    "zero": Op("zero", label="0"),
+    "identity": Op("identity", label="id"),
+    "conv1x1": Op("conv", 1, "c1"),
+    "conv3x3": Op("conv", 3, "c3"),
+    "dwconv3x3": Op("dwconv", 3, "dw3"),
+    "dwconv5x5": Op("dwconv", 5, "dw5"),
+    "dwconv7x7": Op("dwconv", 7, "dw7"),
+}
+ALL_OPS = tuple(OPS)
 # The paper's five ops (its Fig. 4 labels depthwise kernels by size without pinning
 # one), and the default: those plus the depthwise 5x5 and 7x7 of the manual IRB
 # space, so that the open space contains every cell it is compared with (DESIGN §2).
@@ -71,6 +84,14 @@ PALETTES: dict[str, tuple[str, ...]] = {
 
 class GenomeError(errors.UserError, ValueError):
     """A genome (or its JSON) is malformed; the message names what is wrong."""
+
+
+def op_spec(name: str) -> Op:
+    """The :data:`OPS` entry of ``name``; an unknown or malformed name is a GenomeError."""
+    try:
+        return OPS[name]
+    except (KeyError, TypeError):
+        raise GenomeError(f"edge op {name!r} is not an op; accepted: {ALL_OPS}") from None
 
 
 @dataclasses.dataclass(frozen=True)

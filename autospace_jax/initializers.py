@@ -13,6 +13,7 @@ Rules by leaf name: conv ``kernel`` (4-D) He normal over its fan-in; dense
 
 from __future__ import annotations
 
+import functools
 import zlib
 from typing import Any
 
@@ -36,6 +37,18 @@ def _leaf(path: str, shape: tuple[int, ...], dtype: Any, seed: int) -> np.ndarra
 
 def path_str(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def abstract_variables(module: Any, shape: tuple[int, ...], dtype: Any = np.float32) -> Any:
+    """``module``'s variables (inference init) as ``jax.ShapeDtypeStruct``s, for an input
+    of ``shape``: shapes without compiling or running anything."""
+    x = jax.ShapeDtypeStruct(tuple(shape), dtype)
+    return jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+
+
+def kernel_mask(params: Any) -> Any:
+    """True on conv/dense kernels: the only weights that get weight decay."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_str(p).endswith("kernel"), params)
 
 
 def host_init(abstract: Any, seed: int) -> Any:

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import numpy as np
@@ -52,6 +52,33 @@ class DatasetInfo:
     num_train: int
     num_val: int
     num_test: int
+
+
+class Batches(Protocol):
+    """What the stages (train, evolve, search) read from a loaded data set.
+
+    :class:`Dataset` (in memory) and :class:`streaming.StreamingDataset` provide it;
+    :func:`load` returns one or the other. Every batch is a pure function of
+    ``(seed, split, step)``: a resumed run reads the batches it would have read.
+    """
+
+    info: DatasetInfo
+    # Per-channel float32 (scale, shift): the raw -> model-input map x * scale - shift.
+    scale_shift: tuple[np.ndarray, np.ndarray] | None
+
+    def steps_per_epoch(self, batch_size: int, split: str = "train") -> int:
+        """Full batches per epoch of ``split`` (the remainder is dropped)."""
+
+    def train_batch(
+        self, step: int, batch_size: int, sharding: NamedSharding, *, seed: int,
+        split: str = "train",
+    ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+        """Global batch ``step``: images [B, H, W, C] float32, labels [B] int32."""
+
+    def eval_batches(
+        self, split: str, batch_size: int, sharding: NamedSharding
+    ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+        """The whole split in order, the last batch zero-padded, with a 0/1 mask."""
 
 
 class Dataset:
@@ -207,7 +234,7 @@ def load(
     cache_dir: str | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
-) -> Dataset:
+) -> Batches:
     """Loads, splits and normalises the dataset described by ``data_config``.
 
     Args:

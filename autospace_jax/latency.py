@@ -30,7 +30,7 @@ from absl import logging
 from etils import epath
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, distributed, errors, files, input_pipeline, spaces
+from autospace_jax import cells, distributed, errors, files, initializers, input_pipeline, spaces
 from autospace_jax import genome as genome_lib
 from autospace_jax import supernet as sn
 
@@ -83,7 +83,7 @@ def time_ms(module: Any, shape: tuple[int, ...], warmup: int, repeats: int) -> f
     """Median wall milliseconds of ``module``'s jitted inference on zeros of ``shape``."""
     x = jnp.zeros(shape, jnp.float32)
     # The values do not change the time; shapes suffice (an eager init compiles every op).
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+    abstract = initializers.abstract_variables(module, shape)
     variables = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), abstract)
     run = jax.jit(lambda v, x: module.apply(v, x, train=False))
     return _median_ms(run, (variables, x), warmup, repeats)

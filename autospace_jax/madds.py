@@ -36,11 +36,10 @@ def conv_bn(size: int, c_in: int, c_out: int, kernel: int, stride: int, depthwis
 
 
 def _edge(op: str, size: int, channels: int, stride: int) -> Cost:
-    if op == "identity":
+    spec = genome_lib.op_spec(op)
+    if spec.kind == "identity":
         return Cost()
-    if op.startswith("dwconv"):
-        return conv_bn(size, channels, channels, int(op[len("dwconv")]), stride, True)
-    return conv_bn(size, channels, channels, int(op[len("conv")]), stride, False)
+    return conv_bn(size, channels, channels, spec.kernel, stride, spec.kind == "dwconv")
 
 
 def squeeze_excite(hidden: int, c_se: int) -> Cost:
@@ -77,6 +76,12 @@ def head_cost(skeleton: Skeleton, size: int, c_in: int) -> Cost:
     return conv + Cost(madds=dense, params=dense + skeleton.num_classes)
 
 
+def ends_cost(skeleton: Skeleton, image_size: int, channels: int) -> Cost:
+    """The stem and the head: what every network of ``skeleton`` costs besides its cells."""
+    size, _, c_last = skeleton.head_shape(image_size)
+    return stem_cost(skeleton, image_size, channels) + head_cost(skeleton, size, c_last)
+
+
 def layer_costs(arch: Arch, image_size: int, se_ratio: float = 0.0) -> list[Cost]:
     """Cost of each layer's cell, in order."""
     return [
@@ -90,9 +95,7 @@ def layer_costs(arch: Arch, image_size: int, se_ratio: float = 0.0) -> list[Cost
 def network_cost(arch: Arch, image_size: int, channels: int, se_ratio: float = 0.0) -> Cost:
     """Whole-network cost (``cells.Network(arch, se_ratio)``) for ``image_size`` x
     ``image_size`` x ``channels``."""
-    sk = arch.skeleton
-    total = stem_cost(sk, image_size, channels)
+    total = ends_cost(arch.skeleton, image_size, channels)
     for c in layer_costs(arch, image_size, se_ratio):
         total += c
-    size, _, c_last, stride = sk.layer_shapes(image_size)[-1]
-    return total + head_cost(sk, -(-size // stride), c_last)
+    return total

@@ -55,7 +55,7 @@ class Normalisation:
         return x
 
 
-def from_dataset(dataset: input_pipeline.Dataset) -> Normalisation:
+def from_dataset(dataset: input_pipeline.Batches) -> Normalisation:
     """The map ``input_pipeline.load`` applied to ``dataset``."""
     if dataset.scale_shift is None:
         raise ValueError("this Dataset was built without its normalisation (scale_shift=None)")

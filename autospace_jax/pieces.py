@@ -32,10 +32,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from autospace_jax import initializers
+
 # Traces per (piece kind, module or shapes): each entry must stay at 1 however
 # many steps run (a retrace would mean a recompile).
 TRACES: collections.Counter = collections.Counter()
 _SECONDS = {"compile": 0.0, "background": 0.0}
+_LOCK = threading.Lock()  # Compile threads and the training thread add to the counters.
 _THREAD = threading.local()  # Traces made by this thread: whose call paid for a compile.
 
 
@@ -80,7 +83,8 @@ def return_freed_memory() -> None:
 
 
 def _trace(*key) -> None:
-    TRACES[key] += 1
+    with _LOCK:
+        TRACES[key] += 1
     _THREAD.traces = getattr(_THREAD, "traces", 0) + 1
 
 
@@ -97,6 +101,11 @@ def _serialize() -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() > 1
 
 
+def _add(counter: str, seconds: float) -> None:
+    with _LOCK:
+        _SECONDS[counter] += seconds
+
+
 def timed(fn):
     """Wraps a jitted piece: a call that traces is timed as compile time.
 
@@ -110,7 +119,7 @@ def timed(fn):
         start = time.perf_counter()
         out = fn(*args, **kwargs)
         if getattr(_THREAD, "traces", 0) != before:
-            _SECONDS["compile"] += time.perf_counter() - start
+            _add("compile", time.perf_counter() - start)
         if _serialize():
             jax.block_until_ready(out)
         return out
@@ -284,7 +293,7 @@ def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) 
 
 
 def _abstract_variables(module: nn.Module, x: jax.ShapeDtypeStruct, replicated) -> dict:
-    abstract = jax.eval_shape(functools.partial(module.init, train=False), jax.random.key(0), x)
+    abstract = initializers.abstract_variables(module, x.shape, x.dtype)
     variables = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
     )
@@ -335,7 +344,7 @@ class Compiler:
     def _run(fn, *args) -> None:
         start = time.perf_counter()
         fn(*args)
-        _SECONDS["background"] += time.perf_counter() - start
+        _add("background", time.perf_counter() - start)
 
     def wait(self, keys) -> float:
         """Blocks until the jobs of ``keys`` are done (re-raising errors); returns the wait."""

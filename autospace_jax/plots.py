@@ -33,7 +33,7 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import Affine2D
 
 from autospace_jax import files
-from autospace_jax.genome import EDGES, Genome, is_skip, live_edges
+from autospace_jax.genome import EDGES, OPS, Genome, is_skip, live_edges
 
 # ----------------------------------------------------------------------------
 # Fitness history.
@@ -230,16 +230,6 @@ def plot_fitness_history(history: list[list[dict]], path: str) -> None:
 # at every position).
 # ----------------------------------------------------------------------------
 
-SHORT_OPS = {
-    "zero": "0",
-    "identity": "id",
-    "conv1x1": "c1",
-    "conv3x3": "c3",
-    "dwconv3x3": "dw3",
-    "dwconv5x5": "dw5",
-    "dwconv7x7": "dw7",
-}
-
 _PANEL_W, _PANEL_H = 2.2, 1.2  # Inches per cell panel.
 _HEADER = 0.35  # Inches above the grid for the figure title.
 _DPI = 120  # 6.5 pt labels are ~11 px tall: legible when zoomed out a little.
@@ -409,7 +399,7 @@ def _add_cell(sheet: _Sheet, ax, origin: np.ndarray, layer: int, genome: Genome,
         if (i, j) in live:
             used.update((i, j))
         color = _LIVE if (i, j) in live else _DEAD
-        sheet.edge(origin, i, j, SHORT_OPS.get(op, op), color, (i, j) not in live)
+        sheet.edge(origin, i, j, OPS[op].label, color, (i, j) not in live)
     for n, (x, y) in _POS.items():
         face = "#cfe2f3" if n in (0, 5) else ("#fff2cc" if n in used else "#eeeeee")
         sheet.nodes.append((origin[0] + x, origin[1] + y, face))
@@ -447,7 +437,7 @@ def draw_cells(layers: list[list[tuple[Genome, float]]], path: str) -> None:
     Each panel is the cell's DAG left to right: node 0 (input) -> 1x1 expansion
     (``id`` for r = 1) -> inner nodes 1..4 -> 1x1 projection -> node 5
     (output). Every non-zero evolvable edge is an arrow labelled with its short
-    op name (:data:`SHORT_OPS`: id, c1, c3, dw3, dw5, dw7); live edges are solid
+    op name (``Op.label`` of :data:`genome.OPS`: id, c1, c3, dw3, dw5, dw7); live edges are solid
     blue, dead ones (non-zero but off every 1 -> 4 path) dashed grey, and inner
     nodes no live edge touches are grey. A skip cell says "skip" and dashes its
     IO edges. Panel titles are ``L{l} a={alpha:.2f} r={r} {aggregation}``.

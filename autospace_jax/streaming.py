@@ -311,7 +311,7 @@ def _model_input(images, flips, scale, shift, sharding) -> jax.Array:
 
 
 class StreamingDataset:
-    """The in-memory ``input_pipeline.Dataset`` contract, read from records on demand."""
+    """:class:`input_pipeline.Batches`, read from records on demand."""
 
     def __init__(self, data_config: Any, *, seed: int, process_index: int, process_count: int):
         cfg = data_config

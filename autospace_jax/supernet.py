@@ -148,18 +148,12 @@ def optimizer(
     piece, so every supernet with these hyperparameters shares its programs.
     """
     weights = optax.chain(
-        optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+        optax.add_decayed_weights(weight_decay, mask=initializers.kernel_mask),
         optax.trace(decay=momentum, nesterov=nesterov),
     )
     return optax.multi_transform(
         {"weights": weights, "fitness": optax.scale_by_adam(b1=fitness_b1)},
         lambda tree: {k: ("fitness" if k == "fitness" else "weights") for k in tree},
-    )
-
-
-def _kernel_mask(tree: Any) -> Any:
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: initializers.path_str(p).endswith("kernel"), tree
     )
 
 
@@ -261,11 +255,7 @@ class SupernetTrainer:
         replicated=None,
     ) -> SupernetState:
         """Host-side initialisation; alpha ~ N(0, fitness_std) (0: p uniform)."""
-        abstract = jax.eval_shape(
-            functools.partial(Supernet(self.spec).init, train=False),
-            jax.random.key(0),
-            jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
-        )
+        abstract = initializers.abstract_variables(Supernet(self.spec), (1, *image_shape))
         variables = initializers.host_init(abstract, seed)
         rng = np.random.default_rng((seed, 1))
         for layer in variables["fitness"].values():

@@ -79,15 +79,8 @@ class EmaTrainState(TrainState):
 
 
 # ----------------------------------------------------------------------------
-# Pieces shared by every stage that trains weights.
+# The optimizer, the moving average of the weights and evaluation.
 # ----------------------------------------------------------------------------
-
-
-def kernel_mask(params: Any) -> Any:
-    """True on conv/dense kernels: the only weights that get weight decay."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, _: initializers.path_str(p).endswith("kernel"), params
-    )
 
 
 def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.GradientTransformation:
@@ -98,7 +91,7 @@ def sgd(train_config: Any, total_steps: int, warmup_steps: int) -> optax.Gradien
         0.0, train_config.learning_rate, warmup, max(total_steps, warmup + 1)
     )
     return optax.chain(
-        optax.add_decayed_weights(train_config.weight_decay, mask=kernel_mask),
+        optax.add_decayed_weights(train_config.weight_decay, mask=initializers.kernel_mask),
         optax.sgd(schedule, momentum=train_config.momentum, nesterov=train_config.nesterov),
     )
 
@@ -224,12 +217,9 @@ def init_state(
 
     ``ema``: keep a moving average of the weights, starting at the initial weights.
     """
-    abstract = jax.eval_shape(
-        functools.partial(model.init, train=False),
-        jax.random.key(0),
-        jax.ShapeDtypeStruct((1, *image_shape), jnp.float32),
+    variables = initializers.host_init(
+        initializers.abstract_variables(model, (1, *image_shape)), seed
     )
-    variables = initializers.host_init(abstract, seed)
     params = variables["params"]
     state = TrainState(
         step=np.zeros((), np.int32),

@@ -1,12 +1,18 @@
 """clu metric writers without TensorFlow: TensorBoard event files via tensorboardX.
 
 Implements clu's documented extension point, :class:`clu.metric_writers.MetricWriter`,
-over tensorboardX (see ``_clu_compat`` for why clu's own SummaryWriter is not used).
-Everything else of clu (LoggingWriter, AsyncMultiWriter, periodic_actions) is used as is.
+over tensorboardX. clu imports its TensorFlow summary writer at package import time,
+and TensorFlow is an optional extra here (1.4 GB, not needed for digits, npz, TFDS
+ArrayRecord or the tests): when TensorFlow is absent, a placeholder for that one
+submodule is registered before clu is imported. Everything else of clu
+(LoggingWriter, AsyncMultiWriter) is used as is.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +20,28 @@ import jax
 import numpy as np
 import tensorboardX
 from absl import logging
-from clu import metric_writers
+
+
+def _register_placeholder_summary_writer() -> None:
+    """clu.metric_writers.summary_writer without TensorFlow: refuses to be built."""
+    name = "clu.metric_writers.summary_writer"
+    if importlib.util.find_spec("tensorflow") is not None or name in sys.modules:
+        return
+    placeholder = types.ModuleType(name)
+
+    class SummaryWriter:
+        def __init__(self, *args: Any, **kwargs: Any):
+            raise ImportError(
+                "clu's SummaryWriter needs TensorFlow; autospace_jax writes TensorBoard "
+                "files with writers.TensorboardXWriter instead"
+            )
+
+    placeholder.SummaryWriter = SummaryWriter
+    sys.modules[name] = placeholder
+
+
+_register_placeholder_summary_writer()
+from clu import metric_writers  # noqa: E402  (after the placeholder)
 
 
 class TensorboardXWriter(metric_writers.MetricWriter):

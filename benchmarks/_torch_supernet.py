@@ -82,13 +82,10 @@ class ConvBN(nn.Module):
 
 
 def edge_module(op: str, hidden: int, stride: int) -> ConvBN | None:
-    if op == "conv1x1":
-        return ConvBN(hidden, hidden, 1, stride)
-    if op == "conv3x3":
-        return ConvBN(hidden, hidden, 3, stride)
-    if op.startswith("dwconv"):
-        return ConvBN(hidden, hidden, int(op[len("dwconv")]), stride, depthwise=True)
-    if op == "identity":
+    spec = genome_lib.op_spec(op)
+    if spec.kind in ("conv", "dwconv"):
+        return ConvBN(hidden, hidden, spec.kernel, stride, depthwise=spec.kind == "dwconv")
+    if spec.kind == "identity":
         return None
     raise ValueError(f"edge op {op!r} has no module")
 

@@ -131,6 +131,9 @@ class Scale:
     population_size: int = 12
     fitness_batch_size: int = 128
     evolve_warmup_epochs: int = 2
+    # Evolve's compile threads: at the tiny scale they only take the cores from the
+    # runs beside them (the result is the same either way).
+    background_compile: bool = True
 
     def data_fields(self) -> dict:
         return {k: getattr(self, k) for k in ("image_size", "train_per_class", "test_per_class")}
@@ -143,7 +146,8 @@ SCALES = {
                   widths=(8,), blocks=(1,), strides=(1,), generations=2,
                   steps_per_generation=2, search_steps=4, search_warmup=1, t6_inits=2,
                   t6_epochs=2, t6_steps=1, t6_warmup=2, search_tolerance=0.9, cells_per_layer=2,
-                  population_size=4, fitness_batch_size=64, evolve_warmup_epochs=0),
+                  population_size=4, fitness_batch_size=64, evolve_warmup_epochs=0,
+                  background_compile=False),
 }  # fmt: skip
 
 # --calibrate: candidate scales (only the final-training fields matter). "full" is the
@@ -230,6 +234,7 @@ def base_config(data_path: str, s: Scale) -> ml_collections.ConfigDict:
     c.evolution.cells_per_layer = s.cells_per_layer
     c.evolution.population_size = s.population_size
     c.evolution.fitness_batch_size = s.fitness_batch_size
+    c.evolution.background_compile = s.background_compile
     c.supernet.warmup_epochs = s.evolve_warmup_epochs
     c.search.steps, c.search.warmup_steps = s.search_steps, s.search_warmup
     c.search.tolerance = s.search_tolerance

@@ -106,20 +106,10 @@ def get_config(arg: str = "300M") -> ml_collections.ConfigDict:
     c.model.strides = (2, 2, 2, 1, 2, 1)
     c.model.head = 1280
 
-    # The paper's 5 ops plus dwconv5x5/7x7, so the open space holds every cell of the
-    # manual space it is compared with (7**6 * 3 * 2 genomes; "paper": 93,750).
-    c.genome.palette = "default"
-    c.genome.reference = "irb"
-
     c.supernet.batch_size = 256
     c.supernet.learning_rate = 0.025
-    c.supernet.momentum = 0.9
-    c.supernet.nesterov = True
-    c.supernet.weight_decay = 4e-5
     c.supernet.label_smoothing = 0.1
     c.supernet.fitness_learning_rate = 1e-3
-    c.supernet.fitness_b1 = 0.0
-    c.supernet.fitness_init_std = 1e-3
     c.supernet.warmup_epochs = 10  # Evolve: weight steps only for the first 10 generations.
     epoch = steps_per_epoch(c.data.val_fraction, c.supernet.batch_size)  # 4,904.
 
@@ -128,21 +118,13 @@ def get_config(arg: str = "300M") -> ml_collections.ConfigDict:
     c.evolution.tournament_size = 4
     c.evolution.steps_per_generation = epoch
     c.evolution.generations = 120  # tau applies to the first 60.
-    c.evolution.momentum = 0.5
-    c.evolution.tau = 0.1
-    c.evolution.max_madds_factor = 4.0
-    c.evolution.use_reference = True
     c.evolution.offspring = 3
-    c.evolution.removal = "oldest"
-    c.evolution.checkpoint_every = 1
     c.evolution.fitness_batch_size = 256  # One supernet batch, as ProxylessNAS's arch steps.
 
     low, high = BUDGETS[budget]
-    c.search.algorithm = "proxyless"
     c.search.space = "learned"
     c.search.target_madds = (low + high) // 2
     c.search.tolerance = (high - low) / (high + low)
-    c.search.madds_lambda = 0.5
     c.search.steps = 160 * epoch
     c.search.warmup_steps = 40 * epoch
     c.search.checkpoint_every_steps = 1000
@@ -157,14 +139,9 @@ def get_config(arg: str = "300M") -> ml_collections.ConfigDict:
     c.train.batch_size = 512
     c.train.eval_batch_size = 500
     c.train.epochs = 250
-    c.train.learning_rate = 0.1
     c.train.warmup_epochs = 10
-    c.train.momentum = 0.9
-    c.train.nesterov = True
     c.train.weight_decay = 1e-4
-    c.train.label_smoothing = 0.1
     c.train.log_every_steps = 100
-    c.train.eval_every_epochs = 10
     c.train.checkpoint_every_steps = 2000
 
     if "table7" in options:  # EfficientNet-B0's training tricks on the searched network.

@@ -120,3 +120,20 @@ def test_manual_irb_space():
     assert g.is_skip(space[-1])
     for x in space:
         g.validate(x, "default")
+
+
+def test_one_op_table_drives_modules_and_costs():
+    from autospace_jax import cells, madds
+
+    assert g.ALL_OPS[0] == "zero" and set(g.ALL_OPS) == set(g.OPS)
+    for name in ("dwconv11x11", "maxpool", "", None, 3):
+        with pytest.raises(g.GenomeError, match="is not an op; accepted"):
+            g.op_spec(name)
+    # Every module and every cost reads the kernel from the table, not from the name.
+    for name, op in g.OPS.items():
+        if op.kind in ("conv", "dwconv"):
+            module = cells.edge_op(name, 8, 1, "e")
+            assert (module.kernel, module.depthwise) == (op.kernel, op.kind == "dwconv")
+            per_out = op.kernel**2 * (1 if op.kind == "dwconv" else 8)
+            assert madds._edge(name, 4, 8, 1).madds == 16 * per_out * 8
+        assert op.label

@@ -82,9 +82,14 @@ def test_most_probable_within_matches_brute_force():
 def test_rl_controller_entropy_falls_on_toy_reward():
     controller = rl.Controller([4, 4, 4], learning_rate=0.1, baseline_decay=0.9)
     wanted = [1, 3, 0]
-    entropies = rl.train_controller(
-        controller, lambda p: float(np.mean([a == b for a, b in zip(p, wanted)])), 60, 8, seed=0
-    )
+    entropies = []
+    for step in range(60):  # Plain REINFORCE: 8 sampled paths per update.
+        rng = np.random.default_rng((0, step, 7))
+        paths = [controller.sample(rng) for _ in range(8)]
+        controller.update(
+            paths, [float(np.mean([a == b for a, b in zip(p, wanted)])) for p in paths]
+        )
+        entropies.append(controller.entropy())
     assert entropies[-1] < 0.5 * entropies[0]
     assert [int(np.argmax(p)) for p in controller.probabilities()] == wanted
 

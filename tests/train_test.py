@@ -10,7 +10,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, sharding, train
+from autospace_jax import cells, initializers, sharding, train
 from autospace_jax import genome as g
 from configs import digits
 from tests import runner
@@ -46,8 +46,8 @@ def test_sharded_step_equals_single_device_step():
 
 def test_weight_decay_only_on_kernels():
     params = {"conv": {"kernel": np.ones((1, 1, 2, 2))}, "bn": {"scale": np.ones(2)}}
-    assert train.kernel_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False}}
-    decay = optax.add_decayed_weights(0.5, mask=train.kernel_mask)
+    assert initializers.kernel_mask(params) == {"conv": {"kernel": True}, "bn": {"scale": False}}
+    decay = optax.add_decayed_weights(0.5, mask=initializers.kernel_mask)
     zeros = jax.tree.map(np.zeros_like, params)
     decayed, _ = decay.update(zeros, decay.init(params), params)
     np.testing.assert_array_equal(decayed["bn"]["scale"], 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -168,6 +169,30 @@ class SearchContext:
         failures.check_tree(stage, step, "fitness logits (alpha)", fitness)
         failures.check_tree(stage, step, f"{self.config.search.algorithm} state", extra)
 
+    def supernet_steps(
+        self,
+        phase: str,
+        warmup_steps: int = 0,
+        extra: dict[str, Any] | None = None,
+        restored: Callable[[dict[str, Any], dict[str, Any]], None] = lambda extra, meta: None,
+        to_save: Callable[[], tuple[dict[str, Any], dict[str, Any]]] = lambda: ({}, {}),
+    ) -> Iterator[int]:
+        """The supernet steps left of ``search.steps`` (0-based), the loop every
+        algorithm shares: first the newest checkpoint is restored (``extra``: the
+        structure of what the algorithm keeps beside the supernet, handed with the
+        checkpoint's meta to ``restored``); after each step, progress (:meth:`report`)
+        and, every ``search.checkpoint_every_steps`` and after the last, a checkpoint
+        of the supernet with ``to_save()``'s ``(extra, meta)``."""
+        sc = self.config.search
+        got = self.restore(extra or {})
+        if got is not None:
+            restored(*got)
+        for step in range(got[1]["step"] if got else 0, sc.steps):
+            yield step
+            self.report(step + 1, phase, warmup_steps)
+            if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
+                self.save(step + 1, *to_save())
+
     def save(self, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> None:
         """Checks (:meth:`check`), then checkpoints the supernet, ``extra`` and ``meta``."""
         self.check(step, extra)
@@ -235,10 +260,7 @@ def network_madds(space: sn.SupernetSpec, image_shape) -> tuple[list[np.ndarray]
         space.candidates, space.skeleton.layer_shapes(size)
     ):
         table.append(np.array([madds.cell_cost(g, s, c_in, c_out, stride).madds for g in genomes]))
-    sk = space.skeleton
-    s, _, c_last, stride = sk.layer_shapes(size)[-1]
-    base = madds.stem_cost(sk, size, channels) + madds.head_cost(sk, -(-s // stride), c_last)
-    return table, base.madds
+    return table, madds.ends_cost(space.skeleton, size, channels).madds
 
 
 class UnreachableTarget(errors.UserError, ValueError):

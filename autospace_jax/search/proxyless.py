@@ -27,12 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from autospace_jax.gates import softmax
 from autospace_jax.search.context import SearchContext
-
-
-def _softmax(a: np.ndarray) -> np.ndarray:
-    e = np.exp(a - a.max())
-    return e / e.sum()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,23 +71,18 @@ def derive(ctx: SearchContext, alphas: list[np.ndarray], target: float) -> list[
     target's tolerance."""
     if target <= 0:
         return [int(np.argmax(a)) for a in alphas]
-    return ctx.within([np.log(_softmax(np.asarray(a, np.float64))) for a in alphas], target)
+    return ctx.within([np.log(softmax(np.asarray(a, np.float64))) for a in alphas], target)
 
 
 def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
-    restored = ctx.restore({})
-    start = restored[1]["step"] if restored else 0
     term = madds_term(ctx)
-    for step in range(start, sc.steps):
+    for step in ctx.supernet_steps("search", sc.warmup_steps):
         ctx.weight_step(step)
         if step >= sc.warmup_steps:
             ctx.fitness_step(step, term)
-        ctx.report(step + 1, "search", sc.warmup_steps)
-        if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
-            ctx.save(step + 1, {}, {})
     alphas = ctx.trainer.alphas(ctx.state)
-    probs = [_softmax(np.asarray(a, np.float64)) for a in alphas]
+    probs = [softmax(np.asarray(a, np.float64)) for a in alphas]
     figures = {
         "expected_madds": ctx.expected_madds(probs),
         "expected_cost": ctx.expected_cost(probs),

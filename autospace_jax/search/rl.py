@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import optax
 
+from autospace_jax.gates import softmax
 from autospace_jax.search.context import SearchContext
 
 
@@ -36,11 +37,7 @@ class Controller:
         self.opt_state = self.tx.init(self.logits)
 
     def probabilities(self) -> list[np.ndarray]:
-        out = []
-        for z in self.logits:
-            e = np.exp(z - z.max())
-            out.append(e / e.sum())
-        return out
+        return [softmax(z) for z in self.logits]
 
     def sample(self, rng: np.random.Generator) -> list[int]:
         return [int(rng.choice(len(p), p=p)) for p in self.probabilities()]
@@ -71,41 +68,25 @@ class Controller:
         self.opt_state, self.baseline = tree["opt_state"], baseline
 
 
-def train_controller(
-    controller: Controller,
-    reward: Callable[[list[int]], float],
-    steps: int,
-    samples: int,
-    seed: int,
-) -> list[float]:
-    """Plain REINFORCE loop on any reward (used by the search and by tests). Returns entropies."""
-    entropies = []
-    for step in range(steps):
-        rng = np.random.default_rng((seed, step, 7))
-        paths = [controller.sample(rng) for _ in range(samples)]
-        controller.update(paths, [reward(p) for p in paths])
-        entropies.append(controller.entropy())
-    return entropies
-
-
 def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
     target = ctx.target
     controller = Controller(
         [len(c) for c in ctx.space.candidates], sc.rl_learning_rate, sc.rl_baseline_decay
     )
-    restored = ctx.restore({"controller": controller.state()})
-    start = 0
-    if restored:
-        extra, meta = restored
-        controller.load(extra["controller"], meta["baseline"])
-        start = meta["step"]
 
     def reward(path: list[int], images, labels) -> float:
         accuracy = ctx.trainer.batch_accuracy(ctx.state, path, images, labels)
         return accuracy * (ctx.path_cost(path) / target) ** sc.rl_madds_exponent
 
-    for step in range(start, sc.steps):
+    steps = ctx.supernet_steps(
+        "search",
+        sc.warmup_steps,
+        extra={"controller": controller.state()},
+        restored=lambda extra, meta: controller.load(extra["controller"], meta["baseline"]),
+        to_save=lambda: ({"controller": controller.state()}, {"baseline": controller.baseline}),
+    )
+    for step in steps:
         rng = np.random.default_rng((ctx.seed, step, 3))
         if step < sc.warmup_steps:
             path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
@@ -116,11 +97,6 @@ def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
             images, labels = ctx.batch(step, "val")
             paths = [controller.sample(rng) for _ in range(sc.rl_samples)]
             controller.update(paths, [reward(p, images, labels) for p in paths])
-        ctx.report(step + 1, "search", sc.warmup_steps)
-        if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
-            ctx.save(
-                step + 1, {"controller": controller.state()}, {"baseline": controller.baseline}
-            )
     probs = controller.probabilities()
     figures = {
         "controller_entropy": controller.entropy(),

@@ -45,16 +45,17 @@ def _initial_population(ctx: SearchContext, size: int, limit: float) -> list[lis
 
 def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
     sc = ctx.config.search
-    restored = ctx.restore({})
     # Phase 2 per limit (a front has several): its population and round, checkpointed.
-    meta = restored[1] if restored else {"step": 0, "scores": {}, "searches": {}}
-    for step in range(meta["step"], sc.steps):
+    meta = {"scores": {}, "searches": {}}
+    steps = ctx.supernet_steps(
+        "supernet (uniform paths)",
+        restored=lambda extra, saved: meta.update(saved),
+        to_save=lambda: ({}, {"scores": {}, "searches": {}}),
+    )
+    for step in steps:
         rng = np.random.default_rng((ctx.seed, step, 5))
         path = [int(rng.integers(len(c))) for c in ctx.space.candidates]
         ctx.weight_step(step, path)
-        ctx.report(step + 1, "supernet (uniform paths)")
-        if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
-            ctx.save(step + 1, {}, {"scores": {}, "searches": {}})
 
     scores: dict[str, float] = meta["scores"]  # Path (as "i,j,...") -> recalibrated val top-1.
     searches: dict[str, dict] = meta["searches"]

@@ -91,7 +91,7 @@ def search_target(config: Any, reference_cost: float) -> tuple[float, str]:
         return float(sorted(sc.targets)[len(sc.targets) // 2]), "the middle of search.targets"
     if given:
         return float(given), "given"
-    if sc.algorithm in ("rl", "spos"):
+    if ALGORITHMS[sc.algorithm].needs_target:
         return float(reference_cost), "no target given: the reference cell in every layer"
     return 0.0, "none"
 
@@ -125,7 +125,7 @@ def search(config: Any, workdir: str) -> dict[str, Any]:
         [len(c) for c in space.candidates], ctx.unit, span, target,
     )  # fmt: skip
     try:
-        choose, figures = ALGORITHMS[sc.algorithm](ctx)
+        choose, figures = ALGORITHMS[sc.algorithm].run(ctx)
         targets = sorted(sc.targets) if sc.targets else [ctx.target]
         paths = {t: choose(t) for t in targets}
     finally:  # Even on failure, a save in flight completes: it is the one to resume.
@@ -206,7 +206,7 @@ def explain_cost(ctx: SearchContext, path: list[int], cost: float) -> str:
             f"cheapest path ({ctx.fmt(low)}) to its largest ({ctx.fmt(high)})"  # fmt: skip
     if ctx.target:
         tol = 100 * sc.tolerance
-        bound = "at most" if sc.algorithm == "spos" else f"+- {tol:g}% of"
+        bound = "at most" if ALGORITHMS[sc.algorithm].limit else f"+- {tol:g}% of"
         return f"search: {where}; target {bound} {ctx.fmt(ctx.target)} ({ctx.target_source})"
     line = (f"search: {where}; no target: the cost term is lambda * E[{ctx.unit}] / max "
             f"(search.madds_lambda={sc.madds_lambda:g})")  # fmt: skip
