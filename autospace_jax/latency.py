@@ -119,11 +119,9 @@ class CellTimer:
     two fresh runs may see different times and so grow different spaces.
     """
 
-    def __init__(self, lc: Any, batch: int, state: dict[str, Any] | None = None):
+    def __init__(self, lc: Any, batch: int):
         self.lc, self.batch, self.ms = lc, batch, {}
         self.overhead: float | None = None
-        if state is not None:
-            self.load(state)
 
     def __call__(self, genome: genome_lib.Genome, shape: tuple[int, int, int, int]) -> float:
         key = cell_key(genome, shape)

@@ -31,7 +31,7 @@ class Precompiler:
     """
 
     def __init__(self, evo: Any, enabled: bool):
-        """``evo``: the :class:`~autospace_jax.evolution.Evolution` whose cells to compile."""
+        """``evo``: the :class:`~autospace_jax.evolution_state.Evolution` whose cells to compile."""
         self.evo = evo
         self.compiler = pieces.Compiler(os.cpu_count() or 1) if enabled else None
         self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.

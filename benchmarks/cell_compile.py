@@ -50,7 +50,7 @@ def measure(cells: int, parts: bool) -> dict:
     import numpy as np
 
     from autospace_jax import cells as cells_lib
-    from autospace_jax import evolution, initializers, madds, pieces, population, sharding
+    from autospace_jax import evolution_state, initializers, madds, pieces, population, sharding
     from autospace_jax import genome as genome_lib
     from autospace_jax import supernet as sn
 
@@ -61,7 +61,9 @@ def measure(cells: int, parts: bool) -> dict:
     cons = population.Constraints(1, 16, 16, 8, 4 * madds.cell_cost(ref, 8, 16, 16, 1).madds,
                                  "default")  # fmt: skip
     genomes = []
-    for g in population.initial_population(cons, 30, evolution._rng(0, -1, "init/0"), ref, 0.1):
+    for g in population.initial_population(
+        cons, 30, evolution_state._rng(0, -1, "init/0"), ref, 0.1
+    ):
         g = genome_lib.canonical(g)
         if g not in genomes and genome_lib.live_edges(g):
             genomes.append(g)
