@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from autospace_jax import distributed, files, plots
+from autospace_jax import cell_drawing, distributed, files, plots
 from autospace_jax import population as pop_lib
 
 
@@ -134,7 +134,7 @@ def write(evo, stage_dir: str) -> dict[str, Any]:
         {"history": evo.history, "populations": populations, "final": evo.final},
     )
     plots.plot_fitness_history(evo.history, os.path.join(stage_dir, "plots", "alpha_history.png"))
-    plots.draw_cells(_learned(evo), os.path.join(stage_dir, "plots", "learned_cells.png"))
+    cell_drawing.draw_cells(_learned(evo), os.path.join(stage_dir, "plots", "learned_cells.png"))
     return diagnostics(evo)
 
 

@@ -35,6 +35,7 @@ from autospace_jax import genome as genome_lib
 from autospace_jax import population as pop_lib
 from autospace_jax import progress as progress_lib
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 from autospace_jax.population import Individual
 from autospace_jax.weight_bank import WeightBank
 
@@ -262,7 +263,7 @@ class Evolution:
             self.skeleton,
             [[self.populations[l][i].genome for i in idx] for l, idx in enumerate(picked)],
         )
-        trainer = sn.SupernetTrainer.from_config(
+        trainer = trainer_lib.SupernetTrainer.from_config(
             spec, self.config, fitness_estimate=ec.fitness_estimate
         )
         if trainer.program == "fused":
@@ -271,15 +272,7 @@ class Evolution:
             np.array([self.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)
         ]
         state = self.bank.assemble(trainer, alphas, self.step, sharding.replicated(self.mesh))
-        n = self.step + ec.steps_per_generation
-        compensation = [
-            gates_lib.compensation_factor(
-                np.full(len(idx), n),
-                [self.populations[l][i].n_prime + ec.steps_per_generation for i in idx],
-                self.sc.compensation_clip,
-            )
-            for l, idx in enumerate(picked)
-        ]
+        compensation = self.compensation(picked)
         new_cells = {
             (l, i): evolution_report.cell_vector(state, l, k)
             for l, idx in enumerate(picked)
@@ -340,6 +333,21 @@ class Evolution:
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
+
+    def compensation(self, picked: list[list[int]]) -> list[np.ndarray]:
+        """Eq. 4's n(d)/n'(d) for the picked cells of the coming generation, per layer:
+        n counts the supernet's iterations, n' those the cell has been trained in over its
+        life, both through the end of the coming generation (a cell picked in every
+        generation since the start gets 1)."""
+        f = self.config.evolution.steps_per_generation
+        return [
+            gates_lib.compensation_factor(
+                np.full(len(idx), self.step + f),
+                [self.populations[l][i].n_prime + f for i in idx],
+                self.sc.compensation_clip,
+            )
+            for l, idx in enumerate(picked)
+        ]
 
     def label(self, t: int) -> str:
         """Generation ``t`` (0-based) as the log names it."""
@@ -414,7 +422,7 @@ class Evolution:
 
         def module(l: int, genome: genome_lib.Genome):
             cons = self.constraints[l]
-            return sn.piece_cell(genome, cons.c_out, cons.stride, self.dtype)
+            return trainer_lib.piece_cell(genome, cons.c_out, cons.stride, self.dtype)
 
         living = {module(l, ind.function) for l, pop in enumerate(self.populations) for ind in pop}
         pieces.release({module(l, g) for l, g in dead} - living)

@@ -1,6 +1,6 @@
 """A supernet step as one compiled program, for GPUs and TPUs (DESIGN §3, §11).
 
-:class:`~autospace_jax.supernet.SupernetTrainer` runs a step either as
+:class:`~autospace_jax.supernet_trainer.SupernetTrainer` runs a step either as
 host-chained per-cell pieces (``pieces.py``: the CPU default, where XLA runs
 convolution backward inside conditionals ~10x slower and small programs
 compile and are reused across generations) or, here, as one program per step
@@ -155,7 +155,7 @@ def _head_loss(trainer, params, batch_stats, x, labels):
 @functools.partial(jax.jit, static_argnames=("trainer",), donate_argnums=(1, 2, 3))
 def weight_step(trainer, params, batch_stats, opt_state, images, labels, learning_rate, path):
     """SGD step of the modules on ``path`` (int32 ``[L]``): what
-    :meth:`~autospace_jax.supernet.SupernetTrainer.weight_step` does with pieces.
+    :meth:`~autospace_jax.supernet_trainer.SupernetTrainer.weight_step` does with pieces.
 
     Cells off the path keep their weights and optimizer state (their update is
     computed and discarded: no gradient reached them, and ProxylessNAS's
@@ -205,7 +205,7 @@ def fitness_step(
     pair, active, compensation, extra: Extra,
 ):  # fmt: skip
     """Adam step of alpha (Eq. 4) on validation batches: what
-    :meth:`~autospace_jax.supernet.SupernetTrainer.fitness_step` does with pieces.
+    :meth:`~autospace_jax.supernet_trainer.SupernetTrainer.fitness_step` does with pieces.
 
     ``images`` and ``labels`` are tuples of batches (chunks of the fitness
     batch; the estimates are averaged). Weights and BN statistics stay.

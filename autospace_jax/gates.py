@@ -87,7 +87,7 @@ def fitness_gradient(alpha: jax.Array, pair: jax.Array, dl_dg: jax.Array) -> jax
     The sum runs over the two sampled paths with p renormalised over them
     (ProxylessNAS two-path mode); logits outside the pair get no gradient.
     Eq. 4's compensation n(d_i)/n'(d_i) scales the *update step* of alpha_i
-    (:meth:`supernet.SupernetTrainer.fitness_step`), as the paper words it ("we compensate
+    (:meth:`supernet_trainer.SupernetTrainer.fitness_step`), as the paper words it ("we compensate
     the gradient update step"): on the gradient, a per-logit factor that is
     constant over a generation would be divided out again by Adam.
 

@@ -1,7 +1,7 @@
 """One evolve generation of supernet iterations (paper §3.2.2; DESIGN §3, §4).
 
 :func:`train_iterations` alternates the weight and fitness steps of a
-:class:`~autospace_jax.supernet.SupernetTrainer` for ``f`` iterations, with the
+:class:`~autospace_jax.supernet_trainer.SupernetTrainer` for ``f`` iterations, with the
 weights' learning rate restarting every generation.
 """
 
@@ -15,13 +15,16 @@ import jax
 import numpy as np
 
 from autospace_jax import failures
-from autospace_jax.supernet import SupernetState, SupernetTrainer
+from autospace_jax.supernet import SupernetState
+from autospace_jax.supernet_trainer import SupernetTrainer
 
 
-def generation_learning_rate(peak: float, i: int, steps: int) -> float:
-    """The weights' learning rate at iteration ``i`` of a generation of ``steps``: a
-    cosine from ``peak`` to 0 that restarts every generation (SGDR's warm restarts)."""
-    return 0.5 * peak * (1 + math.cos(math.pi * i / steps))
+def cosine_learning_rate(peak: float, i: int, steps: int) -> float:
+    """The supernet weights' learning rate at iteration ``i`` of ``steps``: a cosine from
+    ``peak`` to 0 (evolve restarts it every generation, SGDR's warm restarts; search runs
+    it once). Not optax's cosine_decay_schedule: that one computes in float32, and its
+    rates differ from these in the last bits, so every run's numbers would change."""
+    return 0.5 * peak * (1 + math.cos(math.pi * i / max(steps, 1)))
 
 
 def train_iterations(
@@ -79,7 +82,7 @@ def train_iterations(
     losses, first_step = [], state.step + 1
     for i in range(steps):
         step = state.step
-        lr = generation_learning_rate(learning_rate, i, steps)
+        lr = cosine_learning_rate(learning_rate, i, steps)
         path = None
         if uniform_paths or step < warmup_steps:
             rng = np.random.default_rng((seed, step, 2))

@@ -33,6 +33,7 @@ from autospace_jax import arch as arch_lib
 from autospace_jax import cells, distributed, errors, files, initializers, input_pipeline, spaces
 from autospace_jax import genome as genome_lib
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 
 STAGE = "latency"
 FILENAME = "table.json"
@@ -107,7 +108,7 @@ def _less_overhead_ms(module, shape, batch: int, lc: Any, overhead: float) -> fl
 def _cell_job(genome: genome_lib.Genome, shape: tuple[int, int, int, int]):
     """The module and input shape (H, W, C) that time a cell at its layer's shapes."""
     size, c_in, c_out, stride = shape
-    return sn.piece_cell(genome, c_out, stride), (size, size, c_in)
+    return trainer_lib.piece_cell(genome, c_out, stride), (size, size, c_in)
 
 
 class CellTimer:

@@ -121,6 +121,10 @@ class Constraints:
     def max_latency_ms(self) -> float:
         return self.latency.factor * self.latency_ms(self.latency.reference)
 
+    def under_madds_max(self, g: genome_lib.Genome) -> bool:
+        """Eq. 1's constraint on every cell of the space: MAdds(d_i) < MAdds_max."""
+        return self.madds(g) < self.max_madds
+
     def ok(self, g: genome_lib.Genome) -> bool:
         """Valid in the layer (palette, no skip cell without a residual), under MAdds_max and
         the latency bound."""
@@ -149,7 +153,7 @@ class Constraints:
         function = genome_lib.canonical(g)
         if function in living:
             return "duplicate"
-        if self.madds(g) >= self.max_madds:
+        if not self.under_madds_max(g):
             return "madds"
         if reference is not None and distance(function, reference) >= tau:
             return "tau"

@@ -17,7 +17,7 @@ import numpy as np
 
 from autospace_jax import cells, pieces, sharding
 from autospace_jax import genome as genome_lib
-from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 
 
 class Precompiler:
@@ -80,7 +80,7 @@ class Precompiler:
             sharding=sharding.batch_sharding(evo.mesh),
         )
         return (
-            sn.piece_cell(genome, cons.c_out, cons.stride, evo.dtype),
+            trainer_lib.piece_cell(genome, cons.c_out, cons.stride, evo.dtype),
             x,
             sharding.replicated(evo.mesh),
             evo.tx,

@@ -24,7 +24,8 @@ import optax
 from autospace_jax import cells, initializers
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Skeleton
-from autospace_jax.supernet import SupernetState, SupernetTrainer
+from autospace_jax.supernet import SupernetState
+from autospace_jax.supernet_trainer import SupernetTrainer
 
 
 def _shapes(tree: Any) -> Any:

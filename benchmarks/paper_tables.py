@@ -94,6 +94,7 @@ from autospace_jax import gates as gates_lib  # noqa: E402
 from autospace_jax import genome as genome_lib  # noqa: E402
 from autospace_jax import main as main_lib  # noqa: E402
 from autospace_jax import supernet as sn  # noqa: E402
+from autospace_jax import supernet_trainer as trainer_lib  # noqa: E402
 from autospace_jax.search import stage  # noqa: E402
 from autospace_jax.search.context import network_madds  # noqa: E402
 from benchmarks import _report  # noqa: E402
@@ -463,7 +464,7 @@ def depth_supernet(c: ml_collections.ConfigDict, dataset, skeleton, init: int, *
     alpha ~ N(0, supernet.fitness_init_std) from seed ``init``."""
     spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
     trainer_kw.setdefault("fitness_estimate", c.evolution.fitness_estimate)
-    trainer = sn.SupernetTrainer.from_config(spec, c, tied=True, **trainer_kw)
+    trainer = trainer_lib.SupernetTrainer.from_config(spec, c, tied=True, **trainer_kw)
     mesh = sharding.create_mesh()
     state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
                          sharding.replicated(mesh))  # fmt: skip

@@ -52,6 +52,7 @@ from autospace_jax import arch as arch_lib  # noqa: E402
 from autospace_jax import genome as g  # noqa: E402
 from autospace_jax import pieces, sharding  # noqa: E402
 from autospace_jax import supernet as sn  # noqa: E402
+from autospace_jax import supernet_trainer as trainer_lib  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from configs import default, imagenet_mobile  # noqa: E402
 
@@ -318,7 +319,7 @@ def compare(args) -> str:
     threads = [os.cpu_count()] + ([1] if os.cpu_count() > 1 else [])
     torch.set_num_threads(1)  # The checks: not timed, and safe from contention.
     spec = supernet_spec()
-    trainer = sn.SupernetTrainer(spec)  # weight decay 4e-5, momentum 0.9, Nesterov.
+    trainer = trainer_lib.SupernetTrainer(spec)  # weight decay 4e-5, momentum 0.9, Nesterov.
     state = trainer.init((IMAGE, IMAGE, 3), seed=SEED)
     state.variables = jax.device_put(state.variables)
     state.opt_state = jax.device_put(state.opt_state)
@@ -537,7 +538,7 @@ def device_worker(batch: int, steps: int) -> dict:
     sharding.check_batch_size(batch, mesh, "--batch")
     data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     spec = supernet_spec(small=True)
-    trainer = sn.SupernetTrainer(spec)
+    trainer = trainer_lib.SupernetTrainer(spec)
     state = trainer.init((IMAGE, IMAGE, 3), seed=SEED, replicated=replicated)
     data = [
         (jax.device_put(x, data_sharding), jax.device_put(y, data_sharding))

@@ -48,7 +48,7 @@ def measure(code: str, program: str) -> dict:
     import numpy as np
 
     from autospace_jax import pieces, sharding
-    from autospace_jax import supernet as sn
+    from autospace_jax import supernet_trainer as trainer_lib
     from benchmarks import supernet_step
     from benchmarks._host_reads import count_host_reads
 
@@ -70,7 +70,7 @@ def measure(code: str, program: str) -> dict:
 
     spec = supernet_step.supernet_spec()
     kwargs = {} if program == "before" else {"program": program}
-    trainer = sn.SupernetTrainer(spec, **kwargs)
+    trainer = trainer_lib.SupernetTrainer(spec, **kwargs)
     mesh = sharding.create_mesh(jax.devices())
     state = trainer.init((supernet_step.IMAGE,) * 2 + (3,), 0, 0.5, sharding.replicated(mesh))
     (x, y), (vx, vy) = (

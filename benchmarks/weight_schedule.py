@@ -5,7 +5,7 @@
 
 Runs ``--mode=evolve`` of configs/digits.py twice in this process, each in a
 fresh workdir: with evolve's schedule (the weights' learning rate a cosine that
-restarts every generation, ``generation.generation_learning_rate``) and with one
+restarts every generation, ``generation.cosine_learning_rate``) and with one
 cosine over the whole stage (the schedule before it). For every child, evolve
 records how far its weights moved in the first generation it was trained in,
 ``||w_after - w_before|| / ||w_before||`` (``first_update`` in children.json);
@@ -38,7 +38,7 @@ def one_cosine(total: int):
     def run(trainer, state, dataset, *, steps, learning_rate, **kw):
         losses = []
         for _ in range(steps):  # One step at a time: at i = 0 the generation's rate is the peak.
-            lr = generation.generation_learning_rate(learning_rate, state.step, total)
+            lr = generation.cosine_learning_rate(learning_rate, state.step, total)
             losses += generation_iterations(
                 trainer, state, dataset, steps=1, learning_rate=lr, **kw
             )

@@ -13,6 +13,7 @@ from autospace_jax import evolution as evo
 from autospace_jax import genome as g
 from autospace_jax import population as pop_lib
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 from autospace_jax.weight_bank import WeightBank
 from tests import runner
 
@@ -45,14 +46,14 @@ def test_weights_survive_a_rebuild_bit_for_bit():
         bank.add(l, genome)
     x = np.random.default_rng(0).standard_normal((16, 8, 8, 1)).astype(np.float32)
     y = np.arange(16) % 10
-    trainer = sn.SupernetTrainer(sn.SupernetSpec(skeleton, ((a, b, c), (a, b))))
+    trainer = trainer_lib.SupernetTrainer(sn.SupernetSpec(skeleton, ((a, b, c), (a, b))))
     state = bank.assemble(trainer, [np.zeros(3), np.zeros(2)], step=0)
     for _ in range(3):
         trainer.weight_step(state, x, y, 0.1, seed=0)
     bank.store(trainer, state)
     trained = jax.device_get(state.variables["params"]["layer_0"]["cell_1"])
     # Rebuild with b first and another neighbour: b's weights come back unchanged.
-    rebuilt = sn.SupernetTrainer(sn.SupernetSpec(skeleton, ((b, c), (b, a))))
+    rebuilt = trainer_lib.SupernetTrainer(sn.SupernetSpec(skeleton, ((b, c), (b, a))))
     state2 = bank.assemble(rebuilt, [np.zeros(2), np.zeros(2)], step=3)
     again = jax.device_get(state2.variables["params"]["layer_0"]["cell_0"])
     for u, v in zip(jax.tree.leaves(trained), jax.tree.leaves(again)):
@@ -227,3 +228,35 @@ def test_programs_of_dead_cells_are_released(tmp_path, monkeypatch):
     living = config.evolution.population_size * sum(config.model.blocks)
     assert len(compiled) > living, "the evolution should outlive some of its cells"
     assert len(held & compiled) <= living
+
+
+def test_eq4_n_counts_the_supernets_iterations_and_n_prime_the_cells(tmp_path, monkeypatch):
+    """The compensation each generation trains with, against counts kept here: n the
+    supernet iterations through that generation, n' the ones the cell was in."""
+    from autospace_jax import generation
+    from tests.reliability_test import evolve_config
+
+    config = evolve_config()
+    config.evolution.generations = 4
+    config.supernet.compensation_clip = 1.75  # Below n/n' = 2 of a cell born at t = 1.
+    trained, total, factors = {}, [0], []
+    train_iterations = generation.train_iterations
+
+    def spy(trainer, state, *args, steps, compensation, **kwargs):
+        expected = []
+        for l, layer in enumerate(trainer.spec.candidates):
+            counts = np.array([trained.get((l, g.canonical(c)), 0) for c in layer])
+            expected.append(np.minimum((total[0] + steps) / (counts + steps), 1.75))
+            for c in layer:
+                trained[(l, g.canonical(c))] = trained.get((l, g.canonical(c)), 0) + steps
+        total[0] += steps
+        for got, want in zip(compensation, expected, strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        factors.extend(np.concatenate(compensation))
+        return train_iterations(trainer, state, *args, steps=steps, compensation=compensation,
+                                **kwargs)  # fmt: skip
+
+    monkeypatch.setattr(generation, "train_iterations", spy)
+    evo.evolve(config, str(tmp_path))
+    assert min(factors) == 1.0 and 1.0 < max(factors) <= 1.75  # Young cells were compensated.
+    assert 1.75 in factors  # And the clip applied.

@@ -13,6 +13,7 @@ from autospace_jax import failures, fused, generation, sharding
 from autospace_jax import gates as gates_lib
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 from benchmarks._host_reads import count_host_reads
 from tests.supernet_test import USEFUL, WEAK, _batch
 
@@ -25,7 +26,7 @@ SHAPE = (6, 6, 1)
 
 
 def _pair(program, **kw):
-    trainer = sn.SupernetTrainer(SPEC, program=program, **kw)
+    trainer = trainer_lib.SupernetTrainer(SPEC, program=program, **kw)
     return trainer, trainer.init(SHAPE, seed=0, fitness_std=0.7)
 
 
@@ -123,7 +124,7 @@ def test_no_transfer_to_the_host_inside_a_fused_step():
     compensation = [jnp.ones(len(c)) for c in SPEC.candidates]
     reads = {}
     for program in ("fused", "pieces"):
-        trainer = sn.SupernetTrainer(SPEC, program=program)
+        trainer = trainer_lib.SupernetTrainer(SPEC, program=program)
         state = trainer.init(SHAPE, 0, 0.5, replicated=sharding.replicated(mesh))
 
         def iteration(trainer, state):
@@ -178,7 +179,7 @@ def test_bfloat16_supernet_step_agrees_with_float32(program="fused"):
     x, labels = (jnp.asarray(a) for a in _batch(n=8))
     results = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        trainer = sn.SupernetTrainer(SPEC, program=program, dtype=dtype)
+        trainer = trainer_lib.SupernetTrainer(SPEC, program=program, dtype=dtype)
         state = trainer.init(SHAPE, 0, 0.7)
         metrics = trainer.weight_step(state, x, labels, 0.1, seed=0, path=[0, 1, 0])
         results[dtype] = float(metrics["loss"]), jax.device_get(state.variables)

@@ -58,10 +58,12 @@ def straight(tmp_path_factory):
 
 
 def _line_form(line: str) -> str:
-    """A regex of a README sample line: its paths, number lists, durations and numbers
-    stand for any of their kind (a run on other data prints other values)."""
+    """A regex of a README sample line: its paths, rates, number lists, durations and
+    numbers stand for any of their kind (a run on other data prints other values)."""
     kinds = [
         (r"runs/digits\S*?(?=[),]|$)", r"\S+?"),
+        # progress.Progress.rate: a fast machine prints "1.42 generations/s".
+        (r"\d+\.\d+ s/\w+", lambda t: r"\d+\.\d+ (?:s/{0}|{0}s/s)".format(t.split("/")[1])),
         (r"\[[\d, ]+\]", r"\[[\d, ]*\]"),
         (r"(?<![\d.])\d+(?:h\d\dm|m\d\ds|s)\b", r"(?:\d+h\d\dm|\d+m\d\ds|\d+s)"),
         (r"\d[\d,]*(?:\.\d+)?", r"\d[\d,]*(?:\.\d+)?"),
@@ -70,7 +72,8 @@ def _line_form(line: str) -> str:
     out, last = [], 0
     for m in pattern.finditer(line):
         out.append(re.escape(line[last : m.start()]))
-        out.append(kinds[m.lastindex - 1][1])
+        form = kinds[m.lastindex - 1][1]
+        out.append(form(m.group()) if callable(form) else form)
         last = m.end()
     return "".join(out) + re.escape(line[last:])
 

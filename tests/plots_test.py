@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from autospace_jax import cell_drawing, plots
 from autospace_jax import genome as g
-from autospace_jax import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Edge 1-2 is non-zero but node 2 has no way on to node 4: a dead edge.
@@ -54,45 +54,45 @@ def test_dead_edge_fixture_is_dead():
 @pytest.mark.parametrize("num_layers", [1, 5])
 def test_draw_cells_writes_png_sized_to_grid(tmp_path, num_layers):
     path = tmp_path / "sub" / "cells.png"  # Parent created by draw_cells.
-    plots.draw_cells(_layers(num_layers), str(path))
+    cell_drawing.draw_cells(_layers(num_layers), str(path))
     image = _read_png(path)
     height, width, _ = image.shape
     # One column per cell, one row per layer, each panel a fixed size.
-    assert width == pytest.approx(4 * plots._PANEL_W * plots._DPI, abs=2)
-    expected_h = (num_layers * plots._PANEL_H + plots._HEADER) * plots._DPI
+    assert width == pytest.approx(4 * cell_drawing._PANEL_W * cell_drawing._DPI, abs=2)
+    expected_h = (num_layers * cell_drawing._PANEL_H + cell_drawing._HEADER) * cell_drawing._DPI
     assert height == pytest.approx(expected_h, abs=2)
     assert (image < 250).any(axis=-1).mean() > 0.01  # Not blank.
-    assert _count_color(image, plots._LIVE) > 0
+    assert _count_color(image, cell_drawing._LIVE) > 0
 
 
 def test_draw_cells_colors_live_and_dead_edges(tmp_path):
     def draw(genome):
         path = tmp_path / f"{genome.id}.png"
-        plots.draw_cells([[(genome, 0.0)]], str(path))
+        cell_drawing.draw_cells([[(genome, 0.0)]], str(path))
         return _read_png(path)
 
     skip, irb, only_dead = draw(g.SKIP), draw(g.irb(5, 3)), draw(ONLY_DEAD)
     # Live edges are drawn in the live colour; a skip cell has none.
-    assert _count_color(skip, plots._LIVE) == 0
-    assert _count_color(irb, plots._LIVE) > 50
+    assert _count_color(skip, cell_drawing._LIVE) == 0
+    assert _count_color(irb, cell_drawing._LIVE) > 50
     # The dead edge is drawn (dashed, grey) though it never computes.
-    assert _count_color(only_dead, plots._LIVE) == 0
-    assert _count_color(only_dead, plots._DEAD) > _count_color(skip, plots._DEAD) + 10
+    assert _count_color(only_dead, cell_drawing._LIVE) == 0
+    assert _count_color(only_dead, cell_drawing._DEAD) > _count_color(skip, cell_drawing._DEAD) + 10
 
 
 def test_draw_cells_ragged_and_empty(tmp_path):
     ragged = [[(g.irb(), 1.0)], [(g.SKIP, 0.5), (DEAD_12, 0.25), (g.irb(7, 1), 0.0)]]
-    plots.draw_cells(ragged, str(tmp_path / "ragged.png"))
+    cell_drawing.draw_cells(ragged, str(tmp_path / "ragged.png"))
     assert _read_png(tmp_path / "ragged.png").shape[1] == pytest.approx(
-        3 * plots._PANEL_W * plots._DPI, abs=2
+        3 * cell_drawing._PANEL_W * cell_drawing._DPI, abs=2
     )
-    plots.draw_cells([], str(tmp_path / "empty.png"))
+    cell_drawing.draw_cells([], str(tmp_path / "empty.png"))
     assert (_read_png(tmp_path / "empty.png") < 250).any()
 
 
 def test_draw_cells_splits_tall_grids(tmp_path, monkeypatch):
-    monkeypatch.setattr(plots, "MAX_ROWS_PER_FILE", 2)
-    plots.draw_cells(_layers(5), str(tmp_path / "cells.png"))
+    monkeypatch.setattr(cell_drawing, "MAX_ROWS_PER_FILE", 2)
+    cell_drawing.draw_cells(_layers(5), str(tmp_path / "cells.png"))
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["cells_part1.png", "cells_part2.png", "cells_part3.png"]
     heights = [_read_png(tmp_path / n).shape[0] for n in names]
@@ -103,9 +103,9 @@ def test_draw_cells_paper_size_grid(tmp_path):
     # 21 layers x 9 cells, the paper's setting: one PNG, bounded in pixels.
     rng = random.Random(2)
     layers = [[(g.random_genome(rng), rng.gauss(0, 1)) for _ in range(9)] for _ in range(21)]
-    plots.draw_cells(layers, str(tmp_path / "cells.png"))
+    cell_drawing.draw_cells(layers, str(tmp_path / "cells.png"))
     height, width, _ = _read_png(tmp_path / "cells.png").shape
-    assert width <= 9 * 2.2 * plots._DPI + 2 and height < 4000
+    assert width <= 9 * 2.2 * cell_drawing._DPI + 2 and height < 4000
 
 
 # ----------------------------------------------------------------------------

@@ -16,6 +16,17 @@ def _constraints(stride=1, c_in=16, c_out=16, size=8, factor=4.0, palette="defau
     return pop.Constraints(stride, c_in, c_out, size, factor * ref, palette)
 
 
+def test_eq1_a_cell_must_cost_less_than_madds_max():
+    # IRB 3x3, r = 6, 8 -> 8 channels at 8x8, counted by hand: expand 64*8*48, depthwise
+    # 64*48*9, project 64*48*8 multiply-adds.
+    by_hand = 64 * 8 * 48 + 64 * 48 * 9 + 64 * 48 * 8
+    cell = g.irb(3, 6)
+    for cap, allowed in ((by_hand, False), (by_hand + 1, True)):
+        cons = pop.Constraints(1, 8, 8, 8, cap, "default")
+        assert cons.under_madds_max(cell) is allowed
+        assert cons.reject(cell, set(), None, 1.0) == (None if allowed else "madds")
+
+
 def test_eq5_momentum_update():
     assert pop.momentum_update(alpha_star=2.0, alpha_pop=1.0, epsilon=0.25) == pytest.approx(1.25)
     assert pop.momentum_update(3.0, -1.0, 1.0) == 3.0

@@ -7,13 +7,14 @@ import os
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import genome as g
 from autospace_jax import spaces
-from autospace_jax.search import context, rl, stage
+from autospace_jax.search import context, proxyless, rl, stage
 from configs import digits
 
 
@@ -77,6 +78,23 @@ def test_most_probable_within_matches_brute_force():
         got = context.most_probable_within(log_probs, table, 100, low, high)
         score = sum(lp[k] for lp, k in zip(log_probs, got))
         assert score == pytest.approx(sum(lp[k] for lp, k in zip(log_probs, best)))
+
+
+@pytest.mark.parametrize("target", [0.0, 9.0e5])
+def test_eq6_madds_term_gradient_is_the_gradient_of_its_penalty(target):
+    term = proxyless.MaddsTerm(
+        table=((1.0e5, 3.0e5, 2.0e5), (4.0e5, 1.0e5)), base=5.0e4, madds_lambda=0.3,
+        target=target, max_madds=7.5e5,
+    )  # fmt: skip
+    alphas = [jnp.array([0.2, -0.4, 0.9]), jnp.array([-0.1, 0.3])]
+    # The penalty itself, from its definition: E[MAdds] over p = softmax(alpha).
+    p = [np.exp(a) / np.exp(a).sum() for a in map(np.asarray, alphas)]
+    e = 5.0e4 + sum(q @ np.array(m) for q, m in zip(p, term.table))
+    want = 0.3 * ((e / target - 1) ** 2 if target else e / 7.5e5)
+    assert float(term.penalty(alphas)) == pytest.approx(want, rel=1e-5)
+    for got, auto in zip(term(alphas), jax.grad(term.penalty)(alphas), strict=True):
+        np.testing.assert_allclose(got, auto, rtol=1e-4, atol=1e-9)
+        assert np.abs(auto).max() > 1e-4  # A gradient that can be told from zero.
 
 
 def test_rl_controller_entropy_falls_on_toy_reward():

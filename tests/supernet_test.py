@@ -10,6 +10,7 @@ from autospace_jax import cells, input_pipeline, pieces, sharding
 from autospace_jax import gates as gates_lib
 from autospace_jax import genome as g
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 from configs import digits
 
 
@@ -58,7 +59,7 @@ def _loss_of_gates(trainer, variables, x, labels):
 
 
 def test_eq4_fitness_gradient_matches_formula():
-    trainer = sn.SupernetTrainer(TINY)
+    trainer = trainer_lib.SupernetTrainer(TINY)
     state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
     x, labels = _batch()
     gates = trainer.gates(state, seed=0, stream=1)
@@ -78,9 +79,16 @@ def test_eq4_fitness_gradient_matches_formula():
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-7)
     assert got[[k for k in range(3) if k not in pair]] == pytest.approx(0.0)
 
+    # And by autodiff: Eq. 4 is the chain rule through g_k = p_k = softmax(alpha_pair)_k,
+    # the loss linearised at the sampled gates.
+    def surrogate(a):
+        return jax.nn.softmax(a[jnp.asarray(pair)]) @ jnp.asarray(dl_dg[pair])
+
+    np.testing.assert_allclose(got, jax.grad(surrogate)(jnp.asarray(alpha)), rtol=1e-4, atol=1e-7)
+
 
 def test_loss_estimate_is_the_loss_of_each_sampled_path():
-    trainer = sn.SupernetTrainer(TINY, fitness_estimate="loss")
+    trainer = trainer_lib.SupernetTrainer(TINY, fitness_estimate="loss")
     state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
     x, labels = _batch()
     gates = trainer.gates(state, seed=0, stream=1)
@@ -96,7 +104,7 @@ def test_eq4_compensation_changes_what_alpha_learns():
     x, labels = (jnp.asarray(a) for a in _batch())
 
     def learn(factors, steps):
-        trainer = sn.SupernetTrainer(TINY, fitness_b1=0.0)
+        trainer = trainer_lib.SupernetTrainer(TINY, fitness_b1=0.0)
         state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
         before = trainer.alphas(state)[0]
         for _ in range(steps):
@@ -114,7 +122,7 @@ def test_eq4_compensation_changes_what_alpha_learns():
 def test_tied_gates_draw_one_path_for_every_layer():
     spec = sn.SupernetSpec(arch_lib.Skeleton(4, 1, ((4, 1), (4, 1)), 8, 3),
                            ((USEFUL, g.irb(3, 3), g.SKIP),) * 2)  # fmt: skip
-    trainer = sn.SupernetTrainer(spec, fitness_estimate="loss", tied=True)
+    trainer = trainer_lib.SupernetTrainer(spec, fitness_estimate="loss", tied=True)
     state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5)
     a0, a1 = trainer.alphas(state)
     np.testing.assert_array_equal(a0, a1)
@@ -126,7 +134,9 @@ def test_tied_gates_draw_one_path_for_every_layer():
     a0, a1 = trainer.alphas(state)
     np.testing.assert_array_equal(a0, a1)
     with pytest.raises(ValueError, match="same number of candidates"):
-        sn.SupernetTrainer(sn.SupernetSpec(spec.skeleton, ((USEFUL, WEAK), (USEFUL,))), tied=True)
+        trainer_lib.SupernetTrainer(
+            sn.SupernetSpec(spec.skeleton, ((USEFUL, WEAK), (USEFUL,))), tied=True
+        )
 
 
 def test_compensation_factor_is_clipped():
@@ -135,7 +145,7 @@ def test_compensation_factor_is_clipped():
 
 
 def test_eq3_full_forward_is_the_probability_mixture():
-    trainer = sn.SupernetTrainer(TINY)
+    trainer = trainer_lib.SupernetTrainer(TINY)
     state = trainer.init((6, 6, 1), seed=1, fitness_std=1.0)
     x, _ = _batch()
     variables = jax.tree.map(jnp.asarray, state.variables)
@@ -143,14 +153,16 @@ def test_eq3_full_forward_is_the_probability_mixture():
     h = cells.Stem(4, 1).apply(
         {c: variables[c]["stem"] for c in ("params", "batch_stats")}, x, train=False
     )
-    p = sn.probabilities(variables["fitness"]["layer_0"]["alpha"])
-    outs = []
+    alpha = np.asarray(variables["fitness"]["layer_0"]["alpha"], np.float64)
+    p = np.exp(alpha) / np.exp(alpha).sum()
+    mixed = 0.0
     for k, cell in enumerate(trainer.layers[0]):
         sub = {c: variables[c]["layer_0"].get(f"cell_{k}", {}) for c in ("params", "batch_stats")}
-        outs.append(cell.apply(sub, h, train=False))
+        mixed = mixed + p[k] * np.asarray(cell.apply(sub, h, train=False), np.float64)
     head_vars = {c: variables[c]["head"] for c in ("params", "batch_stats")}
-    expected = cells.Head(8, 3).apply(head_vars, sn.mixture(p, outs), train=False)
+    expected = cells.Head(8, 3).apply(head_vars, jnp.asarray(mixed, jnp.float32), train=False)
     np.testing.assert_allclose(full, expected, rtol=1e-5, atol=1e-5)
+    assert len(set(np.round(p, 6))) == len(p)  # Distinct weights: a swapped p would show.
 
 
 def test_gates_two_distinct_paths_same_for_same_step():
@@ -171,7 +183,7 @@ def test_one_compile_per_piece_over_many_samples():
         arch_lib.Skeleton(4, 1, ((4, 1), (8, 2)), 8, 3),
         ((USEFUL, WEAK, g.SKIP), (g.irb(3, 3), g.irb(5, 1))),
     )
-    trainer = sn.SupernetTrainer(spec)
+    trainer = trainer_lib.SupernetTrainer(spec)
     state = trainer.init((6, 6, 1), seed=0, fitness_std=0.0)
     x, labels = (jnp.asarray(a) for a in _batch(n=5))  # A batch size no other test uses.
     before = dict(pieces.TRACES)
@@ -193,7 +205,7 @@ def test_sharded_supernet_step_equals_single_device():
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.create_mesh(devices)
-        trainer = sn.SupernetTrainer(TINY)
+        trainer = trainer_lib.SupernetTrainer(TINY)
         state = trainer.init(
             (6, 6, 1), seed=0, fitness_std=0.5, replicated=sharding.replicated(mesh)
         )
@@ -215,7 +227,7 @@ def test_fitness_ranks_useful_weak_zero_from_five_inits():
     mesh = sharding.create_mesh(jax.devices()[:1])
     data = sharding.batch_sharding(mesh)
     spec = sn.SupernetSpec(arch_lib.Skeleton(8, 1, ((8, 1),), 32, 10), ((USEFUL, WEAK, g.SKIP),))
-    trainer = sn.SupernetTrainer(spec)
+    trainer = trainer_lib.SupernetTrainer(spec)
     steps_per_epoch = dataset.steps_per_epoch(64)
     warmup_epochs, epochs = 4, 9
     for seed in range(5):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -13,6 +12,8 @@ import numpy as np
 from autospace_jax import cells, checkpoint, errors, failures, fused, madds, pieces, sharding
 from autospace_jax import progress as progress_lib
 from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
+from autospace_jax.generation import cosine_learning_rate
 
 
 @dataclasses.dataclass
@@ -23,7 +24,7 @@ class SearchContext:
     dataset: Any
     mesh: Any
     space: sn.SupernetSpec
-    trainer: sn.SupernetTrainer
+    trainer: trainer_lib.SupernetTrainer
     state: sn.SupernetState
     checkpointer: checkpoint.Checkpointer
     madds_table: list[np.ndarray]  # [l][k]: MAdds of candidate k of layer l.
@@ -97,18 +98,13 @@ class SearchContext:
         data = sharding.batch_sharding(self.mesh)
         return self.dataset.train_batch(step, sc.batch_size, data, seed=self.seed, split=split)
 
-    def learning_rate(self, step: int, total: int) -> float:
-        return (
-            0.5
-            * self.config.supernet.learning_rate
-            * (1 + math.cos(math.pi * step / max(total, 1)))
-        )
-
     def weight_step(self, step: int, path=None) -> None:
         """One weight step on training batch ``step`` (0-based), learning rate cosine over
         ``search.steps``; ``path`` None lets the binary gates sample it. The loss stays on
         the device until :meth:`save` checks it."""
-        lr = self.learning_rate(step, self.config.search.steps)
+        lr = cosine_learning_rate(
+            self.config.supernet.learning_rate, step, self.config.search.steps
+        )
         metrics = self.trainer.weight_step(self.state, *self.batch(step), lr, self.seed, path)
         self.pending_losses.append((step + 1, metrics["loss"]))
 

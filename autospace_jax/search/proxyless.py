@@ -43,7 +43,19 @@ class MaddsTerm:
     target: float  # 0: lambda mode.
     max_madds: float
 
+    def penalty(self, alphas) -> jax.Array:
+        """Eq. 6's term lambda * MAdds(N) with MAdds(N) = E[MAdds] under p = softmax(alpha):
+        lambda * E / M (lambda mode) or lambda * (E / T - 1)^2 (target mode)."""
+        expected = self.base + sum(
+            jax.nn.softmax(jnp.asarray(a, jnp.float32)) @ jnp.asarray(m, jnp.float32)
+            for a, m in zip(alphas, self.table)
+        )
+        if self.target > 0:
+            return self.madds_lambda * (expected / self.target - 1.0) ** 2
+        return self.madds_lambda * expected / self.max_madds
+
     def __call__(self, alphas):
+        """d :meth:`penalty` / d alpha, per layer, in closed form."""
         probs = [jax.nn.softmax(jnp.asarray(a, jnp.float32)) for a in alphas]
         table = [jnp.asarray(m, jnp.float32) for m in self.table]
         if self.target > 0:

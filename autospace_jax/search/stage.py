@@ -22,7 +22,7 @@ from autospace_jax import (
     writers,
 )
 from autospace_jax import genome as genome_lib
-from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
 from autospace_jax.search import ALGORITHMS
 from autospace_jax.search.context import SearchContext, network_madds
 
@@ -54,7 +54,7 @@ def build_context(config: Any, workdir: str) -> tuple[SearchContext, str]:
         cost_table, base_cost = table, base
         reference_cost = madds.network_cost(reference, info.image_shape[0], info.image_shape[2])
         reference_cost = reference_cost.madds
-    trainer = sn.SupernetTrainer.from_config(space, config)
+    trainer = trainer_lib.SupernetTrainer.from_config(space, config)
     state = trainer.init(info.image_shape, config.seed, config.supernet.fitness_init_std,
                          sharding.replicated(mesh))  # fmt: skip
     ctx = SearchContext(
