@@ -353,8 +353,8 @@ class SupernetTrainer:
         new, state.opt_state[key] = pieces.update(
             self.tx, {"params": params}, {"params": dparams}, state.opt_state[key], learning_rate
         )
-        _set(state.variables["params"], key, new["params"])
-        _set(state.variables["batch_stats"], key, stats)
+        set_subtree(state.variables["params"], key, new["params"])
+        set_subtree(state.variables["batch_stats"], key, stats)
 
     # --- evaluation -------------------------------------------------------------------
 
@@ -390,7 +390,9 @@ def _get(tree: dict, key: str) -> Any:
     return fused.subtree(tree, *key.split("/"))
 
 
-def _set(tree: dict, key: str, value: Any) -> None:
+def set_subtree(tree: dict, key: str, value: Any) -> None:
+    """``value`` into ``tree`` at a module's key ``a/b``; nothing for a module without
+    variables (the skip cell)."""
     if not jax.tree.leaves(value):
         return
     *parents, last = key.split("/")

@@ -235,7 +235,7 @@ class SearchContext:
                 sums[key] = est if key not in sums else jax.tree.map(np.add, sums[key], est)
         stats = jax.tree.map(lambda a: a, self.state.variables["batch_stats"])
         for key, total in sums.items():
-            sn._set(stats, key, jax.tree.map(lambda a: a / batches, total))
+            trainer_lib.set_subtree(stats, key, jax.tree.map(lambda a: a / batches, total))
         variables = {**self.state.variables, "batch_stats": stats}
         return sn.SupernetState(
             variables=variables, opt_state=self.state.opt_state, step=self.state.step
