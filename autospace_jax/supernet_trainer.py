@@ -246,6 +246,7 @@ class SupernetTrainer:
             dparams, dx = pieces.backward(self._module(key), vjp, dx)
             self._apply(state, key, dparams, stats, learning_rate)
         state.step += 1
+        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
         return {"loss": loss, "accuracy": accuracy}
 
     def _fused_weight_step(self, state, images, labels, learning_rate, seed, path):
@@ -261,6 +262,7 @@ class SupernetTrainer:
         )  # fmt: skip
         state.opt_state.update(opt)
         state.step += 1
+        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
         return metrics
 
     def fitness_step(
@@ -306,6 +308,7 @@ class SupernetTrainer:
             )  # fmt: skip
         state.variables["fitness"] = fitness
         state.opt_state.update(opt)
+        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
 
     def path_losses(self, state: SupernetState, gates: list[Gates], images, labels):
         """dL/dg_k measured: for each layer's pair (a, b), the losses of path A (every

@@ -1,4 +1,5 @@
-"""Images per second of the streaming loader at 224 px (decode, Inception crop, flip).
+"""Images per second of the streaming loader at 224 px (decode, Inception crop, flip),
+then the supernet iteration's dispatches and host syncs (benchmarks/supernet_syncs.py).
 
 Reads batches of synthetic ImageNet-shaped JPEGs (224-500 px,
 benchmarks/synthetic_imagenet.py) from a TFDS ArrayRecord set, in order, as a
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import grain  # noqa: E402
 
 from autospace_jax import input_pipeline  # noqa: E402
-from benchmarks import _report, synthetic_imagenet  # noqa: E402
+from benchmarks import _report, supernet_syncs, synthetic_imagenet  # noqa: E402
 from configs import default  # noqa: E402
 
 WARMUP_BATCHES = 2
@@ -81,6 +82,7 @@ def main() -> None:
         )
         _report.write_section("Input pipeline (streaming, 224 px)",
                               "python benchmarks/input_pipeline.py", body)  # fmt: skip
+    print(supernet_syncs.report(write=not a.no_write))
 
 
 HEADER = ["split", "worker processes", "images/s"]

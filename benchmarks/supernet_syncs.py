@@ -48,6 +48,12 @@ def measure(code: str, program: str) -> dict:
     import numpy as np
 
     from autospace_jax import pieces, sharding
+
+    if not os.path.exists(os.path.join(code, "autospace_jax", "supernet_trainer.py")):
+        # Older code: the trainer lived in supernet.py (supernet_step imports the new home).
+        from autospace_jax import supernet
+
+        sys.modules["autospace_jax.supernet_trainer"] = supernet
     from autospace_jax import supernet_trainer as trainer_lib
     from benchmarks import supernet_step
     from benchmarks._host_reads import count_host_reads
@@ -116,6 +122,12 @@ def main() -> None:
     if args.measure:
         print(json.dumps(measure(args.code, args.measure)))
         return
+    print(report(write=not args.no_write))
+
+
+def report(write: bool) -> str:
+    """Measures before, pieces and fused; returns the table (and writes it to BENCHMARKS.md
+    with ``write``). Also run by benchmarks/input_pipeline.py."""
     sys.path.insert(0, ROOT)
     from benchmarks import _report
 
@@ -143,13 +155,13 @@ def main() -> None:
         f"one fetch of the {layers} layers' α counts {layers}), mean of {ITERATIONS} steps "
         "after a warm-up one:\n\n" + _report.table(header, rows)
     )
-    print(table)
-    if not args.no_write:
+    if write:
         _report.write_section(
             "Supernet step: dispatches and host syncs",
             "python benchmarks/supernet_syncs.py",
             table,
         )
+    return table
 
 
 if __name__ == "__main__":

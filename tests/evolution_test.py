@@ -217,9 +217,14 @@ def test_programs_of_dead_cells_are_released(tmp_path, monkeypatch):
     config = evolve_config()
     config.evolution.generations = 3
     before = dict(pieces.TRACES)
-    trims = []
+    trims = []  # The unconditional ones: one after each generation (steps pass grown_by).
     trim = pieces.return_freed_memory
-    monkeypatch.setattr(pieces, "return_freed_memory", lambda: trims.append(trim()))
+
+    def count(grown_by=0):
+        trims.extend([grown_by] if not grown_by else [])
+        trim(grown_by)
+
+    monkeypatch.setattr(pieces, "return_freed_memory", count)
     summary = evo.evolve(config, str(tmp_path))
     assert len(trims) == config.evolution.generations + summary["final_rounds"]
     traced = {k[1] for k, n in pieces.TRACES.items() if n > before.get(k, 0) and k[0] == "forward"}
