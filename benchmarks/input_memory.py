@@ -6,8 +6,8 @@ two JAX processes of 4 fake CPU devices each (8 devices), once with N training
 images and once with 2N. Every process of the run (the two JAX processes and
 their grain workers) is polled for its resident memory; the table gives the
 peak of each JAX process and of the largest worker. Then a train run is killed
-after its first checkpoint and resumed: its final figures must equal the
-uninterrupted run's.
+after its first checkpoint and resumed: the train losses it logs after the
+resume, and its final figures, must equal the uninterrupted run's.
 
 An evolution's peak also depends on which cells it runs (a dense r = 6 cell at
 112 px holds hundreds of MB of activations in its backward), and which cells
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -113,7 +114,13 @@ def run_two(args: list[str], kill_after_checkpoint: str = "") -> dict[str, float
     outs = [p.communicate()[0] for p in procs]
     if not kill_after_checkpoint and any(p.returncode for p in procs):
         raise SystemExit(f"run failed:\n{outs[0][-3000:]}\n{outs[1][-3000:]}")
-    return {**{k: v / 2**30 for k, v in peak.items()}, "wall_s": time.time() - start}
+    return {**{k: v / 2**30 for k, v in peak.items()}, "wall_s": time.time() - start,
+            "losses": _losses(outs[0])}  # fmt: skip
+
+
+def _losses(log: str) -> dict[int, str]:
+    """Step -> the train loss process 0 logged there (as printed: compared as text)."""
+    return {int(m[1]): m[2] for m in re.finditer(r"\[(\d+)\] .*?train_loss=([-\d.e+]+)", log)}
 
 
 def main() -> None:
@@ -144,22 +151,32 @@ def main() -> None:
             f"--workdir={workdir}",
         ]
         run_two(args, kill_after_checkpoint=os.path.join(workdir, "train", "checkpoints"))
-        run_two(args)
+        after_kill = run_two(args)["losses"]
         whole = json.load(open(os.path.join(tmp, f"train_{a.images}", "train", "summary.json")))
         resumed = json.load(open(os.path.join(workdir, "train", "summary.json")))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    same = all(whole[k] == resumed[k] for k in ("test_accuracy", "val_accuracy", "steps"))
+    first = resumed["resumed_from_step"]
+    uninterrupted = results[("train", a.images)]["losses"]
+    resumed_losses = {k: v for k, v in after_kill.items() if k > first}
+    losses_equal = bool(resumed_losses) and all(
+        uninterrupted.get(k) == v for k, v in resumed_losses.items()
+    )
+    same = losses_equal and all(
+        whole[k] == resumed[k] for k in ("test_accuracy", "val_accuracy", "steps")
+    )
     flat = max(
         abs(results[(m, 2 * a.images)][r] / results[(m, a.images)][r] - 1)
         for m in FLAT for r in ("process 0", "process 1")
     )  # fmt: skip
-    top = max(v for r in results.values() for k, v in r.items() if k != "wall_s")
+    top = max(r[k] for r in results.values() for k in ("process 0", "process 1", "worker"))
     verdict = (
         f"Peak RSS of any process {top:.2f} GiB (limit {LIMIT_GIB}); 2N vs N differs by at "
         f"most {100 * flat:.1f}% per JAX process in {' and '.join(FLAT)} (limit 10%). "
-        "Killed after the first "
-        f"checkpoint and resumed (from step {resumed['resumed_from_step']}): test top-1 "
+        f"Killed after the first checkpoint and resumed (from step {first}): the train "
+        f"losses logged at steps {sorted(resumed_losses)} "
+        + ("equal" if losses_equal else "DIFFER from")
+        + " the uninterrupted run's; test top-1 "
         f"{resumed['test_accuracy']:.4f} vs {whole['test_accuracy']:.4f} uninterrupted, "
         f"val {resumed['val_accuracy']:.4f} vs {whole['val_accuracy']:.4f}: "
         + ("identical." if same else "DIFFERENT.")
