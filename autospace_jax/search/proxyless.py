@@ -43,23 +43,29 @@ class MaddsTerm:
     target: float  # 0: lambda mode.
     max_madds: float
 
+    def _probs_and_table(self, alphas):
+        return (
+            [jax.nn.softmax(jnp.asarray(a, jnp.float32)) for a in alphas],
+            [jnp.asarray(m, jnp.float32) for m in self.table],
+        )
+
+    def _expected(self, probs, table) -> jax.Array:
+        """E[MAdds] = stem + head + sum_l sum_k p_lk MAdds_lk."""
+        return self.base + sum(p @ m for p, m in zip(probs, table))
+
     def penalty(self, alphas) -> jax.Array:
         """Eq. 6's term lambda * MAdds(N) with MAdds(N) = E[MAdds] under p = softmax(alpha):
         lambda * E / M (lambda mode) or lambda * (E / T - 1)^2 (target mode)."""
-        expected = self.base + sum(
-            jax.nn.softmax(jnp.asarray(a, jnp.float32)) @ jnp.asarray(m, jnp.float32)
-            for a, m in zip(alphas, self.table)
-        )
+        expected = self._expected(*self._probs_and_table(alphas))
         if self.target > 0:
             return self.madds_lambda * (expected / self.target - 1.0) ** 2
         return self.madds_lambda * expected / self.max_madds
 
     def __call__(self, alphas):
         """d :meth:`penalty` / d alpha, per layer, in closed form."""
-        probs = [jax.nn.softmax(jnp.asarray(a, jnp.float32)) for a in alphas]
-        table = [jnp.asarray(m, jnp.float32) for m in self.table]
+        probs, table = self._probs_and_table(alphas)
         if self.target > 0:
-            expected = self.base + sum(p @ m for p, m in zip(probs, table))
+            expected = self._expected(probs, table)
             scale = self.madds_lambda * 2.0 * (expected / self.target - 1.0) / self.target
         else:
             scale = self.madds_lambda / self.max_madds
