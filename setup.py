@@ -35,6 +35,8 @@ setup(
     extras_require={
         "test": [
             "pytest==9.2.0",
+            # tests/compile_check_test.py compiles for a TPU on a CPU machine (libtpu, no TPU).
+            "jax[tpu]==0.10.2; sys_platform == 'linux'",
             "pytest-xdist==3.8.0",  # README's test command runs two test processes.
             "hypothesis==6.170.17",
             "ruff==0.17.6",

@@ -14,9 +14,15 @@ EfficientNet's MBConv (the paper's Table 7 setting); the supernet never has one.
 
 Precision follows Flax's ``dtype`` / ``param_dtype`` convention: every module
 computes in ``dtype`` (float32 by default; bfloat16 on accelerators for the
-supernet and final network, :func:`compute_dtype`) while parameters and BatchNorm
-statistics stay float32, and the logits leave the head as float32, so the loss
-and softmax are float32.
+supernet and final network, :func:`platforms.compute_dtype`) while parameters and
+BatchNorm statistics stay float32, and the logits leave the head as float32, so
+the loss and softmax are float32. ``depthwise_form`` is how depthwise
+convolutions compute (:func:`depthwise_conv`); like ``dtype`` it is resolved for
+the platform a program is compiled for (:mod:`platforms`), not where it is traced.
+
+Every convolution's output is tagged :data:`CONV_OUTPUT`: a supernet step's
+backward keeps those and recomputes BatchNorm and activations from them
+(:func:`remat`), as one fused program of the final network does by itself.
 """
 
 from __future__ import annotations
@@ -28,23 +34,29 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from autospace_jax import genome as genome_lib
+from autospace_jax import platforms
 from autospace_jax.arch import Arch
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def compute_dtype(setting: str) -> Dtype:
-    """``model.dtype`` as a dtype: "auto" is bfloat16 on GPU and TPU (their matrix units'
-    fast type), float32 on CPU (where bfloat16 is emulated and slower)."""
-    if setting == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return DTYPES[setting]
-
 
 BN_MOMENTUM = 0.9
 BN_EPSILON = 1e-5
+CONV_OUTPUT = "conv_output"  # The name every convolution's output carries (see remat).
+
+
+def remat(fn):
+    """``fn`` whose VJP keeps only the convolutions' outputs (:data:`CONV_OUTPUT`) and
+    its inputs, recomputing BatchNorm, activations and aggregations in the backward.
+
+    A cell's VJP residuals as JAX saves them (every normalised, activated and
+    float32-cast copy) are 5-8x a cell's convolution outputs: measured on a v5e
+    target at 224 px, 64 images, 4.0-5.6 GiB for one layer-0 cell against 0.5-0.7
+    GiB kept this way, for 6 % more FLOPs (BENCHMARKS "TPU compile"). A supernet
+    step chains cells as separate programs (or branches of a switch), so XLA cannot
+    make this choice across them as it does inside one program.
+    """
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT))
 
 
 def depthwise_conv(
@@ -55,10 +67,10 @@ def depthwise_conv(
     ``form="grouped"`` is XLA's grouped convolution; ``"shift"`` sums k*k shifted,
     strided slices times the per-channel tap. Same numbers, but XLA:CPU's grouped
     conv (and its gradient) is 10-20x slower than the shift form (DESIGN §11), while
-    GPU/TPU run the grouped conv well. ``"auto"`` picks shift on CPU only.
+    GPU/TPU run the grouped conv well. ``"auto"``: :func:`platforms.depthwise_form` of
+    the platform this process computes on.
     """
-    if form == "auto":
-        form = "shift" if jax.default_backend() == "cpu" else "grouped"
+    form = platforms.depthwise_form(form)
     if form == "grouped":
         return lax.conv_general_dilated(
             x, kernel, (stride, stride), "SAME",
@@ -96,13 +108,14 @@ class DepthwiseConv(nn.Module):
     kernel_size: int
     stride: int = 1
     dtype: Dtype = jnp.float32
+    form: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         shape = (self.kernel_size, self.kernel_size, 1, x.shape[-1])
         kernel = self.param("kernel", nn.initializers.he_normal(), shape, jnp.float32)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return depthwise_conv(x, kernel, self.stride)
+        return depthwise_conv(x, kernel, self.stride, self.form)
 
 
 def pointwise_conv(x: jnp.ndarray, kernel: jnp.ndarray, stride: int) -> jnp.ndarray:
@@ -147,11 +160,14 @@ class ConvBN(nn.Module):
     depthwise: bool = False
     act: bool = True
     dtype: Dtype = jnp.float32
+    depthwise_form: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         if self.depthwise:
-            x = DepthwiseConv(self.kernel, self.stride, self.dtype, name="conv")(x)
+            x = DepthwiseConv(
+                self.kernel, self.stride, self.dtype, self.depthwise_form, name="conv"
+            )(x)
         elif self.kernel == 1:
             x = PointwiseConv(self.features, self.stride, self.dtype, name="conv")(x)
         else:
@@ -165,6 +181,7 @@ class ConvBN(nn.Module):
                 dtype=self.dtype,
                 name="conv",
             )(x)
+        x = checkpoint_name(x, CONV_OUTPUT)
         # Flax reduces the batch statistics in float32 and keeps them float32.
         x = nn.BatchNorm(
             use_running_average=not train,
@@ -192,13 +209,21 @@ class SqueezeExcite(nn.Module):
 
 
 def edge_op(
-    op: str, features: int, stride: int, name: str, dtype: Dtype = jnp.float32
+    op: str,
+    features: int,
+    stride: int,
+    name: str,
+    dtype: Dtype = jnp.float32,
+    depthwise_form: str = "auto",
 ) -> nn.Module | None:
     """The module for one edge op, or None for ``identity`` (see :func:`apply_identity`)."""
     spec = genome_lib.op_spec(op)
     if spec.kind in ("conv", "dwconv"):
         depthwise = spec.kind == "dwconv"
-        return ConvBN(features, spec.kernel, stride, depthwise=depthwise, dtype=dtype, name=name)
+        return ConvBN(
+            features, spec.kernel, stride, depthwise=depthwise, dtype=dtype,
+            depthwise_form=depthwise_form, name=name,
+        )  # fmt: skip
     if spec.kind == "identity":
         return None
     raise genome_lib.GenomeError(
@@ -229,6 +254,7 @@ class Cell(nn.Module):
     stride: int
     se_ratio: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_form: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
@@ -248,7 +274,9 @@ class Cell(nn.Module):
                     continue
                 stride = self.stride if i == 1 else 1
                 op = g.op(i, j)
-                module = edge_op(op, hidden, stride, f"edge_{i}{j}", self.dtype)
+                module = edge_op(
+                    op, hidden, stride, f"edge_{i}{j}", self.dtype, self.depthwise_form
+                )
                 inputs.append(
                     apply_identity(nodes[i], stride) if module is None else module(nodes[i], train)
                 )
@@ -297,12 +325,16 @@ class Network(nn.Module):
     arch: Arch
     se_ratio: float = 0.0
     dtype: Dtype = jnp.float32
+    depthwise_form: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         sk = self.arch.skeleton
         x = Stem(sk.stem, sk.stem_stride, self.dtype, name="stem")(x, train)
         for l, (g, (c_out, stride)) in enumerate(zip(self.arch.genomes, sk.layers)):
-            cell = Cell(g, c_out, stride, self.se_ratio, self.dtype, name=f"layer_{l}")
+            cell = Cell(
+                g, c_out, stride, self.se_ratio, self.dtype, self.depthwise_form,
+                name=f"layer_{l}",
+            )  # fmt: skip
             x = cell(x, train)
         return Head(sk.head, sk.num_classes, self.dtype, name="head")(x, train)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import augment, errors, files, gates, search, supernet
+from autospace_jax import augment, errors, files, gates, platforms, search
 from autospace_jax import genome as genome_lib
 
 ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
@@ -107,6 +107,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.final_rounds": _int_at_least(2),
     "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),
+    "compile.topology": (
+        (lambda v: isinstance(v, str) and v != ""),
+        "a TPU topology, e.g. 'v5e:4x4', 'v4:2x2x4', 'v5litepod-16' or 'v4-32'",
+    ),
     "progress_every_secs": ((lambda v: _is_num(v) and v > 0), "a number of seconds > 0"),
     "search.algorithm": _one_of(tuple(search.ALGORITHMS)),
     "search.space": (
@@ -151,7 +155,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "supernet.fitness_init_std": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.warmup_epochs": _int_at_least(0),
     "supernet.compensation_clip": ((lambda v: _is_num(v) and v >= 1), "a number >= 1"),
-    "supernet.program": _one_of(supernet.PROGRAMS),
+    "supernet.program": _one_of(platforms.PROGRAMS),
     "train.batch_size": _int_at_least(1),
     "train.eval_batch_size": _int_at_least(1),
     "train.epochs": _int_at_least(1),

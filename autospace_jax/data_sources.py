@@ -55,6 +55,34 @@ def peek(data_config: Any) -> tuple[tuple[int, int, int], int] | None:
     return ((size, size, c) if size else (h, w, c)), npz_num_classes(f)
 
 
+def shapes(data_config: Any) -> tuple[tuple[int, int, int], int]:
+    """``(image_shape, num_classes)`` of ``data.source`` without reading its images: what
+    compiling the run's programs ahead of time needs (``--mode=compile``, DESIGN §12).
+
+    digits: 8x8x1 (or ``data.image_size``), 10 classes; npz: :func:`peek`; TFDS: the
+    builder's features, which TFDS knows without the prepared data (``data.image_size``
+    where the images have no fixed size).
+    """
+    size, source = data_config.image_size, data_config.source
+    if source == "digits":
+        return (size or 8, size or 8, 1), 10
+    if source == "npz":
+        peeked = peek(data_config)
+        if peeked is None:
+            read_source(data_config)  # Says what is wrong with the file.
+        return peeked
+    if isinstance(source, str) and source.startswith("tfds:"):
+        builder, _ = tfds_builder(data_config)
+        h, w, c = builder.info.features["image"].shape
+        if not size and None in (h, w):
+            raise errors.ConfigError(
+                f"data.source={source!r} has images of varying size; set data.image_size "
+                "(e.g. 224) to the size the run resizes them to"
+            )
+        return ((size, size, c) if size else (h, w, c)), builder.info.features["label"].num_classes
+    return read_source(data_config)  # Refuses an unknown source by name.
+
+
 def read_source(
     data_config: Any, cache_dir: str | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, float]:

@@ -18,7 +18,6 @@ from absl import logging
 
 from autospace_jax import arch as arch_lib
 from autospace_jax import (
-    cells,
     config_checks,
     evolution_report,
     fused,
@@ -27,6 +26,7 @@ from autospace_jax import (
     latency,
     madds,
     pieces,
+    platforms,
     precompile,
     sharding,
 )
@@ -60,8 +60,17 @@ class Clock:
 class Evolution:
     """The host loop's state and steps; :func:`evolve` runs it as a stage."""
 
-    def __init__(self, config: Any, image_shape: tuple[int, int, int], num_classes: int, mesh):
-        """Everything but the data (see :meth:`attach`), so compiling can start before it loads."""
+    def __init__(
+        self,
+        config: Any,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        mesh,
+        platform: str | None = None,
+    ):
+        """Everything but the data (see :meth:`attach`), so compiling can start before it
+        loads. ``platform``: the one to resolve "auto" settings for (default: this
+        process's; ``--mode=compile`` names its target's)."""
         self.config, self.ec, self.sc = config, config.evolution, config.supernet
         self.image_shape, self.mesh = tuple(image_shape), mesh
         self.dataset: input_pipeline.Batches | None = None
@@ -91,8 +100,8 @@ class Evolution:
         )
         self.bank = WeightBank(self.skeleton, self.image_shape, self.tx, config.seed)
         # Per-cell programs only serve the pieces; the fused step compiles per generation.
-        self.dtype = cells.compute_dtype(config.model.dtype)
-        pieces_mode = sn.resolve_program(self.sc.program) == "pieces"
+        self.settings = platforms.resolve(config, platform)
+        pieces_mode = self.settings.program == "pieces"
         self.precompiler = precompile.Precompiler(self, self.ec.background_compile and pieces_mode)
         self.populations: list[list[Individual]] = []
         self.generation = 0  # T..: final rounds.
@@ -259,13 +268,7 @@ class Evolution:
         self.precompiler.start(self.keys(picked))
         # 2. The supernet of the picked cells, weights from the bank.
         start = time.time()
-        spec = sn.SupernetSpec(
-            self.skeleton,
-            [[self.populations[l][i].genome for i in idx] for l, idx in enumerate(picked)],
-        )
-        trainer = trainer_lib.SupernetTrainer.from_config(
-            spec, self.config, fitness_estimate=ec.fitness_estimate
-        )
+        trainer = self.trainer(self.spec(picked))
         if trainer.program == "fused":
             fused.forget()
         alphas = [
@@ -333,6 +336,19 @@ class Evolution:
         self._record()
         clock.add("inherit", time.time() - start)
         return {"supernet_loss": loss, "compile_s": compile_s}
+
+    def spec(self, picked: list[list[int]]) -> sn.SupernetSpec:
+        """The supernet of the picked cells (:meth:`select`)."""
+        return sn.SupernetSpec(
+            self.skeleton,
+            [[self.populations[l][i].genome for i in idx] for l, idx in enumerate(picked)],
+        )
+
+    def trainer(self, spec: sn.SupernetSpec) -> trainer_lib.SupernetTrainer:
+        """The trainer of a generation's supernet, with the settings of this run's platform."""
+        return trainer_lib.SupernetTrainer.from_config(
+            spec, self.config, self.settings.platform, fitness_estimate=self.ec.fitness_estimate
+        )
 
     def compensation(self, picked: list[list[int]]) -> list[np.ndarray]:
         """Eq. 4's n(d)/n'(d) for the picked cells of the coming generation, per layer:
@@ -421,8 +437,7 @@ class Evolution:
         cells die. One born again compiles again. Layers of one shape share programs."""
 
         def module(l: int, genome: genome_lib.Genome):
-            cons = self.constraints[l]
-            return trainer_lib.piece_cell(genome, cons.c_out, cons.stride, self.dtype)
+            return precompile.cell_job(self, l, genome)[0]
 
         living = {module(l, ind.function) for l, pop in enumerate(self.populations) for ind in pop}
         pieces.release({module(l, g) for l, g in dead} - living)

@@ -37,7 +37,16 @@ import ml_collections
 import numpy as np
 
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, checkpoint, errors, files, initializers, normalisation, train
+from autospace_jax import (
+    cells,
+    checkpoint,
+    errors,
+    files,
+    initializers,
+    normalisation,
+    platforms,
+    train,
+)
 
 Normalisation = normalisation.Normalisation
 
@@ -106,7 +115,7 @@ def load_model(workdir: str) -> tuple[nn.Module, dict[str, Any]]:
             f"training in {workdir!r} is missing"
         )
     # Runs from before bfloat16 compute trained in float32.
-    dtype = cells.DTYPES[summary.get("dtype", "float32")]
+    dtype = platforms.DTYPES[summary.get("dtype", "float32")]
     model = cells.Network(arch, se_ratio=layout["se_ratio"], dtype=dtype)
     config = ml_collections.ConfigDict(summary["config"])
     ema = layout["ema_decay"] > 0

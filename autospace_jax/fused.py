@@ -28,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from autospace_jax import cells, pieces
 from autospace_jax import gates as gates_lib
-from autospace_jax import pieces
 
 # Extra alpha gradients as a function of every layer's alpha (e.g. Eq. 6's MAdds term).
 Extra = Callable[[list[jax.Array]], list[jax.Array]] | None
@@ -115,6 +115,7 @@ def _layer(cells_l, index, params_l: dict, stats_l: dict, x):
     cell's updated). ``lax.switch`` runs only the picked branch on GPU and TPU."""
 
     def branch(k):
+        @cells.remat  # Each branch's residuals are an output of the switch: keep few.
         def run(params_l, stats_l, x):
             name = f"cell_{k}"
             y, new = pieces.apply_train(
@@ -250,5 +251,5 @@ def fitness_step(
 def forget() -> None:
     """Drops the compiled steps of earlier supernets (each is keyed by its trainer): an
     evolution builds a new supernet every generation, and their programs would pile up."""
-    weight_step.__wrapped__.clear_cache()
-    fitness_step.__wrapped__.clear_cache()
+    weight_step.clear_cache()
+    fitness_step.clear_cache()

@@ -16,6 +16,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from autospace_jax import (
+    compile_check,
     config_checks,
     distributed,
     errors,
@@ -28,6 +29,7 @@ from autospace_jax import (
 from autospace_jax.search import stage
 
 MODES = {
+    "compile": compile_check.run,
     "evolve": evolution.evolve,
     "latency": latency.run,
     "pipeline": pipeline.run,
@@ -94,7 +96,8 @@ def run(config, mode: str, workdir: str) -> None:
     distributed.maybe_initialize()  # Before anything asks JAX about devices.
     config_checks.validate(config)
     files.check_run_folder(workdir)
-    cache = use_compilation_cache(config.compilation_cache, workdir)
+    # --mode=compile builds executables for another machine, which JAX cannot read back.
+    cache = use_compilation_cache(config.compilation_cache, workdir) if mode != "compile" else None
     device = jax.devices()[0]
     logging.info(
         "autospace_jax %s on %s: %d x %s (%d local), process %d of %d, jax %s, "

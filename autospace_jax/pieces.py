@@ -22,7 +22,6 @@ import collections
 import ctypes
 import ctypes.util
 import functools
-import os
 import threading
 import time
 from concurrent import futures
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from autospace_jax import initializers
+from autospace_jax import cells, initializers
 
 # Traces per (piece kind, module or shapes): each entry must stay at 1 however
 # many steps run (a retrace would mean a recompile).
@@ -68,21 +67,7 @@ def _malloc_trim():
     return getattr(libc, "malloc_trim", None)
 
 
-# Resident memory after the last trim: steps trim again only once it has grown this much.
-STEP_TRIM_GROWTH = 64 * 2**20
-_TRIMMED_AT = {"rss": 0}
-
-
-def _rss() -> int:
-    """Resident bytes of this process (0 where /proc is missing: then never trim by growth)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def return_freed_memory(grown_by: int = 0) -> None:
+def return_freed_memory() -> None:
     """Hands the host memory malloc holds free back to the OS.
 
     XLA:CPU's buffers (on CPU the device memory is host memory) and the compiler's
@@ -90,17 +75,15 @@ def return_freed_memory(grown_by: int = 0) -> None:
     rarely returns: on an evolve at 224 px, resident memory crept from 0.67 to
     1.2 GB over three generations without this, and starts each generation at
     0.67 GB with it. Evolve calls it after every generation (after every compile it
-    cost a third more compile time: the pages are faulted in again). The supernet
-    steps call it with ``grown_by`` (:data:`STEP_TRIM_GROWTH`): only once resident
-    memory has grown that much since the last trim, which a step's buffers at 224 px
-    on CPU do (the peak of a 2-process evolve there fell from 1.6 to 1.4 GiB) and
-    tiny steps, or steps whose buffers live on an accelerator, do not.
+    cost a third more compile time: the pages are faulted in again). Not after each
+    step: at 32 px that trimmed nearly every step and cost a third of the step
+    (BENCHMARKS "A/B supernet step"); the steps keep few residuals instead
+    (:func:`cells.remat`), and a 2-process evolve at 224 px peaks at 1.14 GiB without
+    it (BENCHMARKS "Input memory").
     """
     trim = _malloc_trim()
-    if trim is None or (grown_by and _rss() - _TRIMMED_AT["rss"] < grown_by):
-        return
-    trim(0)
-    _TRIMMED_AT["rss"] = _rss()
+    if trim is not None:
+        trim(0)
 
 
 def _trace(*key) -> None:
@@ -145,6 +128,10 @@ def timed(fn):
             jax.block_until_ready(out)
         return out
 
+    # Ahead-of-time use (precompiling, --mode=compile) goes to a jitted piece itself.
+    for name in ("lower", "clear_cache"):
+        if hasattr(fn, name):
+            setattr(call, name, getattr(fn, name))
     return call
 
 
@@ -212,6 +199,7 @@ def release(modules) -> None:
 def _forward(module: nn.Module, variables: dict, x: jax.Array):
     _trace("forward", module)
 
+    @cells.remat  # The backward keeps the convolutions' outputs, not every residual.
     def apply(params, x):
         return apply_train(module, params, variables["batch_stats"], x)
 
@@ -292,25 +280,42 @@ def inner(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.vdot(a, b)
 
 
-def precompile_cell(module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx) -> None:
-    """Compiles ``module``'s forward, backward and update ahead of time (any thread).
+# What precompiling returns: per program name, the program and its compile seconds.
+Precompiled = dict[str, tuple[jax.stages.Compiled, float]]
+
+
+def _compile(lower, *args) -> tuple[jax.stages.Compiled, float]:
+    start = time.perf_counter()
+    compiled = lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def precompile_cell(
+    module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx, evaluate: bool = False
+) -> Precompiled:
+    """Compiles ``module``'s forward, backward and update (and with ``evaluate`` its
+    inference forward) ahead of time (any thread); returns them by name.
 
     ``jit(f).lower(...).compile()`` fills the same in-memory caches a later call
     ``f(...)`` looks up, so that call neither traces nor compiles (checked by
-    :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry.
+    :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry;
+    its devices may be a TPU topology's (``--mode=compile``).
     """
     variables = _abstract_variables(module, x, replicated)
     programs = _programs(module)
-    compiled = programs["forward"].lower(variables, x).compile()
+    out = {"forward": _compile(programs["forward"].lower, variables, x)}
     # The backward's cache key includes its inputs' shardings: those the forward's
     # outputs (the VJP residuals) will really carry.
     y, _, vjp = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         jax.eval_shape(programs["forward"], variables, x),
-        compiled.output_shardings,
+        out["forward"][0].output_shardings,
     )
-    programs["backward"].lower(vjp, y).compile()
-    _precompile_update(tx, variables["params"], replicated)
+    out["backward"] = _compile(programs["backward"].lower, vjp, y)
+    out["update"] = _precompile_update(tx, variables["params"], replicated)
+    if evaluate:
+        out["forward_eval"] = _compile(programs["forward_eval"].lower, variables, x)
+    return out
 
 
 def _abstract_variables(module: nn.Module, x: jax.ShapeDtypeStruct, replicated) -> dict:
@@ -322,38 +327,44 @@ def _abstract_variables(module: nn.Module, x: jax.ShapeDtypeStruct, replicated) 
     return {k: variables.get(k, {}) for k in ("params", "batch_stats")}
 
 
-def _precompile_update(tx, params: dict, replicated) -> None:
+def _precompile_update(tx, params: dict, replicated) -> tuple[jax.stages.Compiled, float]:
     params = {"params": params}
     opt_state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
         jax.eval_shape(tx.init, params),
     )
     lr = jax.ShapeDtypeStruct((), jnp.float32, weak_type=True)
-    update.__wrapped__.lower(tx, params, params, opt_state, lr).compile()
+    return _compile(update.lower, tx, params, params, opt_state, lr)
 
 
 def precompile_head(
     module: nn.Module, x: jax.ShapeDtypeStruct, labels: jax.ShapeDtypeStruct,
-    label_smoothing: float, replicated, tx,
-) -> None:  # fmt: skip
-    """Compiles ``module``'s :func:`head_loss` and update ahead of time (any thread)."""
+    label_smoothing: float, replicated, tx, evaluate: bool = False,
+) -> Precompiled:  # fmt: skip
+    """Compiles ``module``'s :func:`head_loss` and update (and with ``evaluate`` its
+    inference forward) ahead of time (any thread); returns them by name."""
     variables = _abstract_variables(module, x, replicated)
-    head_loss.__wrapped__.lower(module, variables, x, labels, label_smoothing).compile()
-    _precompile_update(tx, variables["params"], replicated)
+    out = {
+        "head_loss": _compile(head_loss.lower, module, variables, x, labels, label_smoothing),
+        "update": _precompile_update(tx, variables["params"], replicated),
+    }
+    if evaluate:
+        out["forward_eval"] = _compile(_programs(module)["forward_eval"].lower, variables, x)
+    return out
 
 
 class Compiler:
     """Threads that compile pieces ahead of time while the host loop does other work.
 
-    ``urgent`` jobs (needed before the next step can run) get one thread per
-    core; the others share one background thread, so training keeps a core.
+    ``urgent`` jobs (needed before the next step can run) get ``threads``; the
+    others share ``background`` threads, so training keeps its cores.
     Compilation only (no execution), so no job can meet the multi-device
     all-reduce rendezvous that :func:`_serialize` guards against.
     """
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, background: int = 1):
         self._urgent = futures.ThreadPoolExecutor(threads, thread_name_prefix="compile")
-        self._background = futures.ThreadPoolExecutor(1, thread_name_prefix="precompile")
+        self._background = futures.ThreadPoolExecutor(background, thread_name_prefix="precompile")
         self._pending: dict[Any, futures.Future] = {}
 
     def submit(self, key, fn, *args, urgent: bool = False) -> None:

@@ -4,7 +4,7 @@ Every generation's supernet is a new set of cells; each compiles once per
 (layer, function) however often it is picked. :class:`Precompiler` keeps the
 compile work off the critical path where the host has other work: the first
 generation's cells while the weights initialise and the data loads, later ones
-in a background thread while the previous generation trains.
+in background threads while the previous generation trains.
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ class Precompiler:
     def __init__(self, evo: Any, enabled: bool):
         """``evo``: the :class:`~autospace_jax.evolution_state.Evolution` whose cells to compile."""
         self.evo = evo
-        self.compiler = pieces.Compiler(os.cpu_count() or 1) if enabled else None
+        self.compiler = None
+        if enabled:
+            cores = os.cpu_count() or 1
+            self.compiler = pieces.Compiler(cores, background_threads(evo.settings.platform, cores))
         self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
 
     def start(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
@@ -73,30 +76,48 @@ class Precompiler:
 
     def _job(self, l: int, genome: genome_lib.Genome) -> tuple:
         """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
-        evo, cons = self.evo, self.evo.constraints[l]
-        x = jax.ShapeDtypeStruct(
-            (evo.sc.batch_size, cons.size, cons.size, cons.c_in),
-            np.float32,
-            sharding=sharding.batch_sharding(evo.mesh),
-        )
-        return (
-            trainer_lib.piece_cell(genome, cons.c_out, cons.stride, evo.dtype),
-            x,
-            sharding.replicated(evo.mesh),
-            evo.tx,
-        )
+        return cell_job(self.evo, l, genome)
 
     def _compile_shared(self) -> None:
-        """Stem and head programs, as the supernet trainer will call them."""
-        evo = self.evo
-        sk, bs = evo.skeleton, evo.sc.batch_size
-        data, replicated = sharding.batch_sharding(evo.mesh), sharding.replicated(evo.mesh)
-        images = jax.ShapeDtypeStruct((bs, *evo.image_shape), np.float32, sharding=data)
-        stem = cells.Stem(sk.stem, sk.stem_stride, dtype=evo.dtype)
-        pieces.precompile_cell(stem, images, replicated, evo.tx)
-        x = jax.ShapeDtypeStruct(
-            (bs, *sk.head_shape(evo.image_shape[0])), np.float32, sharding=data
-        )
-        labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
-        head = cells.Head(sk.head, sk.num_classes, dtype=evo.dtype)
-        pieces.precompile_head(head, x, labels, evo.sc.label_smoothing, replicated, evo.tx)
+        shared_programs(self.evo)
+
+
+def background_threads(platform: str, cores: int) -> int:
+    """Threads that compile the next generation's cells while this one trains: one on a
+    CPU (the step itself needs the cores), an eighth of the host's cores beside a GPU or
+    TPU, whose host only dispatches the steps and decodes the data (a v5e host's 112
+    cores give 14: BENCHMARKS "TPU compile")."""
+    return 1 if platform == "cpu" else max(1, cores // 8)
+
+
+def cell_job(evo: Any, l: int, genome: genome_lib.Genome) -> tuple:
+    """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l`` of ``evo``
+    (an :class:`~autospace_jax.evolution_state.Evolution`): the module and its input as
+    the supernet trainer calls them (a cell reads the previous one's output, in the
+    compute dtype), on ``evo``'s mesh."""
+    cons, s = evo.constraints[l], evo.settings
+    x = jax.ShapeDtypeStruct(
+        (evo.sc.batch_size, cons.size, cons.size, cons.c_in),
+        s.dtype,
+        sharding=sharding.batch_sharding(evo.mesh),
+    )
+    module = trainer_lib.piece_cell(genome, cons.c_out, cons.stride, s.dtype, s.depthwise_form)
+    return module, x, sharding.replicated(evo.mesh), evo.tx
+
+
+def shared_programs(evo: Any, evaluate: bool = False) -> dict[str, dict[str, Any]]:
+    """Compiles the stem and head programs of ``evo``'s supernet, as the supernet trainer
+    calls them; returns them by module ("stem", "head") and name."""
+    sk, bs, dtype = evo.skeleton, evo.sc.batch_size, evo.settings.dtype
+    data, replicated = sharding.batch_sharding(evo.mesh), sharding.replicated(evo.mesh)
+    images = jax.ShapeDtypeStruct((bs, *evo.image_shape), np.float32, sharding=data)
+    stem = cells.Stem(sk.stem, sk.stem_stride, dtype=dtype)
+    x = jax.ShapeDtypeStruct((bs, *sk.head_shape(evo.image_shape[0])), dtype, sharding=data)
+    labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
+    head = cells.Head(sk.head, sk.num_classes, dtype=dtype)
+    return {
+        "stem": pieces.precompile_cell(stem, images, replicated, evo.tx, evaluate),
+        "head": pieces.precompile_head(
+            head, x, labels, evo.sc.label_smoothing, replicated, evo.tx, evaluate
+        ),
+    }

@@ -27,20 +27,6 @@ from autospace_jax import cells, initializers
 from autospace_jax import genome as genome_lib
 from autospace_jax.arch import Arch, Skeleton
 
-# How a step runs: host-chained per-module programs, or one program (see module docstring).
-PROGRAMS = ("auto", "pieces", "fused")
-
-
-def resolve_program(setting: str) -> str:
-    """``supernet.program``: "auto" is "pieces" on CPU (per-cell programs compile fast,
-    are reused across generations, and XLA:CPU runs conditionals' convolution backward
-    slowly), "fused" on GPU and TPU (a step the host does not stall)."""
-    if setting == "auto":
-        return "pieces" if jax.default_backend() == "cpu" else "fused"
-    if setting not in PROGRAMS:
-        raise ValueError(f"supernet.program={setting!r}; accepted: {list(PROGRAMS)}")
-    return setting
-
 
 @dataclasses.dataclass(frozen=True)
 class SupernetSpec:

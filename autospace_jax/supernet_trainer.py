@@ -33,22 +33,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autospace_jax import cells, fused, initializers, pieces
+from autospace_jax import cells, fused, initializers, pieces, platforms
 from autospace_jax import genome as genome_lib
 from autospace_jax.gates import FITNESS_ESTIMATES, Gates, sample_gates
-from autospace_jax.supernet import (
-    Supernet,
-    SupernetSpec,
-    SupernetState,
-    optimizer,
-    resolve_program,
-)
+from autospace_jax.supernet import Supernet, SupernetSpec, SupernetState, optimizer
 
 
-def piece_cell(genome: genome_lib.Genome, c_out: int, stride: int, dtype=jnp.float32) -> cells.Cell:
+def piece_cell(
+    genome: genome_lib.Genome, c_out: int, stride: int, dtype=jnp.float32,
+    depthwise_form: str = "auto",
+) -> cells.Cell:  # fmt: skip
     """The module the pieces compile for ``genome``: built from its canonical form, so
     genomes that compute the same function (and have the same weights) share programs."""
-    return cells.Cell(genome_lib.canonical(genome), c_out, stride, dtype=dtype)
+    return cells.Cell(
+        genome_lib.canonical(genome), c_out, stride, dtype=dtype, depthwise_form=depthwise_form
+    )
 
 
 class SupernetTrainer:
@@ -67,6 +66,7 @@ class SupernetTrainer:
         tied: bool = False,
         program: str = "pieces",
         dtype: Any = jnp.float32,
+        depthwise_form: str = "auto",
     ):
         """Args:
         spec: the skeleton and candidates.
@@ -77,8 +77,9 @@ class SupernetTrainer:
         tied: one gate draw for every layer (all layers need the same number of
           candidates): the supernet then holds K whole networks, as in the paper's
           Table 6, and every layer's alpha gets the same update.
-        program: "pieces" or "fused" (:func:`resolve_program`).
+        program: "pieces" or "fused" (:func:`platforms.program`).
         dtype: the cells' compute type (parameters stay float32; ``model.dtype``).
+        depthwise_form: how depthwise convolutions compute (:func:`platforms.depthwise_form`).
         """
         if fitness_estimate not in FITNESS_ESTIMATES:
             raise ValueError(
@@ -86,11 +87,11 @@ class SupernetTrainer:
             )
         if tied and len({len(c) for c in spec.candidates}) != 1:
             raise ValueError("tied gates need the same number of candidates in every layer")
-        self.spec, self.program = spec, resolve_program(program)
+        self.spec, self.program = spec, platforms.program(program)
         sk = spec.skeleton
         self.stem = cells.Stem(sk.stem, sk.stem_stride, dtype=dtype)
         self.layers = [
-            [piece_cell(g, c_out, stride, dtype) for g in genomes]
+            [piece_cell(g, c_out, stride, dtype, depthwise_form) for g in genomes]
             for genomes, (c_out, stride) in zip(spec.candidates, sk.layers)
         ]
         self.head = cells.Head(sk.head, sk.num_classes, dtype=dtype)
@@ -101,15 +102,19 @@ class SupernetTrainer:
     # --- state ------------------------------------------------------------------------
 
     @classmethod
-    def from_config(cls, spec: SupernetSpec, config: Any, **kwargs) -> SupernetTrainer:
-        """A trainer with ``config.supernet``'s settings and ``model.dtype`` (``kwargs``
-        override them); search keeps the gradient estimate (ProxylessNAS-G), evolve passes
+    def from_config(
+        cls, spec: SupernetSpec, config: Any, platform: str | None = None, **kwargs
+    ) -> SupernetTrainer:
+        """A trainer with ``config.supernet``'s settings and ``model.dtype``, "auto" resolved
+        for ``platform`` (default: this process's; :func:`platforms.resolve`). ``kwargs``
+        override them; search keeps the gradient estimate (ProxylessNAS-G), evolve passes
         ``fitness_estimate=evolution.fitness_estimate``."""
-        sc = config.supernet
+        sc, settings = config.supernet, platforms.resolve(config, platform)
         kwargs = {
             "fitness_b1": sc.fitness_b1,
-            "program": sc.program,
-            "dtype": cells.compute_dtype(config.model.dtype),
+            "program": settings.program,
+            "dtype": settings.dtype,
+            "depthwise_form": settings.depthwise_form,
             **kwargs,
         }
         return cls(
@@ -140,8 +145,17 @@ class SupernetTrainer:
                 layer["alpha"] = variables["fitness"]["layer_0"]["alpha"]
         return self.state_from_variables(variables, replicated)
 
-    def state_from_variables(self, variables: dict[str, Any], replicated=None) -> SupernetState:
-        """A fresh optimizer state for given variables (e.g. inherited weights)."""
+    def abstract_state(self, image_shape: tuple[int, int, int], replicated=None) -> SupernetState:
+        """The state :meth:`init` makes, as ``jax.ShapeDtypeStruct`` leaves placed with
+        ``replicated``: what ahead-of-time compilation lowers against (nothing is
+        allocated)."""
+        variables = initializers.abstract_variables(Supernet(self.spec), (1, *image_shape))
+        opt_state = jax.eval_shape(lambda v: self._opt_state(v), variables)
+        place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)  # noqa: E731
+        return SupernetState(jax.tree.map(place, variables), jax.tree.map(place, opt_state))
+
+    def _opt_state(self, variables: dict[str, Any]) -> dict[str, Any]:
+        """One optimizer state per module and per layer's fitness logits."""
         opt_state = {}
         for key in self.module_keys():
             opt_state[key] = self.tx.init({"params": _get(variables["params"], key)})
@@ -149,6 +163,11 @@ class SupernetTrainer:
             opt_state[f"fitness/layer_{l}"] = self.tx.init(
                 {"fitness": variables["fitness"][f"layer_{l}"]}
             )
+        return opt_state
+
+    def state_from_variables(self, variables: dict[str, Any], replicated=None) -> SupernetState:
+        """A fresh optimizer state for given variables (e.g. inherited weights)."""
+        opt_state = self._opt_state(variables)
         # On the host like ``variables``: device_put of host arrays is what places a
         # state identically on every process of a multi-host mesh.
         opt_state = jax.tree.map(np.asarray, opt_state)
@@ -246,7 +265,6 @@ class SupernetTrainer:
             dparams, dx = pieces.backward(self._module(key), vjp, dx)
             self._apply(state, key, dparams, stats, learning_rate)
         state.step += 1
-        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
         return {"loss": loss, "accuracy": accuracy}
 
     def _fused_weight_step(self, state, images, labels, learning_rate, seed, path):
@@ -262,7 +280,6 @@ class SupernetTrainer:
         )  # fmt: skip
         state.opt_state.update(opt)
         state.step += 1
-        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
         return metrics
 
     def fitness_step(
@@ -308,7 +325,6 @@ class SupernetTrainer:
             )  # fmt: skip
         state.variables["fitness"] = fitness
         state.opt_state.update(opt)
-        pieces.return_freed_memory(grown_by=pieces.STEP_TRIM_GROWTH)
 
     def path_losses(self, state: SupernetState, gates: list[Gates], images, labels):
         """dL/dg_k measured: for each layer's pair (a, b), the losses of path A (every

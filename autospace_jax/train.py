@@ -46,6 +46,7 @@ from autospace_jax import (
     input_pipeline,
     madds,
     normalisation,
+    platforms,
     sharding,
     writers,
 )
@@ -210,6 +211,31 @@ def make_train_step(
     return train_step
 
 
+def network(config: Any, arch: arch_lib.Arch, platform: str | None = None) -> cells.Network:
+    """The final network of ``arch`` with ``train.se_ratio``, "auto" settings resolved for
+    ``platform`` (default: this process's; :func:`platforms.resolve`)."""
+    settings = platforms.resolve(config, platform)
+    return cells.Network(
+        arch, config.train.se_ratio, settings.dtype, settings.depthwise_form
+    )  # fmt: skip
+
+
+def abstract_state(model: nn.Module, optimizer, image_shape, replicated, ema: bool = False):
+    """The :class:`TrainState` :func:`init_state` makes, as ``jax.ShapeDtypeStruct`` leaves
+    placed with ``replicated``: what ahead-of-time compilation lowers against."""
+    variables = initializers.abstract_variables(model, (1, *image_shape))
+    params = variables["params"]
+    fields = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": params,
+        "batch_stats": variables["batch_stats"],
+        "opt_state": jax.eval_shape(optimizer.init, params),
+    }
+    state = EmaTrainState(**fields, ema_params=params) if ema else TrainState(**fields)
+    place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)  # noqa: E731
+    return jax.tree.map(place, state)
+
+
 def init_state(
     model: nn.Module, optimizer, image_shape, seed: int, mesh, ema: bool = False
 ) -> TrainState:
@@ -304,8 +330,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
         return summary
 
     # --- model, abstract state, init or restore ---------------------------------------
-    dtype = cells.compute_dtype(config.model.dtype)
-    model = cells.Network(arch, se_ratio=tc.se_ratio, dtype=dtype)
+    model = network(config, arch)
+    dtype = model.dtype
     optimizer = sgd(tc, total_steps, tc.warmup_epochs * steps_per_epoch)
     ckpt = checkpoint.Checkpointer(
         os.path.join(stage_dir, "checkpoints"), tc.max_checkpoints, stage=STAGE

@@ -161,4 +161,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.eval_every_epochs = 10
     c.train.checkpoint_every_steps = 200
     c.train.max_checkpoints = 2
+
+    # --mode=compile: the run's programs compiled for a TPU slice, on any host (no TPU).
+    c.compile = ml_collections.ConfigDict()
+    # JAX's topology name ('v5e:4x4', 'v4:2x2x4') or a slice's ('v5litepod-16', 'v4-32').
+    c.compile.topology = "v5e:2x2"
     return c

@@ -137,7 +137,7 @@ def get_config(arg: str = "300M") -> ml_collections.ConfigDict:
     c.search.spos_parents = 10
 
     c.train.batch_size = 512
-    c.train.eval_batch_size = 500
+    c.train.eval_batch_size = 512  # A multiple of every slice's device count (v4-32: 16).
     c.train.epochs = 250
     c.train.warmup_epochs = 10
     c.train.weight_decay = 1e-4

@@ -36,6 +36,13 @@
 #
 # The run is attached to this terminal: start it inside tmux or screen for long runs.
 #
+# First, on any machine (a laptop will do: no TPU needed) with `pip install -e . "jax[tpu]"`,
+# check that every program of the run compiles and fits the slice's chips, same --config:
+#   python -m autospace_jax.main --config=configs/imagenet_mobile.py --mode=compile \
+#       --config.compile.topology=v4-32 --workdir=runs/compile_check
+# It prints each program's compile time, memory per chip and FLOPs, writes
+# runs/compile_check/compile/report.json, and exits 1 with one FATAL line if any would not fit.
+#
 # Example (a pod slice, created on the way):
 #   TFDS_DATA_DIR=gs://my-bucket/tfds launch/tpu.sh --create --name=autospace \
 #       --zone=us-central2-b --accelerator-type=v4-32 --version=tpu-ubuntu2204-base \

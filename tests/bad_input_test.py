@@ -285,14 +285,15 @@ def _subclasses(cls):
 def test_every_user_error_class_is_one_fatal_line(monkeypatch, tmp_path):
     """Walks every user-facing class (a new one must be added here, with a real case)."""
     # Imported for their classes: each module defines one.
-    from autospace_jax import checkpoint, failures, genome, latency  # noqa: F401
+    from autospace_jax import checkpoint, compile_check, failures, genome, latency  # noqa: F401
     from autospace_jax.search import context  # noqa: F401
 
     # Real cases of LatencyTableError: tests/latency_test.py.
     classes = {c.__name__: c for c in _subclasses(errors.UserError)}
+    # Real cases of WontFit: tests/compile_check_test.py.
     assert sorted(classes) == ["CheckpointError", "ConfigError", "DataError", "GenomeError",
                                "LatencyTableError", "MissingFileError", "NonFiniteError",
-                               "RunFolderError", "UnreachableTarget"]  # fmt: skip
+                               "RunFolderError", "UnreachableTarget", "WontFit"]  # fmt: skip
     path = _valid_npz(tmp_path)
     for name, cls in classes.items():
 

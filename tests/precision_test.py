@@ -11,7 +11,16 @@ import pytest
 
 import autospace_jax
 from autospace_jax import arch as arch_lib
-from autospace_jax import cells, config_checks, data_sources, export, initializers, sharding, train
+from autospace_jax import (
+    cells,
+    config_checks,
+    data_sources,
+    export,
+    initializers,
+    platforms,
+    sharding,
+    train,
+)
 from autospace_jax import genome as g
 from configs import digits
 from tests import runner
@@ -87,8 +96,8 @@ def test_params_and_optimizer_state_stay_float32_after_a_bfloat16_step():
 
 
 def test_dtype_setting():
-    assert cells.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
-    assert cells.compute_dtype("bfloat16") == jnp.bfloat16
+    assert platforms.compute_dtype("auto") == jnp.float32  # These tests run on CPU.
+    assert platforms.compute_dtype("bfloat16") == jnp.bfloat16
     config = digits.get_config()
     config.model.dtype = "float16"
     with pytest.raises(config_checks.ConfigError, match=r"config.model.dtype='float16' is invalid"):

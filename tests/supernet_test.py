@@ -239,27 +239,3 @@ def test_fitness_ranks_useful_weak_zero_from_five_inits():
                 trainer.fitness_step(state, *val, 0.05, seed)
         alpha = trainer.alphas(state)[0]
         assert alpha[0] > alpha[1] > alpha[2], f"seed {seed}: alpha {alpha} (useful, weak, zero)"
-
-
-def test_steps_hand_freed_memory_back_once_resident_memory_has_grown(monkeypatch):
-    from autospace_jax import pieces
-
-    rss, trims = [0], []
-    monkeypatch.setattr(pieces, "_rss", lambda: rss[0])
-    monkeypatch.setattr(pieces, "_malloc_trim", lambda: trims.append)
-    monkeypatch.setitem(pieces._TRIMMED_AT, "rss", 0)
-    for value, trimmed in ((50, 0), (99, 0), (100, 1), (150, 1), (210, 2)):
-        rss[0] = value
-        pieces.return_freed_memory(grown_by=100)
-        assert len(trims) == trimmed, value
-    pieces.return_freed_memory()  # Without grown_by: always.
-    assert len(trims) == 3
-    # The supernet's steps ask for it: grown by more than STEP_TRIM_GROWTH, they trim.
-    trainer = trainer_lib.SupernetTrainer(TINY)
-    state = trainer.init((6, 6, 1), seed=0)
-    x, labels = (jnp.asarray(a) for a in _batch())
-    rss[0] += 2 * pieces.STEP_TRIM_GROWTH
-    trainer.weight_step(state, x, labels, 0.01, seed=0)
-    rss[0] += 2 * pieces.STEP_TRIM_GROWTH
-    trainer.fitness_step(state, x, labels, 0.01, seed=0)
-    assert len(trims) == 5

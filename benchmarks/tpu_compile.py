@@ -1,0 +1,243 @@
+"""An evolve on a TPU slice, compiled on this host: programs, compile time, HBM and FLOPs per
+generation, and the compile time left on a generation's critical path.
+
+For each topology this runs README's pre-flight check,
+
+  python -m autospace_jax.main --config=configs/imagenet_mobile.py --mode=compile \\
+      --config.compile.topology=<topology> --workdir=benchmarks/results/tpu_compile/<topology>
+
+(224 px, bfloat16, grouped depthwise convolutions, per-cell programs: what
+"auto" resolves to on a TPU; the pipeline's evolve, search and train programs;
+nothing needs a TPU), and reads its report.json:
+
+* **Memory.** A supernet step chains per-cell programs, so whatever K, one
+  path's activations are alive; K adds only the cells' variables and optimizer
+  states. The step's bound (``compile_check.bounds``: all state, every layer's
+  largest kept forward output, the largest backward) for K = 9 and for K = 2
+  (the first two picked cells of every layer: the same programs, the state of
+  two cells), the ratio, and per image against the final network's train step
+  (the HBM less variables and optimizer states, per image).
+* **Compile.** In steady state a generation compiles its children only
+  (``evolution.offspring`` per layer; the survivors' programs are reused), in
+  the background while the next generation trains (a child is picked from its
+  second generation on): the generation waits only for what the background
+  has not finished. Per cell: its forward, backward and update compile seconds
+  on this host; a pod's host compiles with an eighth of its cores
+  (``precompile.background_threads``); what exceeds the generation's compute is
+  on the critical path.
+* **Compute.** A generation is f = ``evolution.steps_per_generation`` weight and
+  fitness steps; FLOPs per device from XLA's cost analysis (the heaviest path)
+  at ``--utilisation`` of the chip's peak bfloat16 rate.
+
+``--fused`` adds the contrast that chose the per-cell programs: the first
+``--fused-layers`` layers of the same supernet as one program per step
+(``supernet.program=fused``, a ``lax.switch`` per layer) at K = 2 and 9.
+
+  python benchmarks/tpu_compile.py [--topologies v5e:4x4 v4:2x2x4] \\
+      [--utilisation 0.3] [--fused] [--no-write]
+
+Resumable: a topology whose report.json exists is not compiled again, nor the
+contrast once its rows are saved (delete them to redo it). Each topology takes
+about an hour on a 2-core host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from autospace_jax import compile_check, precompile  # noqa: E402
+from benchmarks import _report  # noqa: E402
+
+RESULTS = os.path.join(_report.ROOT, "benchmarks", "results", "tpu_compile")
+GiB, MiB = 2**30, 2**20
+K_SMALL = 2
+
+
+def workdir(topology: str) -> str:
+    return os.path.join(RESULTS, topology.replace(":", "_"))
+
+
+def compile_topology(topology: str) -> str:
+    """Runs the pre-flight check for ``topology`` unless its report exists; its path."""
+    path = os.path.join(workdir(topology), "compile", "report.json")
+    if not os.path.exists(path):
+        print(f"compiling for {topology} (about an hour on 2 cores) ...", flush=True)
+        cmd = [sys.executable, "-m", "autospace_jax.main", "--config=configs/imagenet_mobile.py",
+               "--mode=compile", f"--config.compile.topology={topology}",
+               f"--workdir={workdir(topology)}"]  # fmt: skip
+        subprocess.run(cmd, cwd=_report.ROOT, check=True)
+    return path
+
+
+def summarise(path: str, utilisation: float) -> dict:
+    """The tables' figures from one topology's report."""
+    report, rows, layouts = compile_check.load_report(path)
+    evolve = next(x for x in layouts if x.stage == "evolve")
+    k = max(len(layer) for layer in evolve.layers)
+    weight, fitness = {}, {}
+    for cells in (K_SMALL, k):
+        weight[cells], fitness[cells] = compile_check.bounds(evolve, rows, cells)
+    final = next(s for s in report["steps"] if s["stage"] == "train")
+    per_image = lambda s: (s["hbm_bytes"] - s["state_bytes"]) / s["images"]  # noqa: E731
+    cells = [m for layer in evolve.layers for m, _ in layer]
+    seconds = [sum(rows[(m, kind)].compile_s for kind in ("forward", "backward", "update"))
+               for m in dict.fromkeys(cells)]  # fmt: skip
+    chip, config = report["chip"], report["config"]
+    threads = precompile.background_threads("tpu", chip["host_cores"])
+    children = config["evolution"]["offspring"] * len(evolve.layers)
+    background_s = children * (sum(seconds) / len(seconds)) / threads
+    iteration = weight[k].flops + fitness[k].flops
+    f = config["evolution"]["steps_per_generation"]
+    generation_s = f * iteration / (chip["bf16_flops"] * utilisation)
+    critical_s = max(0.0, background_s - generation_s)
+    return {
+        "report": report,
+        "k": k,
+        "weight": weight,
+        "fitness": fitness,
+        "ratio": weight[k].hbm_bytes / weight[K_SMALL].hbm_bytes,
+        "per_image": {c: per_image(vars(weight[c])) for c in weight},
+        "final": final,
+        "final_per_image": per_image(final),
+        "cells": len(seconds),
+        "seconds_per_cell": sum(seconds) / len(seconds),
+        "threads": threads,
+        "children": children,
+        "background_s": background_s,
+        "iteration_flops": iteration,
+        "steps_per_generation": f,
+        "generation_s": generation_s,
+        "critical_s": critical_s,
+        "programs_fit": max(r["hbm_bytes"] for r in report["programs"]) / chip["hbm_bytes"],
+    }
+
+
+def fused_contrast(topology: str, layers: int) -> list[list]:
+    """In this process: the first ``layers`` layers as one program per step and as pieces."""
+    from autospace_jax import arch as arch_lib
+    from autospace_jax import data_sources, platforms, sharding
+    from autospace_jax import supernet as sn
+    from autospace_jax.evolution_state import Evolution
+    from configs import imagenet_mobile
+
+    platforms.skip_absent_tpu()
+    t = compile_check.target(topology)
+    mesh = sharding.create_mesh(compile_check.devices(t))
+    rows = []
+    for program in ("fused", "pieces"):
+        config = imagenet_mobile.get_config()
+        config.supernet.program = program
+        image_shape, num_classes = data_sources.shapes(config.data)
+        evo = Evolution(config, image_shape, num_classes, mesh, platform="tpu")
+        evo.init()
+        full = evo.spec(evo.select())
+        sk = full.skeleton
+        short = arch_lib.Skeleton(sk.stem, sk.stem_stride, sk.layers[:layers], sk.head,
+                                  sk.num_classes)  # fmt: skip
+        for k in (K_SMALL, config.evolution.cells_per_layer):
+            spec = sn.SupernetSpec(short, [c[:k] for c in full.candidates[:layers]])
+            evo.skeleton = short  # The stem and head programs of the short supernet.
+            compiler = compile_check.Compiler(os.cpu_count() or 1, 60.0, t.name)
+            x = compile_check.SupernetPrograms(evo, spec, "evolve", "loss", False, None)
+            x.queue(compiler)
+            got = compiler.run()
+            weight = compile_check.bounds(x.layout, got)[0]
+            seconds = sum(r.compile_s for r in compiler.rows)
+            rows.append([program, k, f"{weight.hbm_bytes / GiB:.2f}", f"{seconds:.0f}"])
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--topologies", nargs="+", default=["v5e:4x4", "v4:2x2x4"])
+    p.add_argument("--utilisation", type=float, default=0.3,
+                   help="share of the chip's peak bfloat16 FLOPs a step reaches")  # fmt: skip
+    p.add_argument("--fused", action="store_true", help="add the one-program contrast")
+    p.add_argument("--fused-layers", type=int, default=2)
+    p.add_argument("--only-fused", default="", help=argparse.SUPPRESS)  # The child process.
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if args.only_fused:
+        print("RESULT " + json.dumps(fused_contrast(args.only_fused, args.fused_layers)))
+        return
+    summaries = [summarise(compile_topology(t), args.utilisation) for t in args.topologies]
+    k = summaries[0]["k"]
+    memory, compile_rows = [], []
+    for s in summaries:
+        r, chip = s["report"], s["report"]["chip"]
+        w = s["weight"]
+        memory.append([
+            f"{r['topology']} ({chip['name']}, {chip['hbm_bytes'] / GiB:.0f} GiB)",
+            f"{w[K_SMALL].hbm_bytes / GiB:.2f} / {w[k].hbm_bytes / GiB:.2f}",
+            f"{w[K_SMALL].state_bytes / GiB:.3f} / {w[k].state_bytes / GiB:.3f}",
+            f"{s['ratio']:.3f}",
+            f"{s['fitness'][k].hbm_bytes / GiB:.2f}",
+            f"{s['per_image'][k] / MiB:.1f} / {s['final_per_image'] / MiB:.1f} = "
+            f"{s['per_image'][k] / s['final_per_image']:.2f}x",
+            f"{s['final']['hbm_bytes'] / GiB:.2f}",
+            f"{100 * s['programs_fit']:.0f} %",
+        ])  # fmt: skip
+        share = s["critical_s"] / s["generation_s"]
+        compile_rows.append([
+            r["topology"], s["cells"], f"{s['seconds_per_cell']:.1f}",
+            f"{r['wall_time_s'] / 60:.0f} min", s["children"],
+            f"{s['background_s']:.0f} ({s['threads']} threads)",
+            f"{s['iteration_flops'] / 1e9:.0f}", f"{s['generation_s']:.0f}",
+            f"{s['critical_s']:.0f} s ({100 * share:.1f} %)",
+        ])  # fmt: skip
+    first = summaries[0]
+    parts = [
+        "configs/imagenet_mobile.py at 224 px on each slice (supernet batch 256, final "
+        "network batch 512, split over its devices), per device. Supernet steps are bounds "
+        f"(all state + every layer's largest kept forward output + the largest backward) of "
+        f"evolve's first generation, K = {k}, and of its first {K_SMALL} cells per layer, "
+        "K = 2. Per image: HBM less variables and optimizer states.",
+        _report.table(
+            ["topology", f"weight step GiB, K = {K_SMALL} / {k}",
+             f"of which state, K = {K_SMALL} / {k}", f"K = {k} / K = {K_SMALL}",
+             f"fitness step GiB, K = {k}", "per image MiB: supernet / final network",
+             "final network train step GiB", "largest program, of the chip"], memory),
+        f"Compile per generation: children = offspring x layers, compiled in the background "
+        "while the next generation trains by an eighth of a 4-chip host's cores; a "
+        f"generation = f = {first['steps_per_generation']} iterations (weight + fitness "
+        f"step) at {args.utilisation:.0%} of the chip's peak bfloat16 FLOPs.",
+        _report.table(
+            ["topology", "cells compiled (generation 0)", "compile s per cell (this host)",
+             "wall, every program (this host)", "children per generation",
+             "background compile s per generation", "GFLOPs per iteration per device",
+             "generation compute s", "compile on the critical path"], compile_rows),
+    ]  # fmt: skip
+    if args.fused:
+        path = os.path.join(RESULTS, f"fused_{args.fused_layers}_layers.json")
+        if not os.path.exists(path):
+            out = subprocess.run(
+                [sys.executable, __file__, "--only-fused", args.topologies[0],
+                 f"--fused-layers={args.fused_layers}"],
+                cwd=_report.ROOT, check=True, capture_output=True, text=True,
+            ).stdout  # fmt: skip
+            with open(path, "w") as f:
+                f.write(out.split("RESULT ", 1)[1])
+        with open(path) as f:
+            rows = json.load(f)
+        parts += [
+            f"Contrast, {args.topologies[0]}: the first {args.fused_layers} layers of the same "
+            "supernet, the weight step as one program (fused: HBM of that program) and as "
+            "per-cell programs (pieces: the bound); compile s of every program on this host.",
+            _report.table(["program", "K", "weight step GiB", "compile s"], rows),
+        ]
+    body = "\n\n".join(parts)
+    print(body)
+    if not args.no_write:
+        command = "python benchmarks/tpu_compile.py " + " ".join(sys.argv[1:])
+        _report.write_section("TPU compile", command.strip(), body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""--mode=compile: the run's programs compiled for a TPU slice on this CPU machine.
+
+Needs libtpu (the ``test`` extra installs ``jax[tpu]`` on Linux); nothing needs a TPU.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from autospace_jax import compile_check, errors, pieces, platforms, sharding
+from autospace_jax import genome as g
+from autospace_jax import supernet as sn
+from autospace_jax import supernet_trainer as trainer_lib
+from autospace_jax.arch import Skeleton
+from configs import digits
+from tests import runner
+
+needs_libtpu = pytest.mark.skipif(
+    sys.platform != "linux", reason="libtpu (the TPU compiler) exists for Linux only"
+)
+TINY = [*runner.TINY_MODEL, "--config.data.image_size=32", "--config.evolution.cells_per_layer=2",
+        "--config.evolution.population_size=4", "--config.compile.topology=v5e:2x2"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, topology, chip",
+    [("v5e:4x4", "v5e:4x4", "v5e"), ("v5litepod-16", "v5e:4x4", "v5e"),
+     ("v5litepod-4", "v5e:2x2", "v5e"), ("v4-32", "v4:2x2x4", "v4"), ("v4-8", "v4:2x2x1", "v4"),
+     ("v4:2x2x4", "v4:2x2x4", "v4"), ("v5p-8", "v5p:2x2x1", "v5p"), ("v6e-8", "v6e:2x4", "v6e")],
+)  # fmt: skip
+def test_topology_names_jax_and_rented(name, topology, chip):
+    t = compile_check.target(name)
+    assert (t.topology, t.chip.name) == (topology, chip)
+
+
+@pytest.mark.parametrize("name", ["v7:2x2", "v5litepod-12", "v4-31", "v5e", "tpu", "v5e:2y2"])
+def test_an_unknown_topology_names_the_field(name):
+    with pytest.raises(errors.ConfigError, match=f"compile.topology={name!r}.*accepted"):
+        compile_check.target(name)
+
+
+def test_auto_settings_follow_the_target_platform_not_this_process():
+    config = digits.get_config()
+    assert platforms.current() == "cpu"
+    tpu, cpu = platforms.resolve(config, "tpu"), platforms.resolve(config)
+    assert (tpu.dtype, tpu.depthwise_form, tpu.program) == (jnp.bfloat16, "grouped", "pieces")
+    assert (cpu.dtype, cpu.depthwise_form, cpu.program) == (jnp.float32, "shift", "pieces")
+    config.model.dtype = "float32"
+    assert platforms.resolve(config, "tpu").dtype == jnp.float32
+    # A trainer for the TPU, traced here, builds grouped bfloat16 convolutions.
+    sk = Skeleton(8, 1, ((8, 1),), 16, 10)
+    spec = sn.SupernetSpec(sk, [(g.irb(3, 6), g.irb(5, 3))])
+    trainer = trainer_lib.SupernetTrainer.from_config(spec, digits.get_config(), "tpu")
+    cell = trainer.layers[0][0]
+    assert (cell.dtype, cell.depthwise_form) == (jnp.bfloat16, "grouped")
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    x = jax.ShapeDtypeStruct((2, 8, 8, 8), jnp.bfloat16, sharding=sharding.batch_sharding(mesh))
+    variables = pieces._abstract_variables(cell, x, sharding.replicated(mesh))
+    for module, grouped in ((cell, True), (cell.clone(depthwise_form="shift"), False)):
+        text = pieces._programs(module)["forward"].lower(variables, x).as_text()
+        assert ("feature_group_count = 48" in text) == grouped
+
+
+@needs_libtpu
+def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
+    r = runner.run(runner.command(str(tmp_path), "--mode=compile", *TINY))
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.load(open(tmp_path / "compile" / "report.json"))
+    assert (report["topology"], report["devices"], report["chip"]["name"]) == ("v5e:2x2", 4, "v5e")
+    assert report["settings"] == {"dtype": "bfloat16", "depthwise_form": "grouped",
+                                  "program": "pieces"}  # fmt: skip
+    programs = {(p["stage"], p["program"]): p for p in report["programs"]}
+    # digits' mode is pipeline with a learned space: evolve, search (evolve's first
+    # generation stands in for the learned space) and train.
+    assert {s for s, _ in programs} == {"evolve", "search", "train"}
+    cells = {name.rsplit(" ", 1)[0] for s, name in programs if name.startswith("layer ")}
+    assert len(cells) >= 2 * 2  # Two layers, K = 2 distinct cells each.
+    for cell in cells:
+        kinds = {n.rsplit(" ", 1)[1] for _, n in programs if n.rsplit(" ", 1)[0] == cell}
+        assert kinds == {"forward", "backward", "update", "forward_eval"}, cell
+    for name in ("stem/head stem forward", "stem/head head head_loss", "alpha step"):
+        assert ("evolve", name) in programs
+    assert ("search", "alpha step") in programs  # With Eq. 6's term: another program.
+    assert {("train", "final network train step"), ("train", "final network eval step")} <= set(
+        programs
+    )
+    for p in report["programs"]:
+        assert p["hbm_bytes"] > 0 and p["compile_s"] > 0, p
+        if p["program"].endswith((" forward", " backward", "train step")):
+            assert p["flops"] > 0, p
+    steps = {(s["stage"], s["name"]): s for s in report["steps"]}
+    assert set(steps) == {("evolve", "weight step"), ("evolve", "fitness step"),
+                          ("search", "weight step"), ("search", "fitness step"),
+                          ("train", "train step")}  # fmt: skip
+    # A step chains programs: its bound holds at least its largest program's outputs.
+    assert steps[("evolve", "weight step")]["hbm_bytes"] > max(
+        p["output_bytes"] for p in report["programs"] if p["program"].endswith(" forward")
+    )
+    assert report["fits"] is True
+    assert "every program fits v5e:2x2" in r.stderr
+    assert "FATAL" not in r.stderr
+
+
+@needs_libtpu
+def test_a_program_that_does_not_fit_the_chip_stops_with_one_fatal_line(tmp_path):
+    # The final network at 128 px, 16,384 images per v5e chip: far beyond 16 GiB.
+    flags = [*TINY, "--config.mode=train", "--config.data.image_size=128",
+             "--config.train.batch_size=65536"]  # fmt: skip
+    r = runner.run(runner.command(str(tmp_path), "--mode=compile", *flags))
+    assert r.returncode == 1
+    fatal = [line for line in r.stderr.splitlines() if line.startswith("FATAL")]
+    assert len(fatal) == 1, r.stderr[-3000:]
+    assert "WontFit" in fatal[0] and "train" in fatal[0] and "v5e" in fatal[0], fatal[0]
+    assert "Traceback" not in r.stderr
+
+
+@needs_libtpu
+def test_cpu_runs_do_not_probe_for_a_tpu_when_libtpu_is_installed():
+    assert importlib.util.find_spec("libtpu") is not None, "the test extra installs jax[tpu]"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = "import autospace_jax, jax; print(jax.devices())"
+    r = subprocess.run([sys.executable, "-c", code], cwd=runner.ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and "CpuDevice" in r.stdout, r.stderr
+    assert r.stderr == "", r.stderr
