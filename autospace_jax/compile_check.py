@@ -13,11 +13,12 @@ What is compiled follows ``config.mode`` (``pipeline``: evolve when the space is
 ``train.batch_size`` split over the topology's devices:
 
 * evolve: the first generation's supernet (the populations an evolve starts from,
-  K cells per layer): stem, head and every cell's forward, backward and update,
-  the fitness step's alpha update;
+  K cells per layer): stem, head and every cell's forward and backward (with its
+  weights' update), the fitness step's alpha update;
 * search: the space's supernet (a ``learned`` space is not known before evolve
   ran: the first generation's cells stand in, K per layer) with the cells'
-  inference forward too, and proxyless's alpha update with Eq. 6's term;
+  inference forward and the plain backward of the gradient estimate too, and
+  proxyless's alpha update with Eq. 6's term;
 * train: the final network's train and eval steps (before search ran, the
   reference network stands in for the searched one).
 
@@ -192,7 +193,7 @@ class Row:
 
     stage: str
     module: str  # e.g. "layer 3 r6/add[14:dwconv3x3]", "stem/head", "final network".
-    kind: str  # e.g. "forward", "backward", "train step".
+    kind: str  # e.g. "forward", "backward_update", "train step".
     compile_s: float
     argument_bytes: int
     output_bytes: int
@@ -355,30 +356,38 @@ def bounds(layout: Layout, rows: dict[tuple[str, str], Row], cells: int | None =
     shared = lambda kind: rows[("stem/head", kind)]  # noqa: E731
     names = [[m for m, _ in layer] for layer in layers]
 
-    def heaviest(kinds, figure=lambda r: r.flops):
-        return sum(max(sum(figure(rows[(m, k)]) for k in kinds) for m in layer) for layer in names)
+    def train(m: str) -> Row:
+        """The weight step's backward of module ``m`` (with its update, if it has weights)."""
+        return rows.get((m, "backward_update")) or rows[(m, "backward")]
 
-    head = shared("head head_loss")
-    kept = shared("stem forward").output_bytes + heaviest(("forward",), lambda r: r.output_bytes)
+    def heaviest(figure) -> float:
+        return sum(max(figure(m) for m in layer) for layer in names)
+
+    head, stem = shared("head head_loss"), "stem/head stem"
+    rows = {**rows, **{(stem, k): shared(f"stem {k}") for k in ("forward", "backward_update")}}
+    kept = rows[(stem, "forward")].output_bytes + heaviest(
+        lambda m: rows[(m, "forward")].output_bytes
+    )
     backward = max(
-        [rows[(m, "backward")].temp_bytes + rows[(m, "backward")].output_bytes
-         for layer in names for m in layer] + [shared("stem backward").temp_bytes]
-    )  # fmt: skip
+        train(m).temp_bytes + train(m).output_bytes - train(m).alias_bytes
+        for m in [stem, *(m for layer in names for m in layer)]
+    )
     weight = state + layout.batch_bytes + kept + head.temp_bytes + head.output_bytes + backward
-    weight_flops = heaviest(("forward", "backward", "update")) + sum(
-        shared(k).flops for k in ("stem forward", "stem backward", "stem update",
-                                  "head head_loss", "head update")
-    )  # fmt: skip
-    forward_flops = heaviest(("forward",)) + shared("stem forward").flops + head.flops
+    ends = rows[(stem, "forward")].flops + train(stem).flops
+    weight_flops = heaviest(lambda m: rows[(m, "forward")].flops + train(m).flops) + ends
+    weight_flops += head.flops + shared("head update").flops
+    forward_flops = heaviest(lambda m: rows[(m, "forward")].flops)
+    forward_flops += rows[(stem, "forward")].flops + head.flops
     if layout.fitness_estimate == "loss":
         fitness = state + layout.batch_bytes + max(
             rows[(m, "forward")].output_bytes + rows[(m, "forward")].temp_bytes
             for layer in names for m in layer
         )  # fmt: skip
         fitness_flops = 2 * layout.chunks * forward_flops
-    else:
+    else:  # Both cells run; the active one's residuals and both outputs are kept.
         fitness = weight + layout.outputs_bytes
-        fitness_flops = layout.chunks * (forward_flops + weight_flops)
+        backward_flops = heaviest(lambda m: rows.get((m, "backward"), train(m)).flops)
+        fitness_flops = layout.chunks * (2 * forward_flops + backward_flops)
     return [
         Step(stage, "weight step", weight, weight_flops, n, state),
         Step(stage, "fitness step", fitness, fitness_flops, n * layout.chunks, state),
@@ -394,14 +403,16 @@ class SupernetPrograms:
       stage: "evolve" or "search".
       fitness_estimate: the stage's (evolve: ``evolution.fitness_estimate``; search:
         "gradient", ProxylessNAS-G).
-      evaluate: compile the cells' inference forward too.
+      programs: the cells' programs beyond the weight step's (shared by every supernet
+        of the run, so a cell compiles once): ``evaluate``, the inference forward;
+        ``gradient``, the plain backward of the gradient estimate.
       extra: the fitness step's extra alpha gradient (proxyless: Eq. 6's term).
     """
 
     def __init__(self, evo: Evolution, spec: sn.SupernetSpec, stage: str,
-                 fitness_estimate: str, evaluate: bool, extra: fused.Extra):  # fmt: skip
+                 fitness_estimate: str, programs: dict[str, bool], extra: fused.Extra):  # fmt: skip
         self.evo, self.spec, self.stage = evo, spec, stage
-        self.evaluate, self.extra = evaluate, extra
+        self.programs, self.extra = programs, extra
         self.trainer = trainer_lib.SupernetTrainer.from_config(
             spec, evo.config, evo.settings.platform, fitness_estimate=fitness_estimate
         )
@@ -442,11 +453,12 @@ class SupernetPrograms:
             compiler.add((stage, "fused"), stage, f"one program ({stage})", self._fused)
             return
         shared = precompile.shared_programs
-        compiler.add("shared", stage, "stem/head", lambda: _flatten(shared(evo, self.evaluate)))
+        evaluate = self.programs["evaluate"]
+        compiler.add("shared", stage, "stem/head", lambda: _flatten(shared(evo, evaluate)))
         for l, layer in enumerate(self.spec.candidates):
             for g, (name, _) in zip(layer, self.layout.layers[l]):
                 module, x, _, tx = precompile.cell_job(evo, l, g)
-                job = functools.partial(pieces.precompile_cell, module, x, rep, tx, self.evaluate)
+                job = functools.partial(pieces.precompile_cell, module, x, rep, tx, **self.programs)
                 compiler.add((module, x.shape), stage, name, job)
         if self.layout.fitness_estimate == "gradient":  # dL/dg = <dL/dout, out>.
             for y in {y.shape: y for y in self.outputs}.values():
@@ -617,16 +629,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     evo.init()
     supernets, finals, stand_ins = [], [], {}
     # Cells shared by evolve and search compile once, with what search needs.
-    evaluate = "search" in stages
+    programs = {
+        "evaluate": "search" in stages,
+        "gradient": "search" in stages or config.evolution.fitness_estimate == "gradient",
+    }
     if "evolve" in stages:
         spec, estimate = evo.spec(evo.select()), evo.ec.fitness_estimate
-        supernets.append(SupernetPrograms(evo, spec, "evolve", estimate, evaluate, None))
+        supernets.append(SupernetPrograms(evo, spec, "evolve", estimate, programs, None))
     if "search" in stages:
         space, stand_ins["search space"] = _search_space(config, workdir, evo)
         extra = None
         if config.search.algorithm == "proxyless":
             extra = _madds_term(config, space, image_shape)
-        supernets.append(SupernetPrograms(evo, space, "search", "gradient", evaluate, extra))
+        supernets.append(SupernetPrograms(evo, space, "search", "gradient", programs, extra))
     if "train" in stages:
         arch, stand_ins["final network"] = _final_arch(config, workdir, evo.skeleton)
         finals.append(train_programs(compiler, config, arch, mesh, image_shape))

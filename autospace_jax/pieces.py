@@ -180,6 +180,11 @@ def _programs(module: nn.Module) -> dict[str, Any]:
                     ("forward_eval", _forward_eval),
                 )
             }
+            programs["backward_update"] = jax.jit(
+                functools.partial(_backward_update, module),
+                static_argnames=("tx",),
+                donate_argnames=("params", "opt_state"),
+            )
         return programs
 
 
@@ -212,6 +217,14 @@ def _backward(module: nn.Module, vjp, dy: jax.Array):
     return vjp(dy)
 
 
+def _backward_update(module: nn.Module, vjp, dy, params, opt_state, learning_rate, tx):
+    _trace("backward_update", module, tx, _shapes(vjp))
+    dparams, dx = vjp(dy)
+    new, opt_state = apply_update(tx, {"params": params}, {"params": dparams}, opt_state,
+                                  learning_rate)  # fmt: skip
+    return new["params"], opt_state, dx
+
+
 def _forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     _trace("forward_eval", module)
     return module.apply(variables, x, train=False)
@@ -231,6 +244,17 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
 def backward(module: nn.Module, vjp, dy: jax.Array):
     """Applies the VJP of ``module``'s :func:`forward`: returns (d params, d x)."""
     return _programs(module)["backward"](vjp, dy)
+
+
+@timed
+def backward_update(module: nn.Module, tx, vjp, dy: jax.Array, params, opt_state, learning_rate):
+    """:func:`backward` and the optimizer step of ``module``'s parameters as one program
+    (a weight step's: one dispatch per module instead of two, 6 % of a 32 px step).
+
+    Returns (new params, new optimizer state, d x); ``params`` and ``opt_state`` are
+    donated.
+    """
+    return _programs(module)["backward_update"](vjp, dy, params, opt_state, learning_rate, tx=tx)
 
 
 @timed
@@ -291,10 +315,15 @@ def _compile(lower, *args) -> tuple[jax.stages.Compiled, float]:
 
 
 def precompile_cell(
-    module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx, evaluate: bool = False
-) -> Precompiled:
-    """Compiles ``module``'s forward, backward and update (and with ``evaluate`` its
-    inference forward) ahead of time (any thread); returns them by name.
+    module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx, evaluate: bool = False,
+    gradient: bool = False,
+) -> Precompiled:  # fmt: skip
+    """Compiles the programs of ``module`` a supernet runs ahead of time (any thread);
+    returns them by name: the forward and the weight step's :func:`backward_update`
+    (:func:`backward` and :func:`update` for a module without parameters); with
+    ``gradient`` (the fitness
+    step's gradient estimate) :func:`backward` too; with ``evaluate`` the inference
+    forward.
 
     ``jit(f).lower(...).compile()`` fills the same in-memory caches a later call
     ``f(...)`` looks up, so that call neither traces nor compiles (checked by
@@ -311,8 +340,17 @@ def precompile_cell(
         jax.eval_shape(programs["forward"], variables, x),
         out["forward"][0].output_shardings,
     )
-    out["backward"] = _compile(programs["backward"].lower, vjp, y)
-    out["update"] = _precompile_update(tx, variables["params"], replicated)
+    params = variables["params"]
+    if jax.tree.leaves(params):
+        opt_state, lr = _abstract_opt_state(tx, params, replicated)
+        out["backward_update"] = _compile(
+            functools.partial(programs["backward_update"].lower, tx=tx), vjp, y, params,
+            opt_state, lr,
+        )  # fmt: skip
+    else:  # The skip cell: its backward, and the update that counts its optimizer's steps.
+        out["update"] = _precompile_update(tx, params, replicated)
+    if gradient or not jax.tree.leaves(params):
+        out["backward"] = _compile(programs["backward"].lower, vjp, y)
     if evaluate:
         out["forward_eval"] = _compile(programs["forward_eval"].lower, variables, x)
     return out
@@ -327,13 +365,18 @@ def _abstract_variables(module: nn.Module, x: jax.ShapeDtypeStruct, replicated) 
     return {k: variables.get(k, {}) for k in ("params", "batch_stats")}
 
 
-def _precompile_update(tx, params: dict, replicated) -> tuple[jax.stages.Compiled, float]:
-    params = {"params": params}
+def _abstract_opt_state(tx, params: dict, replicated):
+    """A module's optimizer state (as the trainer keeps it) and a learning rate, abstract."""
     opt_state = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-        jax.eval_shape(tx.init, params),
+        jax.eval_shape(tx.init, {"params": params}),
     )
-    lr = jax.ShapeDtypeStruct((), jnp.float32, weak_type=True)
+    return opt_state, jax.ShapeDtypeStruct((), jnp.float32, weak_type=True)
+
+
+def _precompile_update(tx, params: dict, replicated) -> tuple[jax.stages.Compiled, float]:
+    opt_state, lr = _abstract_opt_state(tx, params, replicated)
+    params = {"params": params}
     return _compile(update.lower, tx, params, params, opt_state, lr)
 
 

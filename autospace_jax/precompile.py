@@ -76,7 +76,8 @@ class Precompiler:
 
     def _job(self, l: int, genome: genome_lib.Genome) -> tuple:
         """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
-        return cell_job(self.evo, l, genome)
+        gradient = self.evo.ec.fitness_estimate == "gradient"
+        return (*cell_job(self.evo, l, genome), False, gradient)
 
     def _compile_shared(self) -> None:
         shared_programs(self.evo)

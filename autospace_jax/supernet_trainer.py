@@ -262,8 +262,16 @@ class SupernetTrainer:
         )
         self._apply(state, key, dparams, stats, learning_rate)
         for key, vjp, stats, _ in reversed(tape):
-            dparams, dx = pieces.backward(self._module(key), vjp, dx)
-            self._apply(state, key, dparams, stats, learning_rate)
+            module, params = self._module(key), _get(state.variables["params"], key)
+            if jax.tree.leaves(params):
+                params, state.opt_state[key], dx = pieces.backward_update(
+                    module, self.tx, vjp, dx, params, state.opt_state[key], learning_rate
+                )
+                set_subtree(state.variables["params"], key, params)
+                set_subtree(state.variables["batch_stats"], key, stats)
+            else:  # The skip cell: its optimizer state only counts the step.
+                dparams, dx = pieces.backward(module, vjp, dx)
+                self._apply(state, key, dparams, stats, learning_rate)
         state.step += 1
         return {"loss": loss, "accuracy": accuracy}
 

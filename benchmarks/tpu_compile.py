@@ -144,7 +144,8 @@ def fused_contrast(topology: str, layers: int) -> list[list]:
             spec = sn.SupernetSpec(short, [c[:k] for c in full.candidates[:layers]])
             evo.skeleton = short  # The stem and head programs of the short supernet.
             compiler = compile_check.Compiler(os.cpu_count() or 1, 60.0, t.name)
-            x = compile_check.SupernetPrograms(evo, spec, "evolve", "loss", False, None)
+            programs = {"evaluate": False, "gradient": False}
+            x = compile_check.SupernetPrograms(evo, spec, "evolve", "loss", programs, None)
             x.queue(compiler)
             got = compiler.run()
             weight = compile_check.bounds(x.layout, got)[0]
