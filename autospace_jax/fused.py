@@ -1,15 +1,18 @@
-"""A supernet step as one compiled program, for GPUs and TPUs (DESIGN §3, §11).
+"""A supernet step as one compiled program (``supernet.program=fused``; DESIGN §3, §11).
 
 :class:`~autospace_jax.supernet_trainer.SupernetTrainer` runs a step either as
-host-chained per-cell pieces (``pieces.py``: the CPU default, where XLA runs
-convolution backward inside conditionals ~10x slower and small programs
-compile and are reused across generations) or, here, as one program per step
-kind: every layer is a ``lax.switch`` over its K cells, so only the picked
-cell runs, and the gates are drawn on the device. Nothing inside a step reads
-a value back to the host: the host only dispatches (one program per weight
-step, one for the gates and one per fitness step), and alpha, losses and
-metrics are fetched when a caller asks for them (once per generation or log
-interval).
+host-chained per-cell pieces (``pieces.py``, what "auto" picks on every
+platform) or, here, as one program per step kind: every layer is a
+``lax.switch`` over its K cells, so only the picked cell runs, and the gates
+are drawn on the device. Nothing inside a step reads a value back to the host:
+the host only dispatches (one program per weight step, one for the gates and
+one per fitness step), and alpha, losses and metrics are fetched when a caller
+asks for them (once per generation or log interval). The price: a switch under
+grad keeps every branch's residuals (each branch is rematerialised,
+``cells.remat``, yet the step's memory still grows with K), and the whole
+program compiles again for every generation's cells (BENCHMARKS "TPU
+compile"); XLA:CPU also runs convolution backward inside conditionals ~10x
+slower.
 
 Both modes compute the same step for the same gates (tested); they draw
 different gates from the same (seed, step), as numpy and ``jax.random`` differ.

@@ -1,8 +1,9 @@
 """Runs a supernet's steps with ProxylessNAS binary gates (paper §3.2.2, Eq. 4; DESIGN §3).
 
 :class:`SupernetTrainer` runs them as host-chained compiled pieces (``pieces.py``,
-the CPU default) or as one compiled program per step (``fused.py``, the GPU/TPU
-default: no device-to-host transfer inside a step; ``supernet.program``):
+the default on every platform: one path's memory whatever K, per-cell programs
+compiled once) or as one compiled program per step (``fused.py``: no
+device-to-host transfer inside a step; ``supernet.program``):
 
 * per step and layer, two distinct paths are drawn from p and one of them is
   made active with probability proportional to p renormalised over the pair;

@@ -9,6 +9,10 @@ import re
 
 import jax
 
+from autospace_jax import platforms
+
+platforms.skip_absent_tpu()  # Before machine() asks JAX for its backend.
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "BENCHMARKS.md")
 

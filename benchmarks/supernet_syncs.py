@@ -148,7 +148,7 @@ def report(write: bool) -> str:
         + [f"{counts[m][kind]['dispatches']:.0f} / {counts[m][kind]['syncs']:.0f}" for m in modes]
         for kind in STEPS
     ]
-    header = ["step", f"before ({BEFORE})", "pieces (CPU default)", "fused (GPU/TPU default)"]
+    header = ["step", f"before ({BEFORE})", "pieces (the default)", "fused"]
     table = (
         f"Per step, {layers} layers × 4 cells, batch {BATCH} over {DEVICES} devices "
         f"({results['fused']['backend']}); dispatches / host syncs (reads of device arrays: "

@@ -135,8 +135,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.supernet.fitness_init_std = 1e-3  # alpha ~ N(0, std): near-uniform p (paper Table 6).
     c.supernet.warmup_epochs = 4  # Weight steps only (alpha fixed) before fitness steps.
     c.supernet.compensation_clip = 10.0  # Max of n(d)/n'(d) in Eq. 4.
-    # How a step runs: auto (per-cell programs chained by the host on CPU, one program
-    # per step on GPU/TPU) | pieces | fused. Same step, different gate draws.
+    # How a step runs: auto (= pieces, every platform: per-cell programs chained by the
+    # host; one path's memory whatever K) | pieces | fused (one program per step: no
+    # host reads inside it, memory grows with K). Same step, different gate draws.
     c.supernet.program = "auto"
 
     # Final training from scratch (paper §4.1).
