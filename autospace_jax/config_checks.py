@@ -112,6 +112,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "a TPU topology, e.g. 'v5e:4x4', 'v4:2x2x4', 'v5litepod-16' or 'v4-32'",
     ),
     "progress_every_secs": ((lambda v: _is_num(v) and v > 0), "a number of seconds > 0"),
+    "takeover": ((lambda v: isinstance(v, bool)), "true or false"),
     "search.algorithm": _one_of(tuple(search.ALGORITHMS)),
     "search.space": (
         (lambda v: isinstance(v, str) and v != ""),

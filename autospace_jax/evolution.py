@@ -38,7 +38,8 @@ the top-K set of every layer as it was (at least 2 rounds, at most
 
 Every random choice comes from a generator seeded by (seed, generation,
 purpose) and the whole state is checkpointed after each generation and round,
-so a killed run resumes exactly.
+so a killed run resumes exactly; on a preemption notice also inside a generation
+(the iteration it is in finishes first), numbered by the supernet's step.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ import os
 import time
 from typing import Any
 
-import jax
 from absl import logging
 
 from autospace_jax import (
@@ -59,6 +59,7 @@ from autospace_jax import (
     input_pipeline,
     latency,
     pieces,
+    preemption,
     sharding,
     writers,
 )
@@ -109,24 +110,12 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         # --- init or restore.
         start = time.time()
         if ckpt.latest_step() is not None:
-            replicated = sharding.replicated(mesh)
-
-            def target(meta: dict[str, Any]) -> Any:
-                """The bank's structure for this step's populations (which genomes it holds)."""
-                evo.load_meta(meta["evolution"])
-                return jax.tree.map(
-                    lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-                    evo.bank.abstract_pytree(evo.genomes()),
-                )
-
             # The newest readable step; evo then holds that step's meta (the last target call).
-            _, tree, meta = ckpt.restore_latest(target)
+            step, tree, meta = ckpt.restore_latest(evo.restore_target)
             elapsed, clock = meta["elapsed_s"], Clock(meta["clock"])
             evo.precompiler.start(evo.keys(evo.select()) if not evo.done() else [])
-            evo.bank.load_pytree(tree, evo.genomes())
-            logging.info(
-                "evolve: resumed after generation %d of %d", evo.generation, ec.generations
-            )
+            evo.load(tree, meta)
+            logging.info("evolve: resumed %s (step %d)", evo.position(), step)
         else:
             evo.init()
             evo.precompiler.start(evo.keys(evo.select()))
@@ -139,22 +128,29 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
         writer = writers.create_writer(stage_dir)  # Only once the data is known to be good.
         clock.add("other", time.time() - start)
 
+        def save() -> int:
+            """Checkpoints the evolution where it stands; returns the step."""
+            step, tree, meta = evo.checkpoint()
+            run_s = elapsed + time.time() - start_time
+            ckpt.save(step, tree, {**meta, "elapsed_s": run_s, "clock": clock.totals})
+            return step
+
         # --- generations, then final rounds until the top-K is stable.
         overall = progress_lib.Progress(ec.generations + ec.final_rounds, done=evo.generation)
         while not evo.done():
             t = evo.generation
-            figures = evo.run_generation(clock)
+            # A preemption notice: the step it is in is this run's last.
+            figures = evo.run_generation(clock, stop=preemption.reached)
             pieces.return_freed_memory()  # The generation's supernet and batches are gone.
             start = time.time()
+            if figures is None:  # Stopped inside the generation.
+                writer.close()
+                raise preemption.Preempted(STAGE, evo.position(), save())
             # Per generation: a divergence stops the run where it happened, not at the end.
             distributed.check_same(f"evolve: the populations after step {evo.step}", evo.meta())
-            if evo.generation % ec.checkpoint_every == 0 or not evo.evolving:
-                run_s = elapsed + time.time() - start_time
-                ckpt.save(
-                    evo.generation,
-                    evo.bank.to_pytree(),
-                    {"evolution": evo.meta(), "elapsed_s": run_s, "clock": clock.totals},
-                )
+            stop = preemption.reached(evo.step)
+            if evo.generation % ec.checkpoint_every == 0 or not evo.evolving or stop:
+                save()
             clock.add("inherit", time.time() - start)
             best = [max(i.alpha for i in pop) for pop in evo.populations]
             done = overall.measure(evo.generation)
@@ -177,6 +173,9 @@ def evolve(config: Any, workdir: str) -> dict[str, Any]:
                 done.rate("generation"),
                 done.eta(bound=True),  # Final rounds stop once the top-K holds.
             )
+            if stop:
+                writer.close()
+                raise preemption.Preempted(STAGE, evo.position(), evo.step)
     finally:  # Even on failure: a save in flight completes, the compile threads stop.
         start = time.time()
         ckpt.close()

@@ -9,10 +9,13 @@ final rounds; checkpointed through :meth:`Evolution.meta`.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -55,6 +58,31 @@ class Clock:
 
     def add(self, category: str, seconds: float) -> None:
         self.totals[category] += seconds
+
+
+@dataclasses.dataclass
+class Interrupted:
+    """A generation stopped after ``len(losses)`` of its iterations by a preemption notice:
+    what the bank does not hold and an exact continuation needs. The bank holds the
+    generation's weights, BN statistics and their optimizer states so far."""
+
+    step: int  # The supernet's step when it stopped.
+    losses: list[float]  # Of the iterations run.
+    fitness: dict[str, Any]  # The supernet's alpha, per layer ({"layer_l": {"alpha"}}).
+    fitness_opt: dict[str, Any]  # Alpha's Adam states, per layer ("layer_l").
+    # (layer, population index) -> weights before the generation of the children it
+    # trains for the first time (evolution_report.record_first_update).
+    before: dict[tuple[int, int], np.ndarray]
+
+    def tree(self) -> dict[str, Any]:
+        """The arrays, as the checkpoint holds them beside the bank."""
+        return {"fitness": self.fitness, "fitness_opt": self.fitness_opt,
+                "before": list(self.before.values())}  # fmt: skip
+
+    def meta(self) -> dict[str, Any]:
+        """The rest, JSON; with :meth:`tree` what :meth:`Evolution.load` reads back."""
+        before = [[l, i, int(v.size)] for (l, i), v in self.before.items()]
+        return {"step": self.step, "losses": self.losses, "before": before}
 
 
 class Evolution:
@@ -112,6 +140,9 @@ class Evolution:
         self.losses: list[float] = []
         self.final: dict[str, Any] = {"candidates": [], "tops": []}  # ids, per layer.
         self.warmup_steps = 0  # Weight-only steps; set by attach (needs the data's size).
+        # The generation a preemption stopped (:meth:`run_generation`), or one restored
+        # to go on with: its arrays and where it stopped (:meth:`checkpoint`).
+        self.interrupted: Interrupted | None = None
 
     # --- state ------------------------------------------------------------------------
 
@@ -198,6 +229,53 @@ class Evolution:
         if self.timer and meta.get("latency"):
             self.timer.load(meta["latency"])
 
+    def checkpoint(self) -> tuple[int, dict[str, Any], dict[str, Any]]:
+        """(step, arrays, JSON) of a checkpoint: after a generation, or inside the one a
+        preemption stopped (:attr:`interrupted`), numbered by the supernet's step."""
+        tree, meta = self.bank.to_pytree(), {"evolution": self.meta()}
+        if self.interrupted is None:
+            return self.step, tree, meta
+        tree["generation"], meta["generation"] = self.interrupted.tree(), self.interrupted.meta()
+        return self.interrupted.step, tree, meta
+
+    def restore_target(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The arrays of the checkpoint whose JSON is ``meta``, as ``jax.ShapeDtypeStruct``
+        placed on the mesh (a restore target); this state is then ``meta``'s."""
+        self.load_meta(meta["evolution"])
+        tree = self.bank.abstract_pytree(self.genomes())
+        if "generation" in meta:
+
+            def vector(n: int) -> jax.ShapeDtypeStruct:
+                return jax.ShapeDtypeStruct((n,), np.float32)
+
+            fitness = {f"layer_{l}": {"alpha": vector(len(idx))}
+                       for l, idx in enumerate(self.select())}  # fmt: skip
+            opt = {l: jax.eval_shape(self.tx.init, {"fitness": a}) for l, a in fitness.items()}
+            before = [vector(n) for _, _, n in meta["generation"]["before"]]
+            tree["generation"] = {"fitness": fitness, "fitness_opt": opt, "before": before}
+        replicated = sharding.replicated(self.mesh)
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree
+        )
+
+    def load(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
+        """The arrays of a checkpoint whose JSON :meth:`restore_target` read."""
+        self.bank.load_pytree(tree, self.genomes())
+        if "generation" in meta:
+            g, arrays = meta["generation"], tree["generation"]
+            before = {(l, i): np.asarray(v) for (l, i, _), v in zip(g["before"], arrays["before"])}
+            self.interrupted = Interrupted(
+                g["step"], g["losses"], arrays["fitness"], arrays["fitness_opt"], before
+            )
+
+    def position(self) -> str:
+        """Where the evolution stands, between generations or inside the one a preemption
+        stopped, as the log says it."""
+        if self.interrupted is None:
+            return f"after {self.label(self.generation - 1)}"
+        return (f"in {self.label(self.generation)} after iteration "
+                f"{len(self.interrupted.losses)} of {self.ec.steps_per_generation}")  # fmt: skip
+
     def genomes(self) -> list[list[genome_lib.Genome]]:
         return [[ind.genome for ind in pop] for pop in self.populations]
 
@@ -260,7 +338,21 @@ class Evolution:
 
     # --- one generation or final round ------------------------------------------------
 
-    def run_generation(self, clock: Clock) -> dict[str, float]:
+    def run_generation(
+        self, clock: Clock, stop: Callable[[int], bool] = lambda step: False
+    ) -> dict[str, float] | None:
+        """One generation or final round (:func:`evolution.evolve` describes them), or the
+        rest of the one in :attr:`interrupted`.
+
+        Args:
+          clock: where its time goes.
+          stop: asked with the step after each iteration but the last (a preemption
+            notice); True stops the generation there, keeps it in :attr:`interrupted`
+            for a checkpoint and returns None.
+
+        Returns:
+          Its figures (TensorBoard), or None when ``stop`` said so.
+        """
         t, ec = self.generation, self.ec
         if t == ec.generations and not self.final["candidates"]:
             self.begin_final_rounds()
@@ -276,12 +368,19 @@ class Evolution:
         ]
         state = self.bank.assemble(trainer, alphas, self.step, sharding.replicated(self.mesh))
         compensation = self.compensation(picked)
-        new_cells = {
-            (l, i): evolution_report.cell_vector(state, l, k)
-            for l, idx in enumerate(picked)
-            for k, i in enumerate(idx)
-            if self.populations[l][i].n_prime == 0 and self.populations[l][i].birth > 0
-        }
+        resumed, self.interrupted = self.interrupted, None
+        if resumed is None:
+            new_cells = {
+                (l, i): evolution_report.cell_vector(state, l, k)
+                for l, idx in enumerate(picked)
+                for k, i in enumerate(idx)
+                if self.populations[l][i].n_prime == 0 and self.populations[l][i].birth > 0
+            }
+            done = []
+        else:  # The bank holds its weights so far; alpha and its Adam states come back.
+            state.variables["fitness"] = resumed.fitness
+            state.opt_state.update({f"fitness/{l}": s for l, s in resumed.fitness_opt.items()})
+            state.step, new_cells, done = resumed.step, resumed.before, resumed.losses
         clock.add("inherit", time.time() - start)
         later = self._unpicked(picked) if self.evolving else []  # Final rounds: fixed cells.
         clock.add("compile", self.precompiler.ready(self.keys(picked), later))
@@ -311,7 +410,18 @@ class Evolution:
             report=lambda i, loss: heartbeat.report(
                 i, f"evolve: {self.label(t)}, step", sync=loss, excluded_name="compiling"
             ),
+            done=done,
+            stop=stop,
         )
+        if len(losses) < ec.steps_per_generation:
+            self.bank.store(trainer, state)  # The weights so far (training donated the old).
+            fitness_opt = {f"layer_{l}": state.opt_state[f"fitness/layer_{l}"]
+                           for l in range(len(picked))}  # fmt: skip
+            before = {key: w for key, w in new_cells.items() if w.size}  # Skip cells: none.
+            self.interrupted = Interrupted(
+                state.step, losses, state.variables["fitness"], fitness_opt, before
+            )
+            return None
         self.step = state.step
         loss = float(np.mean(losses))
         compile_s = pieces.compile_seconds() - compiled

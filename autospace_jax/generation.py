@@ -45,6 +45,8 @@ def train_iterations(
     stage: str = "evolve",
     where: str = "",
     report: Callable[[int, Any], None] | None = None,
+    done: Sequence[float] = (),
+    stop: Callable[[int], bool] = lambda step: False,
 ) -> list[float]:
     """``steps`` supernet iterations from ``state.step`` (one evolve generation).
 
@@ -72,15 +74,19 @@ def train_iterations(
       stage, where: for the messages of a NaN/Inf stop.
       report: called as ``report(iterations done, last loss)`` after each iteration
         (progress lines; the loss is a device value to wait on).
+      done: the losses of the iterations the generation already ran (a run that a
+        preemption stopped, resumed): it goes on at iteration ``len(done)``.
+      stop: asked with ``state.step`` after each iteration but the last; True ends the
+        generation there (a preemption notice), and fewer than ``steps`` losses come back.
 
     Host syncs: with ``trainer.program == "fused"`` none until the end (the losses and
     alpha, read once); with pieces, alpha once per fitness step (the gate draw).
 
     Returns:
-      The weight steps' losses (host floats), checked finite.
+      The weight steps' losses (host floats), ``done``'s first, checked finite.
     """
     losses, first_step = [], state.step + 1
-    for i in range(steps):
+    for i in range(len(done), steps):
         step = state.step
         lr = cosine_learning_rate(learning_rate, i, steps)
         path = None
@@ -97,13 +103,16 @@ def train_iterations(
                    for j in range(chunks)]  # fmt: skip
             images, labels = (list(a) for a in zip(*val))
             trainer.fitness_step(state, images, labels, fitness_learning_rate, seed, compensation)
-            # The pieces read alpha for every gate draw anyway: check it at once. The fused
-            # program reads nothing back; its alpha is checked once, at the end.
-            if trainer.program == "pieces" or i == steps - 1:
-                failures.check_alphas(stage, state.step, trainer.alphas(state), first_step,
-                                      losses, where)  # fmt: skip
+        last = i == steps - 1 or stop(state.step)
+        # The pieces read alpha for every gate draw anyway: check it at once. The fused
+        # program reads nothing back; its alpha is checked once, at the end.
+        if step >= warmup_steps and (trainer.program == "pieces" or last):
+            failures.check_alphas(stage, state.step, trainer.alphas(state), first_step,
+                                  losses, where)  # fmt: skip
         if report is not None:
             report(i + 1, losses[-1])
+        if last:
+            break
     losses = jax.device_get(losses)  # One transfer for the check and the caller.
     failures.check_steps(stage, first_step, [{"loss": v} for v in losses], where)
-    return [float(v) for v in losses]
+    return [*done, *(float(v) for v in losses)]

@@ -23,7 +23,9 @@ from autospace_jax import (
     evolution,
     files,
     latency,
+    lease,
     pipeline,
+    preemption,
     train,
 )
 from autospace_jax.search import stage
@@ -71,12 +73,17 @@ def main(argv):
 
 
 def run_or_exit(config, mode: str, workdir: str) -> None:
-    """:func:`run`; a user error exits with status 1 and one line, ``FATAL <Class>: ...``.
+    """:func:`run`; a user error exits with status 1 and one line, ``FATAL <Class>: ...``;
+    a preemption, once its checkpoint is saved, with one line and
+    :data:`preemption.EXIT_STATUS`.
 
     Any other exception is a bug in autospace_jax: it says so, then keeps its traceback.
     """
     try:
         run(config, mode, workdir)
+    except preemption.Preempted as e:
+        logging.warning("%s", e)
+        sys.exit(preemption.EXIT_STATUS)
     except Exception as e:
         clear = user_error(e)
         if clear is None:
@@ -91,7 +98,9 @@ def run(config, mode: str, workdir: str) -> None:
 
     Raises:
       errors.UserError: the config, data, JSON files, checkpoints or run folder are
-        wrong; the message names which and what is accepted.
+        wrong, or another live run holds the folder; the message names which and what
+        is accepted.
+      preemption.Preempted: a preemption notice stopped the stage, its state saved.
     """
     distributed.maybe_initialize()  # Before anything asks JAX about devices.
     config_checks.validate(config)
@@ -112,7 +121,8 @@ def run(config, mode: str, workdir: str) -> None:
         jax.__version__,
         cache or "off",
     )
-    MODES[mode](config, workdir)
+    with lease.held(workdir, mode, config.takeover), preemption.listening():
+        MODES[mode](config, workdir)
 
 
 def user_error(e: BaseException) -> errors.UserError | None:

@@ -47,6 +47,7 @@ from autospace_jax import (
     madds,
     normalisation,
     platforms,
+    preemption,
     sharding,
     writers,
 )
@@ -386,7 +387,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             measured = progress.report(done, "train: step", sync=metrics)
             if measured is not None:
                 writer.write_scalars(done, measured.scalars("step"))
-            is_ckpt = done % tc.checkpoint_every_steps == 0 or done == total_steps
+            stop = preemption.reached(done)  # A preemption notice: this run's last step.
+            is_ckpt = done % tc.checkpoint_every_steps == 0 or done == total_steps or stop
             if done % tc.log_every_steps == 0 or is_ckpt:
                 # Every step since the last check, before anything is checkpointed.
                 pending = jax.device_get(pending)
@@ -401,7 +403,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, Any]:
             if is_ckpt:
                 elapsed = meta["elapsed_s"] + time.time() - start_time
                 ckpt.save(done, state, {"elapsed_s": elapsed})
-    finally:  # Even on failure, an async save in flight completes: it is the one to resume.
+            if stop:
+                writer.close()  # Its events so far reach the disk.
+                raise preemption.Preempted(STAGE, f"at step {done} of {total_steps}", done)
+    finally:  # Even on failure or preemption, a save in flight completes: the one to resume.
         ckpt.close()
 
     # --- final evaluation and summary -------------------------------------------------

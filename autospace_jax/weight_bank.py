@@ -32,6 +32,15 @@ def _shapes(tree: Any) -> Any:
     return jax.tree.map(lambda a: (tuple(a.shape), str(a.dtype)), tree)
 
 
+def _host(tree: Any) -> Any:
+    """``tree``'s arrays copied to host numpy arrays. What :meth:`WeightBank.assemble`
+    places on the mesh must be host arrays (or arrays already there): ``device_put`` of
+    a single-device array (what an eager ``jnp`` op makes) onto a multi-process mesh gives
+    an array that computes but cannot be read back shard by shard, as a checkpoint does.
+    A copy also outlives training, which donates the arrays it updates."""
+    return jax.tree.map(np.array, tree)
+
+
 class WeightBank:
     """Weights per (layer, genome id) with shared stem/head.
 
@@ -66,7 +75,7 @@ class WeightBank:
         return {c: abstract.get(c, {}) for c in ("params", "batch_stats")}
 
     def _entry(self, variables: dict[str, Any]) -> dict[str, Any]:
-        return {**variables, "opt": self.tx.init({"params": variables["params"]})}
+        return {**variables, "opt": _host(self.tx.init({"params": variables["params"]}))}
 
     def init_shared(self) -> None:
         """Fresh stem and head."""
@@ -102,8 +111,7 @@ class WeightBank:
                     continue
                 for c in ("params", "batch_stats"):
                     if name in variables[c]:
-                        # A copy: training donates the parent's buffers.
-                        variables[c][name] = jax.tree.map(jnp.array, have[c])
+                        variables[c][name] = _host(have[c])
                 inherited.append(name)
         self.cells[layer, genome.id] = self._entry(variables)
         return inherited
@@ -138,7 +146,7 @@ class WeightBank:
             params[f"layer_{l}"], stats[f"layer_{l}"] = layer_p, layer_s
             alpha = np.asarray(alphas[l], np.float32)
             fitness[f"layer_{l}"] = {"alpha": alpha}
-            opt[f"fitness/layer_{l}"] = trainer.tx.init({"fitness": fitness[f"layer_{l}"]})
+            opt[f"fitness/layer_{l}"] = _host(trainer.tx.init({"fitness": fitness[f"layer_{l}"]}))
         variables = {"params": params, "batch_stats": stats, "fitness": fitness}
         if replicated is not None:
             variables, opt = jax.device_put((variables, opt), replicated)

@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.compilation_cache = ""
     # Seconds between progress lines (rate and ETA of finished work) of a long stage.
     c.progress_every_secs = 15.0
+    # Run even when <workdir>/lease.json says another live run holds the folder (use only
+    # when that run is gone: its lease is stale anyway once its heartbeat is 5 min old).
+    c.takeover = False
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "digits"  # digits | npz | tfds:<name>

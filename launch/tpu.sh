@@ -36,6 +36,15 @@
 #
 # The run is attached to this terminal: start it inside tmux or screen for long runs.
 #
+# Exit status of a run, on every worker: 0 done; 1 one FATAL line (a user error) or a crash's
+# traceback; 75 (EX_TEMPFAIL) preempted: on SIGTERM (a spot or preemptible VM about to be taken,
+# a scheduler) every worker finished the same step, saved it to --workdir and logged one line,
+# "<stage>: preempted ... exit status 75, re-run the same command to resume there". Run this same
+# command again (--create if the VM was taken, --skip-install if its workers kept the install)
+# and the run resumes at that step. While a run is alive, a second launch into its --workdir
+# exits 1 naming it (its lease, <workdir>/lease.json); --config.takeover=True overrides that,
+# for a run you know is gone (a lease is stale anyway once its heartbeat is 5 minutes old).
+#
 # First, on any machine (a laptop will do: no TPU needed) with `pip install -e . "jax[tpu]"`,
 # check that every program of the run compiles and fits the slice's chips, same --config:
 #   python -m autospace_jax.main --config=configs/imagenet_mobile.py --mode=compile \

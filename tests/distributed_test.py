@@ -5,9 +5,12 @@ batch, and all reach the same decisions (space, arch) from replicated values.
 """
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 from tests import runner
 from tests.pipeline_test import TINY
@@ -20,9 +23,10 @@ def _free_port() -> int:
 
 
 def start_two(
-    cmd: list[str], extra_env: dict[str, str] | None = None
+    cmd: list[str], extra_env: dict[str, str] | None = None, sigterm_when=None
 ) -> list[subprocess.CompletedProcess]:
-    """Runs ``cmd`` as processes 0 and 1 of one JAX job (``extra_env`` added to runner.env())."""
+    """Runs ``cmd`` as processes 0 and 1 of one JAX job (``extra_env`` added to runner.env());
+    once ``sigterm_when()`` holds, if given, process 1 alone gets SIGTERM."""
     port = _free_port()
     procs = []
     for i in range(2):
@@ -36,6 +40,11 @@ def start_two(
         }
         out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
         procs.append(subprocess.Popen(cmd, cwd=runner.ROOT, env=env, text=True, **out))
+    if sigterm_when is not None:
+        deadline = time.time() + 300
+        while not sigterm_when() and procs[1].poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        procs[1].send_signal(signal.SIGTERM)
     outs = [p.communicate(timeout=900)[0] for p in procs]
     return [subprocess.CompletedProcess(cmd, p.returncode, out) for p, out in zip(procs, outs)]
 
@@ -46,13 +55,29 @@ def _final_table(log: str) -> list[str]:
 
 
 def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
+    """First a SIGTERM to process 1 alone, after evolve's first checkpoint: JAX's
+    preemption notice reaches both, which save the same step and exit with status 75.
+    Run again, both resume there and reach the same space, arch and accuracy."""
     workdir = str(tmp_path / "run")
     flags = [f for f in TINY if "generations" not in f and "search.steps" not in f]
     flags += ["--config.evolution.generations=2", "--config.search.steps=10"]
-    first, second = start_two(runner.command(workdir, *flags))
+    cmd = runner.command(workdir, *flags)
+    evolve = os.path.join(workdir, "evolve", "checkpoints")
+    stops = set()
+    for r in start_two(cmd, sigterm_when=lambda: runner.checkpoints(evolve, 4)):
+        assert r.returncode == 75, r.stdout[-3000:]
+        saved = re.search(r"\] (\w+): preempted \(JAX's preemption notice\) .*: its checkpoint "
+                          r"at step (\d+) is saved", r.stdout)  # fmt: skip
+        assert saved, r.stdout[-3000:]
+        stops.add(saved.groups())
+    assert len(stops) == 1, stops  # The same stage and step on both.
+    first, second = start_two(cmd)
     assert first.returncode == 0, first.stdout[-3000:]
     assert second.returncode == 0, second.stdout[-3000:]
     assert "process 0 of 2" in first.stdout and "process 1 of 2" in second.stdout
+    stage, step = stops.pop()
+    resumed = rf"{stage}: resumed (from step {step}\b|.*\(step {step}\))"
+    assert re.search(resumed, first.stdout) and re.search(resumed, second.stdout), resumed
     # Each process's copy of the final table (space, arch, accuracy) is the same.
     assert _final_table(first.stdout) == _final_table(second.stdout) != []
     assert os.path.isfile(os.path.join(workdir, "summary.json"))

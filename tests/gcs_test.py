@@ -10,7 +10,7 @@ import pytest
 from etils import epath
 from fsspec.implementations import memory
 
-from autospace_jax import errors, files
+from autospace_jax import errors, files, lease
 
 
 def test_the_gcs_filesystem_is_installed():
@@ -51,3 +51,14 @@ def test_run_folder_files_on_a_gs_bucket(fake_gcs):
     fake_gcs.pipe(f"{run}/evolve/summary.json", b"{not json")
     with pytest.raises(errors.RunFolderError, match="not valid JSON"):
         files.finished(f"{run}/evolve/summary.json", lambda s: True)
+
+
+def test_a_run_folder_lease_on_a_gs_bucket(fake_gcs):
+    """The lease reads, writes and removes through epath like every run-folder file."""
+    run = "gs://bucket/runs/r2"
+    with lease.held(run, "train", takeover=False):
+        assert fake_gcs.exists(f"{run}/{lease.FILENAME}")
+        with pytest.raises(errors.RunFolderError, match="in use by another run"):
+            with lease.held(run, "search", takeover=False):
+                pass
+    assert not fake_gcs.exists(f"{run}/{lease.FILENAME}")

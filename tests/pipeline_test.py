@@ -4,6 +4,7 @@ import json
 import os
 import random
 import re
+import signal
 
 import pytest
 
@@ -29,12 +30,21 @@ TINY = [
 ]
 
 # (stage, first checkpoint step that must exist before the kill; 0 = the stage's
-# folder exists but maybe no checkpoint yet). Three points inside every stage.
+# folder exists but maybe no checkpoint yet). Three points inside every stage; evolve
+# numbers its checkpoints by the supernet's step (4 a generation).
 KILL_POINTS = [
-    ("evolve", 0), ("evolve", 1), ("evolve", 3),
+    ("evolve", 0), ("evolve", 4), ("evolve", 12),
     ("search", 5), ("search", 10), ("search", 15),
     ("train", 10), ("train", 40), ("train", 70),
 ]  # fmt: skip
+
+
+# SIGTERM (stage, checkpoint that must exist first, SIGTERMs sent 10 ms apart): one
+# point in every stage, and in train a second SIGTERM while the first is handled.
+SIGTERM_POINTS = [("evolve", 4, 1), ("search", 5, 1), ("train", 10, 2)]
+# The line each stage logs when it resumes at step N.
+RESUMED = {"evolve": r"evolve: resumed .* \(step {}\)", "search": r"search: resumed from step {}$",
+           "train": r"train: resumed from step {} of"}  # fmt: skip
 
 
 def _read(workdir, *path):
@@ -99,6 +109,16 @@ def test_uninterrupted_pipeline_summary(straight):
     assert 0.0 < summary["test_accuracy"] <= 1.0
 
 
+def _assert_same_results(workdir, straight):
+    """The final space, children, history, arch and metrics are the uninterrupted run's."""
+    for name in ("space.json", "children.json", "history.json"):
+        assert _read(workdir, "evolve", name) == _read(straight, "evolve", name), name
+    assert _read(workdir, "search", "arch.json") == _read(straight, "search", "arch.json")
+    got, expected = _read(workdir, "summary.json"), _read(straight, "summary.json")
+    for key in ("test_accuracy", "madds", "params", "arch", "space_size_per_layer"):
+        assert got[key] == expected[key], key
+
+
 def test_nine_sigkills_three_per_stage_change_nothing(straight, tmp_path):
     """SIGKILL at 9 points (3 in each stage, a random delay after each trigger),
     re-running after each: the final space, arch and metrics equal an uninterrupted run."""
@@ -109,10 +129,28 @@ def test_nine_sigkills_three_per_stage_change_nothing(straight, tmp_path):
         )
     runner.run(runner.command(killed, *TINY), check=True)
 
-    for name in ("space.json", "children.json", "history.json"):
-        assert _read(killed, "evolve", name) == _read(straight, "evolve", name), name
-    assert _read(killed, "search", "arch.json") == _read(straight, "search", "arch.json")
-    got, expected = _read(killed, "summary.json"), _read(straight, "summary.json")
-    for key in ("test_accuracy", "madds", "params", "arch", "space_size_per_layer"):
-        assert got[key] == expected[key], key
+    _assert_same_results(killed, straight)
     assert _read(killed, "search", "summary.json")["resumed_from_step"] > 0
+
+
+def test_sigterm_in_each_stage_saves_there_and_the_reruns_change_nothing(straight, tmp_path):
+    """SIGTERM in evolve, search and train (twice), re-running after each: every run exits
+    with status 75 and one line naming the step it saved; the next run resumes at that
+    step, so no step runs twice; the results equal an uninterrupted run's."""
+    workdir = str(tmp_path / "preempted")
+    runs = []
+    for stage, step, count in SIGTERM_POINTS:
+        runs.append(runner.kill_when(runner.command(workdir, *TINY), _ready(workdir, stage, step),
+                                     signals=(signal.SIGTERM,) * count))  # fmt: skip
+        assert runs[-1].returncode == 75, runs[-1].stderr[-3000:]
+    runs.append(runner.run(runner.command(workdir, *TINY), check=True))
+
+    for (stage, _, _), run, rerun in zip(SIGTERM_POINTS, runs, runs[1:]):
+        last = run.stderr.strip().splitlines()[-1]
+        saved = re.search(rf"\] {stage}: preempted \(SIGTERM\) .*: its checkpoint at step (\d+) "
+                          "is saved; exit status 75, re-run the same command", last)  # fmt: skip
+        assert saved, last
+        resumed = RESUMED[stage].format(saved[1])
+        assert re.search(resumed, rerun.stderr, re.MULTILINE), (stage, resumed)
+    _assert_same_results(workdir, straight)
+    assert not os.path.exists(os.path.join(workdir, "lease.json"))

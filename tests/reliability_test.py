@@ -308,13 +308,13 @@ NAN_CASES = [
 def test_evolve_stops_on_nan_loss_or_fitness(tmp_path, monkeypatch, split, what):
     workdir = str(tmp_path / "run")
     saved = _record_saves(monkeypatch)
-    # Step 3 of 4, the first of generation 1; a checkpoint after each generation.
+    # Step 3 of 4, the first of generation 1; a checkpoint after each generation (step 2).
     _poison(monkeypatch, at_step=2, poisoned=split)
     # Fitness steps from the start: a NaN loss is still named first (failures.check_alphas).
     config = evolve_config()
     run = functools.partial(evo.evolve, config, workdir)
     _raises_non_finite(run, "stage 'evolve'", what, "(generation 1) at step 3;")
-    _assert_latest_is(os.path.join(workdir, "evolve", "checkpoints"), 1, saved[1])
+    _assert_latest_is(os.path.join(workdir, "evolve", "checkpoints"), 2, saved[2])
 
 
 @pytest.mark.parametrize("split, what", NAN_CASES)

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 # Tests compile without LLVM's optimisations: on CPU, compiling is most of a tiny test's
@@ -45,14 +46,26 @@ def checkpoints(folder: str, at_least: int = 0) -> bool:
     )
 
 
-def kill_when(cmd: list[str], ready, timeout: float = 300, delay: float = 0.0) -> None:
-    """Starts ``cmd``, SIGKILLs it ``delay`` s after ``ready()`` holds; fails if it ended first."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not ready():
-        time.sleep(0.02)
-    time.sleep(delay)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def kill_when(
+    cmd: list[str],
+    ready,
+    timeout: float = 300,
+    delay: float = 0.0,
+    signals: tuple[int, ...] = (signal.SIGKILL,),
+) -> subprocess.CompletedProcess:
+    """Starts ``cmd``, sends it ``signals`` (10 ms apart) ``delay`` s after ``ready()``
+    holds; fails if it ended first. Returns its exit status and stderr once it ends."""
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=stderr, text=True)  # fmt: skip
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None and not ready():
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert proc.poll() is None, "the run ended before it could be signalled"
+        for i, sig in enumerate(signals):
+            time.sleep(0.01 if i else 0.0)
+            proc.send_signal(sig)
+        proc.wait(timeout=timeout)
+        stderr.seek(0)
+        return subprocess.CompletedProcess(cmd, proc.returncode, stderr=stderr.read())

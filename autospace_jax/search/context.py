@@ -8,8 +8,19 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
-from autospace_jax import cells, checkpoint, errors, failures, fused, madds, pieces, sharding
+from autospace_jax import (
+    cells,
+    checkpoint,
+    errors,
+    failures,
+    fused,
+    madds,
+    pieces,
+    preemption,
+    sharding,
+)
 from autospace_jax import progress as progress_lib
 from autospace_jax import supernet as sn
 from autospace_jax import supernet_trainer as trainer_lib
@@ -177,17 +188,28 @@ class SearchContext:
         algorithm shares: first the newest checkpoint is restored (``extra``: the
         structure of what the algorithm keeps beside the supernet, handed with the
         checkpoint's meta to ``restored``); after each step, progress (:meth:`report`)
-        and, every ``search.checkpoint_every_steps`` and after the last, a checkpoint
-        of the supernet with ``to_save()``'s ``(extra, meta)``."""
+        and, every ``search.checkpoint_every_steps``, after the last and on a
+        preemption notice, a checkpoint of the supernet with ``to_save()``'s
+        ``(extra, meta)``.
+
+        Raises:
+          preemption.Preempted: a notice came; the step it finished is saved.
+        """
         sc = self.config.search
         got = self.restore(extra or {})
         if got is not None:
             restored(*got)
         for step in range(got[1]["step"] if got else 0, sc.steps):
             yield step
-            self.report(step + 1, phase, warmup_steps)
-            if (step + 1) % sc.checkpoint_every_steps == 0 or step + 1 == sc.steps:
-                self.save(step + 1, *to_save())
+            done = step + 1
+            self.report(done, phase, warmup_steps)
+            stop = preemption.reached(done)
+            if done % sc.checkpoint_every_steps == 0 or done == sc.steps or stop:
+                self.save(done, *to_save())
+            if stop:
+                name = phase if done > warmup_steps else "warm-up"
+                where = f"at {name} step {done} of {sc.steps}"
+                raise preemption.Preempted(self.checkpointer.stage, where, done)
 
     def save(self, step: int, extra: dict[str, Any], meta: dict[str, Any]) -> None:
         """Checks (:meth:`check`), then checkpoints the supernet, ``extra`` and ``meta``."""
@@ -212,6 +234,7 @@ class SearchContext:
         step, tree, meta = self.checkpointer.restore_latest(lambda _: target)
         self.state.variables, self.state.opt_state = tree["variables"], tree["opt_state"]
         self.state.step, self.resumed_step = meta["step"], step
+        logging.info("search: resumed from step %d", step)
         return tree["extra"], meta
 
     # --- evaluation with recalibrated BatchNorm ---------------------------------------------

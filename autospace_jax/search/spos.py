@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from autospace_jax import pieces
+from autospace_jax import pieces, preemption
 from autospace_jax import progress as progress_lib
 from autospace_jax.search.context import SearchContext, UnreachableTarget
 
@@ -87,6 +87,10 @@ def run(ctx: SearchContext) -> tuple[Callable[[float], list[int]], dict]:
             measured = rounds.report(round_ + 1, what, excluded_name="compiling")
             if measured is not None and ctx.writer is not None:
                 ctx.writer.write_scalars(sc.steps + done, measured.scalars("round"))
+            if preemption.reached(sc.steps + done):  # Saved above.
+                where = (f"at evolution round {round_ + 1} of {sc.spos_iterations} (at most "
+                         f"{ctx.fmt(limit)})")  # fmt: skip
+                raise preemption.Preempted(ctx.checkpointer.stage, where, sc.steps + done)
         figures["evaluated_paths"] = len(scores)
         return sorted(population, key=lambda p: (-score(p), p))[0]
 
