@@ -19,7 +19,7 @@ setup(
         "orbax-checkpoint==0.12.8",
         "tensorflow-datasets==4.9.10",
         "array_record==0.8.6",
-        # Streaming input from 128 px on (autospace_jax/streaming.py).
+        # Streaming input from 128 px on (autospace_jax/data/streaming.py).
         "grain==0.2.18",
         # gs:// run folders and data: etils.epath reads and writes GCS through gcsfs.
         "gcsfs==2026.10.1",

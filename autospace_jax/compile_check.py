@@ -49,26 +49,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import (
-    data_sources,
-    errors,
-    files,
-    fused,
-    madds,
-    pieces,
-    platforms,
-    precompile,
-    sharding,
-    spaces,
-    train,
-)
-from autospace_jax import genome as genome_lib
-from autospace_jax import progress as progress_lib
-from autospace_jax import supernet as sn
-from autospace_jax import supernet_trainer as trainer_lib
-from autospace_jax.evolution_state import Evolution
+from autospace_jax.data import sources as data_sources
+from autospace_jax.evolution.state import Evolution
+from autospace_jax.final import train
+from autospace_jax.runtime import errors, files, platforms, sharding
+from autospace_jax.runtime import progress as progress_lib
 from autospace_jax.search import proxyless
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import genome as genome_lib
+from autospace_jax.space import madds, spaces
+from autospace_jax.supernet import fused, pieces, precompile
+from autospace_jax.supernet import trainer as trainer_lib
 
 STAGE = "compile"
 GiB = 2**30
@@ -409,7 +400,7 @@ class SupernetPrograms:
       extra: the fitness step's extra alpha gradient (proxyless: Eq. 6's term).
     """
 
-    def __init__(self, evo: Evolution, spec: sn.SupernetSpec, stage: str,
+    def __init__(self, evo: Evolution, spec: spaces.SupernetSpec, stage: str,
                  fitness_estimate: str, programs: dict[str, bool], extra: fused.Extra):  # fmt: skip
         self.evo, self.spec, self.stage = evo, spec, stage
         self.programs, self.extra = programs, extra
@@ -562,7 +553,7 @@ def _final_arch(config: Any, workdir: str, skeleton: arch_lib.Skeleton) -> tuple
     return arch_lib.uniform(skeleton, reference), "the reference network (stand-in)"
 
 
-def _search_space(config: Any, workdir: str, evo: Evolution) -> tuple[sn.SupernetSpec, str]:
+def _search_space(config: Any, workdir: str, evo: Evolution) -> tuple[spaces.SupernetSpec, str]:
     name = config.search.space
     learned = os.path.join(workdir, "evolve", "space.json")
     if name != "learned" or files.exists(learned):
@@ -570,7 +561,7 @@ def _search_space(config: Any, workdir: str, evo: Evolution) -> tuple[sn.Superne
     return evo.spec(evo.select()), "the first generation's cells (stand-in for the learned space)"
 
 
-def _madds_term(config: Any, space: sn.SupernetSpec, image_shape) -> proxyless.MaddsTerm:
+def _madds_term(config: Any, space: spaces.SupernetSpec, image_shape) -> proxyless.MaddsTerm:
     """Eq. 6's term as proxyless builds it, on MAdds (its shape is what compiles)."""
     table = [
         [madds.cell_cost(g, s, c_in, c_out, stride).madds for g in genomes]

@@ -10,10 +10,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from autospace_jax import augment, errors, files, gates, platforms, search
-from autospace_jax import genome as genome_lib
+from autospace_jax import search
+from autospace_jax.data import augment
+from autospace_jax.runtime import errors, files, platforms
+from autospace_jax.space import genome as genome_lib
+from autospace_jax.supernet import gates
 
-ConfigError = errors.ConfigError  # Raised by validate(); its home is errors.py.
+ConfigError, fail = errors.ConfigError, errors.fail  # Their home is runtime/errors.py.
 
 
 def _is_int(v: Any) -> bool:
@@ -180,10 +183,6 @@ def _get(config: Any, field: str) -> Any:
     for part in field.split("."):
         node = node[part]
     return node
-
-
-def fail(field: str, value: Any, accepted: str) -> None:
-    raise ConfigError(f"config.{field}={value!r} is invalid; accepted: {accepted}")
 
 
 def validate(config: Any) -> None:

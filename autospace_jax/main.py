@@ -15,28 +15,16 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autospace_jax import (
-    compile_check,
-    config_checks,
-    distributed,
-    errors,
-    evolution,
-    files,
-    latency,
-    lease,
-    pipeline,
-    preemption,
-    train,
-)
-from autospace_jax.search import stage
+from autospace_jax import compile_check, config_checks, evolution, final, latency, pipeline, search
+from autospace_jax.runtime import distributed, errors, files, lease, preemption
 
 MODES = {
     "compile": compile_check.run,
-    "evolve": evolution.evolve,
+    "evolve": evolution.run,
     "latency": latency.run,
     "pipeline": pipeline.run,
-    "search": stage.search,
-    "train": train.train_and_evaluate,
+    "search": search.run,
+    "train": final.run,
 }
 
 FLAGS = flags.FLAGS

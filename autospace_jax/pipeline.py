@@ -16,9 +16,10 @@ from typing import Any
 
 from absl import logging
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import evolution, files, spaces, train
-from autospace_jax.search import stage
+from autospace_jax import evolution, final, search
+from autospace_jax.runtime import files
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import spaces
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -26,9 +27,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     start = time.time()
     stages: dict[str, dict[str, Any]] = {}
     if config.search.space == "learned":
-        stages["evolve"] = evolution.evolve(config, workdir)
-    stages["search"] = stage.search(config, workdir)
-    stages["train"] = train.train_and_evaluate(config, workdir)
+        stages["evolve"] = evolution.run(config, workdir)
+    stages["search"] = search.run(config, workdir)
+    stages["train"] = final.run(config, workdir)
     space = files.read_json(os.path.join(workdir, "search", "summary.json"))
     arch = arch_lib.load_arch(os.path.join(workdir, "train", "arch.json"))
     sizes = _space_sizes(config, workdir, arch)

@@ -9,7 +9,7 @@ import re
 
 import jax
 
-from autospace_jax import platforms
+from autospace_jax.runtime import platforms
 
 platforms.skip_absent_tpu()  # Before machine() asks JAX for its backend.
 

@@ -1,7 +1,7 @@
 """A PyTorch (eager, CPU) mirror of autospace_jax's supernet, for benchmarks/supernet_step.py.
 
 Not part of the package, and PyTorch is not one of its dependencies. Every module
-mirrors ``autospace_jax/cells.py`` op for op:
+mirrors ``autospace_jax/nn/cells.py`` op for op:
 
 * ConvBN: conv without bias, TF/XLA ``SAME`` padding (on a stride-2 edge of an
   even input the pad is (0, 1), not PyTorch's symmetric 1), BatchNorm with batch
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autospace_jax import genome as genome_lib
+from autospace_jax.space import genome as genome_lib
 
 BN_MOMENTUM = 0.1  # PyTorch convention: 1 - cells.BN_MOMENTUM.
 BN_EPSILON = 1e-5

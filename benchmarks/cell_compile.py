@@ -49,11 +49,15 @@ def measure(cells: int, parts: bool) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from autospace_jax import cells as cells_lib
-    from autospace_jax import evolution_state, initializers, madds, pieces, population, sharding
-    from autospace_jax import genome as genome_lib
-    from autospace_jax import supernet as sn
-    from autospace_jax import supernet_trainer as trainer_lib
+    from autospace_jax.evolution import population
+    from autospace_jax.evolution import state as evolution_state
+    from autospace_jax.nn import cells as cells_lib
+    from autospace_jax.nn import initializers
+    from autospace_jax.runtime import sharding
+    from autospace_jax.space import genome as genome_lib
+    from autospace_jax.space import madds
+    from autospace_jax.supernet import model as sn
+    from autospace_jax.supernet import pieces
 
     mesh = sharding.create_mesh()
     rep, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -72,13 +76,13 @@ def measure(cells: int, parts: bool) -> dict:
     x = jax.ShapeDtypeStruct((64, 8, 8, 16), jnp.float32, sharding=data)
     out = {"cells": len(genomes)}
     out["compile_s"] = sum(
-        _seconds(lambda g=g: pieces.precompile_cell(trainer_lib.piece_cell(g, 16, 1), x, rep, tx))
+        _seconds(lambda g=g: pieces.precompile_cell(cells_lib.piece_cell(g, 16, 1), x, rep, tx))
         for g in genomes
     ) / len(genomes)
     images = jax.device_put(np.random.default_rng(0).standard_normal(x.shape, np.float32), data)
     steps = []
     for g in genomes:
-        module = trainer_lib.piece_cell(g, 16, 1)
+        module = cells_lib.piece_cell(g, 16, 1)
         abstract = jax.eval_shape(functools.partial(module.init, train=False),
                                   jax.random.key(0), images)  # fmt: skip
         variables = jax.device_put(initializers.host_init(abstract, 0), rep)

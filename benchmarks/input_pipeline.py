@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import grain  # noqa: E402
 
-from autospace_jax import input_pipeline  # noqa: E402
+from autospace_jax.data import input_pipeline  # noqa: E402
 from benchmarks import _report, supernet_syncs, synthetic_imagenet  # noqa: E402
 from configs import default  # noqa: E402
 

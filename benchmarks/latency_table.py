@@ -1,6 +1,6 @@
 """The latency table's prediction of whole networks against their measured latency.
 
-Runs ``--mode=latency`` (autospace_jax/latency.py) on configs/digits.py's
+Runs ``--mode=latency`` (autospace_jax/latency/table.py) on configs/digits.py's
 skeleton and the manual IRB space (7 candidates per layer): every candidate
 cell, the stem and the head timed on this device at batch 1 and 64, then
 ``latency.check_paths`` random whole networks timed against the table's sum.
@@ -27,14 +27,14 @@ def main() -> None:
     a = p.parse_args()
     from absl import logging
 
-    from autospace_jax import latency
+    from autospace_jax.latency import stage as latency_stage
     from configs import digits
 
     logging.set_verbosity(logging.WARNING)
     config = digits.get_config()
     config.search.space, config.latency.check_paths = "manual_irb", a.paths
     with tempfile.TemporaryDirectory() as workdir:
-        table = latency.run(config, workdir)
+        table = latency_stage.run(config, workdir)
     check = table["check"]
     rows = []
     for b in table["batch_sizes"]:

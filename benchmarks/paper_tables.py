@@ -78,25 +78,21 @@ import numpy as np  # noqa: E402
 from absl import logging  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from autospace_jax import arch as arch_lib  # noqa: E402
-from autospace_jax import (  # noqa: E402,E501
-    config_checks,
-    data_sources,
-    evolution,
-    files,
-    generation,
-    input_pipeline,
-    sharding,
-    spaces,
-    train,
-)
-from autospace_jax import gates as gates_lib  # noqa: E402
-from autospace_jax import genome as genome_lib  # noqa: E402
+from autospace_jax import config_checks  # noqa: E402
 from autospace_jax import main as main_lib  # noqa: E402
-from autospace_jax import supernet as sn  # noqa: E402
-from autospace_jax import supernet_trainer as trainer_lib  # noqa: E402
+from autospace_jax.data import input_pipeline  # noqa: E402
+from autospace_jax.data import sources as data_sources  # noqa: E402
+from autospace_jax.evolution import stage as evolution  # noqa: E402
+from autospace_jax.final import train  # noqa: E402
+from autospace_jax.runtime import files, sharding  # noqa: E402
 from autospace_jax.search import stage  # noqa: E402
 from autospace_jax.search.context import network_madds  # noqa: E402
+from autospace_jax.space import arch as arch_lib  # noqa: E402
+from autospace_jax.space import genome as genome_lib  # noqa: E402
+from autospace_jax.space import spaces  # noqa: E402
+from autospace_jax.supernet import gates as gates_lib  # noqa: E402
+from autospace_jax.supernet import schedules  # noqa: E402
+from autospace_jax.supernet import trainer as trainer_lib  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from configs import cifar10  # noqa: E402
 
@@ -273,7 +269,7 @@ class Runs:
     def evolve(self, use_reference: bool, seed: int) -> dict:
         c = _with(self.base, seed, evolution__use_reference=use_reference)
         name = evolve_name(use_reference, seed)
-        return evolution.evolve(c, os.path.join(self.out, "evolve", name))
+        return evolution.run(c, os.path.join(self.out, "evolve", name))
 
     def space_path(self, use_reference: bool, seed: int) -> str:
         return os.path.join(self.out, "evolve", evolve_name(use_reference, seed), "evolve",
@@ -282,14 +278,14 @@ class Runs:
     def search(self, name: str, space: str, algorithm: str, target: int, seed: int) -> dict:
         c = _with(self.base, seed, search__space=space, search__algorithm=algorithm,
                   search__target_madds=int(target))  # fmt: skip
-        summary = stage.search(c, os.path.join(self.out, "search", name))
+        summary = stage.run(c, os.path.join(self.out, "search", name))
         return {**summary, "arch_path": self.arch_path(name)}
 
     def arch_path(self, search_name_: str) -> str:
         return os.path.join(self.out, "search", search_name_, "search", "arch.json")
 
     def train_seed(self, name: str, arch_path: str, seed: int) -> dict:
-        return train.train_and_evaluate(
+        return train.run(
             _with(self.base, seed, train__arch=arch_path),
             os.path.join(self.out, "train", name, f"seed{seed}"),
         )
@@ -368,7 +364,7 @@ def separation(a, b) -> dict:
     return {"gap": gap, "two_sd": two_sd, "separated": abs(gap) > two_sd}
 
 
-def path_madds(space: sn.SupernetSpec, image_shape) -> np.ndarray:
+def path_madds(space: spaces.SupernetSpec, image_shape) -> np.ndarray:
     """Sorted MAdds of every path of a (small) space."""
     table, base = network_madds(space, image_shape)
     sums = {int(base)}
@@ -462,7 +458,7 @@ def score_gradients(trainer, state, dataset, data, batch: int, seed: int, draws:
 def depth_supernet(c: ml_collections.ConfigDict, dataset, skeleton, init: int, **trainer_kw):
     """(state, trainer, batch sharding) of Table 6's supernet of the three depth networks,
     alpha ~ N(0, supernet.fitness_init_std) from seed ``init``."""
-    spec = sn.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
+    spec = spaces.SupernetSpec(skeleton, tuple(DEPTH_NETS for _ in skeleton.layers))
     trainer_kw.setdefault("fitness_estimate", c.evolution.fitness_estimate)
     trainer = trainer_lib.SupernetTrainer.from_config(spec, c, tied=True, **trainer_kw)
     mesh = sharding.create_mesh()
@@ -478,7 +474,7 @@ def supernet_iterations(c, trainer, state, dataset, data, seed: int, steps: int,
               fitness_learning_rate=c.supernet.fitness_learning_rate,
               fitness_batch_size=c.evolution.fitness_batch_size, uniform_paths=True)  # fmt: skip
     kw.update(overrides)
-    return generation.train_iterations(trainer, state, dataset, steps=steps, seed=seed, data=data,
+    return schedules.train_iterations(trainer, state, dataset, steps=steps, seed=seed, data=data,
                                warmup_steps=warmup, stage="table 6", **kw)  # fmt: skip
 
 

@@ -21,12 +21,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autospace_jax import arch as arch_lib  # noqa: E402
-from autospace_jax import gates as gates_lib  # noqa: E402
-from autospace_jax import genome as g  # noqa: E402
-from autospace_jax import pieces  # noqa: E402
-from autospace_jax import supernet as sn  # noqa: E402
-from autospace_jax import supernet_trainer as trainer_lib  # noqa: E402
+from autospace_jax.space import arch as arch_lib  # noqa: E402
+from autospace_jax.space import genome as g  # noqa: E402
+from autospace_jax.space import spaces
+from autospace_jax.supernet import gates as gates_lib  # noqa: E402
+from autospace_jax.supernet import pieces  # noqa: E402
+from autospace_jax.supernet import trainer as trainer_lib  # noqa: E402
 from benchmarks import _report  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def live_bytes() -> int:
 
 def peak_of_step(k: int, batch: int, image: int, all_paths: bool) -> tuple[int, int]:
     skeleton = arch_lib.Skeleton(16, 1, ((16, 1), (24, 2), (24, 1), (32, 2), (32, 1)), 64, 10)
-    spec = sn.SupernetSpec(skeleton, tuple(candidates(k) for _ in skeleton.layers))
+    spec = spaces.SupernetSpec(skeleton, tuple(candidates(k) for _ in skeleton.layers))
     trainer = trainer_lib.SupernetTrainer(spec)
     state = trainer.init((image, image, 3), seed=0)
     state.variables = jax.device_put(state.variables)

@@ -7,7 +7,7 @@ default-palette cells per layer, binary gates with two paths. A weight step
 (``SupernetTrainer.weight_step``) samples the gates and runs only the active cell
 of each layer: forward, backward, SGD + Nesterov momentum (weight decay on
 kernels) of the modules that ran. The PyTorch reference
-(benchmarks/_torch_supernet.py) mirrors autospace_jax/cells.py op for op. The
+(benchmarks/_torch_supernet.py) mirrors autospace_jax/nn/cells.py op for op. The
 script first checks, from the same initial weights and on each of 4 paths that
 together run every cell (JAX compiles there), that every module computes the
 same output, input gradient and parameter gradients in both, that the logits
@@ -48,11 +48,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from autospace_jax import arch as arch_lib  # noqa: E402
-from autospace_jax import genome as g  # noqa: E402
-from autospace_jax import pieces, sharding  # noqa: E402
-from autospace_jax import supernet as sn  # noqa: E402
-from autospace_jax import supernet_trainer as trainer_lib  # noqa: E402
+from autospace_jax.runtime import sharding
+from autospace_jax.space import arch as arch_lib  # noqa: E402
+from autospace_jax.space import genome as g  # noqa: E402
+from autospace_jax.space import spaces
+from autospace_jax.supernet import model as sn  # noqa: E402
+from autospace_jax.supernet import pieces  # noqa: E402
+from autospace_jax.supernet import trainer as trainer_lib  # noqa: E402
 from benchmarks import _report  # noqa: E402
 from configs import default, imagenet_mobile  # noqa: E402
 
@@ -93,7 +95,7 @@ def skeleton(small: bool) -> arch_lib.Skeleton:
     return arch_lib.skeleton_from_config(config.model, NUM_CLASSES)
 
 
-def supernet_spec(small: bool = False) -> sn.SupernetSpec:
+def supernet_spec(small: bool = False) -> spaces.SupernetSpec:
     """21 layers x the 4 cells above, or (``small``) 5 layers x 2 cells (IRB, MUL)."""
     sk = skeleton(small)
     candidates, c_in = [], sk.stem
@@ -101,7 +103,7 @@ def supernet_spec(small: bool = False) -> sn.SupernetSpec:
         fourth = g.SKIP if g.has_residual(stride, c_in, c_out) else R1
         candidates.append((IRB, MUL) if small else (IRB, IRB_EXTRA, MUL, fourth))
         c_in = c_out
-    return sn.SupernetSpec(sk, tuple(candidates))
+    return spaces.SupernetSpec(sk, tuple(candidates))
 
 
 def batches(n: int, batch: int, seed: int = 0):
@@ -115,7 +117,7 @@ def batches(n: int, batch: int, seed: int = 0):
     ]
 
 
-def fixed_paths(spec: sn.SupernetSpec) -> list[list[int]]:
+def fixed_paths(spec: spaces.SupernetSpec) -> list[list[int]]:
     """Path k takes candidate k in every layer: together they run every cell."""
     return [[k] * spec.skeleton.num_layers for k in range(len(spec.candidates[0]))]
 

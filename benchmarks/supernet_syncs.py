@@ -47,20 +47,21 @@ def measure(code: str, program: str) -> dict:
     import jax
     import numpy as np
 
-    from autospace_jax import pieces, sharding
+    from autospace_jax.runtime import sharding
+    from autospace_jax.supernet import pieces
 
     if not os.path.exists(os.path.join(code, "autospace_jax", "supernet_trainer.py")):
         # Older code: the trainer lived in supernet.py (supernet_step imports the new home).
-        from autospace_jax import supernet
+        from autospace_jax.supernet import model as supernet
 
-        sys.modules["autospace_jax.supernet_trainer"] = supernet
-    from autospace_jax import supernet_trainer as trainer_lib
+        sys.modules["autospace_jax.supernet.trainer"] = supernet
+    from autospace_jax.supernet import trainer as trainer_lib
     from benchmarks import supernet_step
     from benchmarks._host_reads import count_host_reads
 
     fused = None  # Before the fused step there is none.
     if os.path.exists(os.path.join(code, "autospace_jax", "fused.py")):
-        from autospace_jax import fused
+        from autospace_jax.supernet import fused
     calls = {"n": 0}
 
     def counted(fn):

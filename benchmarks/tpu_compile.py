@@ -51,7 +51,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from autospace_jax import compile_check, precompile  # noqa: E402
+from autospace_jax import compile_check  # noqa: E402
+from autospace_jax.space import spaces
+from autospace_jax.supernet import precompile
 from benchmarks import _report  # noqa: E402
 
 RESULTS = os.path.join(_report.ROOT, "benchmarks", "results", "tpu_compile")
@@ -120,10 +122,10 @@ def summarise(path: str, utilisation: float) -> dict:
 
 def fused_contrast(topology: str, layers: int) -> list[list]:
     """In this process: the first ``layers`` layers as one program per step and as pieces."""
-    from autospace_jax import arch as arch_lib
-    from autospace_jax import data_sources, platforms, sharding
-    from autospace_jax import supernet as sn
-    from autospace_jax.evolution_state import Evolution
+    from autospace_jax.data import sources as data_sources
+    from autospace_jax.evolution.state import Evolution
+    from autospace_jax.runtime import platforms, sharding
+    from autospace_jax.space import arch as arch_lib
     from configs import imagenet_mobile
 
     platforms.skip_absent_tpu()
@@ -141,7 +143,7 @@ def fused_contrast(topology: str, layers: int) -> list[list]:
         short = arch_lib.Skeleton(sk.stem, sk.stem_stride, sk.layers[:layers], sk.head,
                                   sk.num_classes)  # fmt: skip
         for k in (K_SMALL, config.evolution.cells_per_layer):
-            spec = sn.SupernetSpec(short, [c[:k] for c in full.candidates[:layers]])
+            spec = spaces.SupernetSpec(short, [c[:k] for c in full.candidates[:layers]])
             evo.skeleton = short  # The stem and head programs of the short supernet.
             compiler = compile_check.Compiler(os.cpu_count() or 1, 60.0, t.name)
             programs = {"evaluate": False, "gradient": False}

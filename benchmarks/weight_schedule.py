@@ -5,7 +5,7 @@
 
 Runs ``--mode=evolve`` of configs/digits.py twice in this process, each in a
 fresh workdir: with evolve's schedule (the weights' learning rate a cosine that
-restarts every generation, ``generation.cosine_learning_rate``) and with one
+restarts every generation, ``schedules.cosine_learning_rate``) and with one
 cosine over the whole stage (the schedule before it). For every child, evolve
 records how far its weights moved in the first generation it was trained in,
 ``||w_after - w_before|| / ||w_before||`` (``first_update`` in children.json);
@@ -24,7 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from autospace_jax import evolution, files, generation  # noqa: E402
+from autospace_jax.evolution import stage as evolution  # noqa: E402
+from autospace_jax.runtime import files
+from autospace_jax.supernet import schedules
 from benchmarks import _report  # noqa: E402
 from configs import digits  # noqa: E402
 
@@ -33,12 +35,12 @@ SECTION = "Weights of late cells"
 
 def one_cosine(total: int):
     """train_iterations with the learning rate of one cosine over ``total`` steps."""
-    generation_iterations = generation.train_iterations
+    generation_iterations = schedules.train_iterations
 
     def run(trainer, state, dataset, *, steps, learning_rate, **kw):
         losses = []
         for _ in range(steps):  # One step at a time: at i = 0 the generation's rate is the peak.
-            lr = generation.cosine_learning_rate(learning_rate, state.step, total)
+            lr = schedules.cosine_learning_rate(learning_rate, state.step, total)
             losses += generation_iterations(
                 trainer, state, dataset, steps=1, learning_rate=lr, **kw
             )
@@ -51,15 +53,15 @@ def measure(schedule: str) -> dict:
     config = digits.get_config()
     ec = config.evolution
     total = (ec.generations + ec.final_rounds) * ec.steps_per_generation
-    patched = generation.train_iterations
+    patched = schedules.train_iterations
     if schedule == "one cosine over evolve":
-        generation.train_iterations = one_cosine(total)
+        schedules.train_iterations = one_cosine(total)
     try:
         with tempfile.TemporaryDirectory() as workdir:
-            summary = evolution.evolve(config, workdir)
+            summary = evolution.run(config, workdir)
             children = files.read_json(os.path.join(workdir, "evolve", "children.json"))
     finally:
-        generation.train_iterations = patched
+        schedules.train_iterations = patched
     half = ec.generations / 2
     early = [c["first_update"] for c in children if "first_update" in c and c["generation"] < half]
     late = [c["first_update"] for c in children if "first_update" in c and c["generation"] >= half]

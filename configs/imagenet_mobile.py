@@ -48,7 +48,7 @@ to ``launch/tpu.sh``.
 
 import ml_collections
 
-from autospace_jax import errors
+from autospace_jax.runtime import errors
 from configs import default
 
 IMAGENET_TRAIN_IMAGES = 1_281_167

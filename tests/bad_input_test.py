@@ -1,7 +1,7 @@
 """Bad data and bad run folders end in one ``FATAL <Class>: ...`` line, before training.
 
 Every case goes through ``main.run_or_exit``, the command line's own handling
-(tests/train_test.py and the CLI cases at the end run the real command): a user
+(tests/final/train_test.py and the CLI cases at the end run the real command): a user
 error exits with a one-line message (status 1, no traceback); anything else
 would escape as an exception and fail the test. After each case the run folder
 holds no checkpoint, summary or arch: no training step ran.
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from etils import epath
 
-from autospace_jax import errors, files, input_pipeline
 from autospace_jax import main as main_lib
+from autospace_jax.data import input_pipeline
+from autospace_jax.runtime import errors, files
 from configs import digits
 from tests import runner
 
@@ -184,8 +185,8 @@ def test_damaged_summary_json_names_the_file(tmp_path):
 
 def test_checkpoints_of_another_architecture(tmp_path):
     """A train folder holding checkpoints of the reference IRB, asked for another arch."""
-    from autospace_jax import arch as arch_lib
-    from autospace_jax import genome as genome_lib
+    from autospace_jax.space import arch as arch_lib
+    from autospace_jax.space import genome as genome_lib
 
     config = _config(_valid_npz(tmp_path))
     skeleton = arch_lib.skeleton_from_config(config.model, 4)
@@ -285,10 +286,10 @@ def _subclasses(cls):
 def test_every_user_error_class_is_one_fatal_line(monkeypatch, tmp_path):
     """Walks every user-facing class (a new one must be added here, with a real case)."""
     # Imported for their classes: each module defines one.
-    from autospace_jax import checkpoint, compile_check, failures, genome, latency  # noqa: F401
+    from autospace_jax import compile_check  # noqa: F401
     from autospace_jax.search import context  # noqa: F401
 
-    # Real cases of LatencyTableError: tests/latency_test.py.
+    # Real cases of LatencyTableError: tests/latency/latency_test.py.
     classes = {c.__name__: c for c in _subclasses(errors.UserError)}
     # Real cases of WontFit: tests/compile_check_test.py.
     assert sorted(classes) == ["CheckpointError", "ConfigError", "DataError", "GenomeError",

@@ -13,11 +13,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from autospace_jax import compile_check, errors, pieces, platforms, sharding
-from autospace_jax import genome as g
-from autospace_jax import supernet as sn
-from autospace_jax import supernet_trainer as trainer_lib
-from autospace_jax.arch import Skeleton
+from autospace_jax import compile_check
+from autospace_jax.runtime import errors, platforms, sharding
+from autospace_jax.space import genome as g
+from autospace_jax.space import spaces
+from autospace_jax.space.arch import Skeleton
+from autospace_jax.supernet import pieces
+from autospace_jax.supernet import trainer as trainer_lib
 from configs import digits
 from tests import runner
 
@@ -55,7 +57,7 @@ def test_auto_settings_follow_the_target_platform_not_this_process():
     assert platforms.resolve(config, "tpu").dtype == jnp.float32
     # A trainer for the TPU, traced here, builds grouped bfloat16 convolutions.
     sk = Skeleton(8, 1, ((8, 1),), 16, 10)
-    spec = sn.SupernetSpec(sk, [(g.irb(3, 6), g.irb(5, 3))])
+    spec = spaces.SupernetSpec(sk, [(g.irb(3, 6), g.irb(5, 3))])
     trainer = trainer_lib.SupernetTrainer.from_config(spec, digits.get_config(), "tpu")
     cell = trainer.layers[0][0]
     assert (cell.dtype, cell.depthwise_form) == (jnp.bfloat16, "grouped")

@@ -4,7 +4,8 @@ import importlib
 
 import pytest
 
-from autospace_jax import config_checks, genome
+from autospace_jax import config_checks
+from autospace_jax.space import genome
 from configs import digits
 
 # (field, bad value, text the message must contain).

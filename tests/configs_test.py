@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import cells, config_checks, madds
-from autospace_jax import genome as g
+from autospace_jax import config_checks
+from autospace_jax.nn import cells
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import genome as g
+from autospace_jax.space import madds
 
 
 @pytest.mark.parametrize("name", ["default", "digits", "cifar10", "imagenet_mobile"])

@@ -14,11 +14,14 @@ import math
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from json_errors_test import _arch_json, _space_json
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import data_sources, errors, input_pipeline, spaces
+from autospace_jax.data import input_pipeline
+from autospace_jax.data import sources as data_sources
+from autospace_jax.runtime import errors
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import spaces
 from configs import digits
+from tests.space.json_errors_test import _arch_json, _space_json
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip

@@ -14,11 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import cells, config_checks, errors, madds, population, spaces
-from autospace_jax import genome as g
-from autospace_jax import supernet as sn
+from autospace_jax import config_checks
+from autospace_jax.evolution import population
+from autospace_jax.nn import cells
+from autospace_jax.runtime import errors
 from autospace_jax.search import context
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import genome as g
+from autospace_jax.space import madds, spaces
+from autospace_jax.supernet import model as sn
 from configs import imagenet_mobile
 
 IMAGE = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
@@ -211,7 +215,7 @@ def test_k9_supernet_of_the_initial_population(config, skeleton):
         )
         assert len(genomes) == ec.population_size
         candidates.append(genomes[: ec.cells_per_layer])
-    spec = sn.SupernetSpec(skeleton, candidates)
+    spec = spaces.SupernetSpec(skeleton, candidates)
     params, fitness, intermediates = _abstract(sn.Supernet(spec))
 
     assert sorted(fitness) == sorted(f"layer_{l}" for l in range(21))
@@ -226,7 +230,7 @@ def test_k9_supernet_of_the_initial_population(config, skeleton):
     assert _count_madds(params, intermediates) == (fixed + cells_cost).madds
 
 
-def _madds_table(spec: sn.SupernetSpec) -> list[list[int]]:
+def _madds_table(spec: spaces.SupernetSpec) -> list[list[int]]:
     shapes = spec.skeleton.layer_shapes(224)
     return [
         [madds.cell_cost(genome, *shape[:3], shape[3]).madds for genome in layer]

@@ -10,7 +10,7 @@ import sys
 import jax
 import pytest
 
-from autospace_jax import distributed
+from autospace_jax.runtime import distributed
 from tests import runner
 
 SCRIPT = os.path.join(runner.ROOT, "launch", "tpu.sh")
@@ -162,7 +162,7 @@ def test_run_on_a_simulated_worker(tmp_path):
     assert not os.path.exists(home / "autospace_jax" / "runs")  # Ignored by git: not copied.
 
 
-# --- autospace_jax.distributed ----------------------------------------------------------------
+# --- autospace_jax.runtime.distributed ------------------------------------------------------
 
 
 @pytest.fixture

@@ -10,21 +10,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from autospace_jax import (
-    cells,
-    checkpoint,
-    errors,
-    failures,
-    fused,
-    madds,
-    pieces,
-    preemption,
-    sharding,
-)
-from autospace_jax import progress as progress_lib
-from autospace_jax import supernet as sn
-from autospace_jax import supernet_trainer as trainer_lib
-from autospace_jax.generation import cosine_learning_rate
+from autospace_jax.nn import cells
+from autospace_jax.runtime import checkpoint, errors, failures, preemption, sharding
+from autospace_jax.runtime import progress as progress_lib
+from autospace_jax.space import madds, spaces
+from autospace_jax.supernet import fused, pieces
+from autospace_jax.supernet import model as sn
+from autospace_jax.supernet import trainer as trainer_lib
+from autospace_jax.supernet.schedules import cosine_learning_rate
 
 
 @dataclasses.dataclass
@@ -34,7 +27,7 @@ class SearchContext:
     config: Any
     dataset: Any
     mesh: Any
-    space: sn.SupernetSpec
+    space: spaces.SupernetSpec
     trainer: trainer_lib.SupernetTrainer
     state: sn.SupernetState
     checkpointer: checkpoint.Checkpointer
@@ -153,12 +146,7 @@ class SearchContext:
             return
         what = f"search: {self.config.search.algorithm} {name} step"
         sync = self.pending_losses[-1][1] if self.pending_losses else None
-        cells_ = {self.trainer._module(f"layer_{l}/cell_{k}")
-                  for l, c in enumerate(self.space.candidates) for k in range(len(c))}  # fmt: skip
-        compiling = f"compiling, {pieces.compiled(cells_)} of {len(cells_)} cells"
-        if self.trainer.program == "fused":
-            compiling = "compiling"  # One program holds every cell.
-        measured = self._progress[name].report(done - offset, what, sync, compiling)
+        measured = self._progress[name].report(done - offset, what, sync, self.trainer.compiling())
         if measured is not None and self.writer is not None:
             self.writer.write_scalars(done, measured.scalars("step"))
 
@@ -271,7 +259,7 @@ class SearchContext:
         return self.trainer.evaluate(state, path, batches)["accuracy"]
 
 
-def network_madds(space: sn.SupernetSpec, image_shape) -> tuple[list[np.ndarray], int]:
+def network_madds(space: spaces.SupernetSpec, image_shape) -> tuple[list[np.ndarray], int]:
     """Per-layer candidate MAdds and the fixed stem + head MAdds."""
     size, channels = image_shape[0], image_shape[2]
     table = []

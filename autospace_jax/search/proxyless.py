@@ -1,6 +1,6 @@
 """ProxylessNAS-G inside a space: binary gates and Eq. 6 (paper §3.3, §4.1).
 
-The supernet of the space is trained with binary gates (``supernet.py``):
+The supernet of the space is trained with binary gates (``supernet/model.py``):
 weight steps on training batches and, after ``search.warmup_steps``, fitness
 steps on validation batches whose alpha gradient is Eq. 4 plus the MAdds term
 of Eq. 6, Loss = CE + lambda * E[MAdds], E[MAdds] = sum_l sum_k p_lk MAdds(d_lk):
@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from autospace_jax.gates import softmax
 from autospace_jax.search.context import SearchContext
+from autospace_jax.supernet.gates import softmax
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import optax
 
-from autospace_jax.gates import softmax
 from autospace_jax.search.context import SearchContext
+from autospace_jax.supernet.gates import softmax
 
 
 class Controller:

@@ -17,9 +17,10 @@ from collections.abc import Callable
 
 import numpy as np
 
-from autospace_jax import pieces, preemption
-from autospace_jax import progress as progress_lib
+from autospace_jax.runtime import preemption
+from autospace_jax.runtime import progress as progress_lib
 from autospace_jax.search.context import SearchContext, UnreachableTarget
+from autospace_jax.supernet import pieces
 
 MAX_TRIES = 1000
 

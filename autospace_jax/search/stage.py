@@ -8,23 +8,16 @@ from typing import Any
 
 from absl import logging
 
-from autospace_jax import arch as arch_lib
-from autospace_jax import (
-    checkpoint,
-    distributed,
-    files,
-    input_pipeline,
-    latency,
-    madds,
-    plots,
-    sharding,
-    spaces,
-    writers,
-)
-from autospace_jax import genome as genome_lib
-from autospace_jax import supernet_trainer as trainer_lib
-from autospace_jax.search import ALGORITHMS
+from autospace_jax.data import input_pipeline
+from autospace_jax.latency import table as latency
+from autospace_jax.runtime import checkpoint, distributed, files, sharding, writers
+from autospace_jax.search.algorithms import ALGORITHMS
 from autospace_jax.search.context import SearchContext, network_madds
+from autospace_jax.space import arch as arch_lib
+from autospace_jax.space import genome as genome_lib
+from autospace_jax.space import madds, spaces
+from autospace_jax.supernet import trainer as trainer_lib
+from autospace_jax.viz import plots
 
 STAGE = "search"
 
@@ -96,7 +89,7 @@ def search_target(config: Any, reference_cost: float) -> tuple[float, str]:
     return 0.0, "none"
 
 
-def search(config: Any, workdir: str) -> dict[str, Any]:
+def run(config: Any, workdir: str) -> dict[str, Any]:
     """Runs (or resumes, or skips) the search stage.
 
     Returns:

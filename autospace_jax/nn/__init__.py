@@ -1,0 +1,2 @@
+"""Genomes compiled into Flax modules: cells, stem, head, whole networks; their
+initialisers and the training loss."""

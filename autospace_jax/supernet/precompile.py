@@ -1,0 +1,125 @@
+"""Compiling evolve's cells before a generation needs them (DESIGN §5).
+
+Every generation's supernet is a new set of cells; each compiles once per
+(layer, function) however often it is picked. :class:`Precompiler` keeps the
+compile work off the critical path where the host has other work: the first
+generation's cells while the weights initialise and the data loads, later ones
+in background threads while the previous generation trains.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from autospace_jax.nn import cells
+from autospace_jax.runtime import sharding
+from autospace_jax.space import genome as genome_lib
+from autospace_jax.supernet import pieces
+
+
+class Precompiler:
+    """Compiles each cell before a generation needs it (DESIGN §5), keyed (layer, function).
+
+    :meth:`start` queues what the next generation picks, one thread per core,
+    and returns at once (the host assembles weights or loads data meanwhile);
+    :meth:`ready` waits for them and queues every other individual for the
+    background thread. Disabled (``evolution.background_compile=False``), cells
+    compile on first call. Results are identical either way.
+    """
+
+    def __init__(self, evo: Any, enabled: bool):
+        """``evo``: the :class:`~autospace_jax.evolution.state.Evolution` whose cells to compile."""
+        self.evo = evo
+        self.compiler = None
+        if enabled:
+            cores = os.cpu_count() or 1
+            self.compiler = pieces.Compiler(cores, background_threads(evo.settings.platform, cores))
+        self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
+
+    def start(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
+        if self.compiler is None:
+            return
+        if "shared" not in self.compiled:
+            self.compiled.add("shared")
+            self.compiler.submit("shared", self._compile_shared, urgent=True)
+        for key in keys:
+            if key not in self.compiled:
+                self.compiled.add(key)
+                self.compiler.submit(key, pieces.precompile_cell, *self._job(*key), urgent=True)
+
+    def ready(self, keys: list[tuple[int, genome_lib.Genome]], rest: list[tuple]) -> float:
+        """Waits for ``keys`` (after :meth:`start`); queues ``rest`` ((priority, key) pairs,
+        lowest first) in the background. Returns the seconds waited."""
+        if self.compiler is None:
+            return 0.0
+        self.start(keys)
+        waited = self.compiler.wait(["shared", *keys])
+        for _, key in sorted(rest, key=lambda job: job[0]):
+            if key not in self.compiled:
+                self.compiled.add(key)
+                self.compiler.submit(key, pieces.precompile_cell, *self._job(*key))
+        return waited
+
+    def forget(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
+        """Cells that left their population: not compiled ahead any more (if one comes
+        back, it is queued again)."""
+        self.compiled.difference_update(keys)
+        if self.compiler is not None:
+            self.compiler.cancel(keys)
+
+    def close(self) -> None:
+        if self.compiler is not None:
+            self.compiler.close()
+
+    def _job(self, l: int, genome: genome_lib.Genome) -> tuple:
+        """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
+        gradient = self.evo.ec.fitness_estimate == "gradient"
+        return (*cell_job(self.evo, l, genome), False, gradient)
+
+    def _compile_shared(self) -> None:
+        shared_programs(self.evo)
+
+
+def background_threads(platform: str, cores: int) -> int:
+    """Threads that compile the next generation's cells while this one trains: one on a
+    CPU (the step itself needs the cores), an eighth of the host's cores beside a GPU or
+    TPU, whose host only dispatches the steps and decodes the data (a v5e host's 112
+    cores give 14: BENCHMARKS "TPU compile")."""
+    return 1 if platform == "cpu" else max(1, cores // 8)
+
+
+def cell_job(evo: Any, l: int, genome: genome_lib.Genome) -> tuple:
+    """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l`` of ``evo``
+    (an :class:`~autospace_jax.evolution.state.Evolution`): the module and its input as
+    the supernet trainer calls them (a cell reads the previous one's output, in the
+    compute dtype), on ``evo``'s mesh."""
+    cons, s = evo.constraints[l], evo.settings
+    x = jax.ShapeDtypeStruct(
+        (evo.sc.batch_size, cons.size, cons.size, cons.c_in),
+        s.dtype,
+        sharding=sharding.batch_sharding(evo.mesh),
+    )
+    module = cells.piece_cell(genome, cons.c_out, cons.stride, s.dtype, s.depthwise_form)
+    return module, x, sharding.replicated(evo.mesh), evo.tx
+
+
+def shared_programs(evo: Any, evaluate: bool = False) -> dict[str, dict[str, Any]]:
+    """Compiles the stem and head programs of ``evo``'s supernet, as the supernet trainer
+    calls them; returns them by module ("stem", "head") and name."""
+    sk, bs, dtype = evo.skeleton, evo.sc.batch_size, evo.settings.dtype
+    data, replicated = sharding.batch_sharding(evo.mesh), sharding.replicated(evo.mesh)
+    images = jax.ShapeDtypeStruct((bs, *evo.image_shape), np.float32, sharding=data)
+    stem = cells.Stem(sk.stem, sk.stem_stride, dtype=dtype)
+    x = jax.ShapeDtypeStruct((bs, *sk.head_shape(evo.image_shape[0])), dtype, sharding=data)
+    labels = jax.ShapeDtypeStruct((bs,), np.int32, sharding=data)
+    head = cells.Head(sk.head, sk.num_classes, dtype=dtype)
+    return {
+        "stem": pieces.precompile_cell(stem, images, replicated, evo.tx, evaluate),
+        "head": pieces.precompile_head(
+            head, x, labels, evo.sc.label_smoothing, replicated, evo.tx, evaluate
+        ),
+    }

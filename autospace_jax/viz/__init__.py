@@ -1,0 +1,1 @@
+"""Figures: cell drawings and the stages' plots."""
