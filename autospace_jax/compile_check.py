@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import re
 import threading
@@ -250,22 +251,36 @@ Job = Callable[[], pieces.Precompiled]  # Compiles one module's programs.
 
 
 class Compiler:
-    """Compiles modules' programs in threads, each module once; keeps their :class:`Row` s."""
+    """Compiles modules' programs in threads, each module once; keeps their :class:`Row` s.
 
-    def __init__(self, threads: int, every_secs: float, chip: str):
-        """``chip``: the target, as messages name it (e.g. "a v5e chip (v5e:4x4)")."""
+    With ``done_dir``, each module's rows are saved there as it finishes, and a
+    module whose rows are there is not compiled again: a check of a large config
+    (hours on a small host) killed midway resumes where it stopped.
+    """
+
+    def __init__(self, threads: int, every_secs: float, chip: str, done_dir: str | None = None,
+                 fingerprint: str = ""):  # fmt: skip
+        """``chip``: the target, as messages name it (e.g. "a v5e chip (v5e:4x4)");
+        ``fingerprint``: what the saved rows are valid for (the target and the config)."""
         self.chip = chip
         self.rows: list[Row] = []
-        self._jobs: list[tuple[str, str, Job]] = []
+        self._jobs: list[tuple[str, str, Job, str | None]] = []
         self._keys: set[Any] = set()
         self._threads, self._every_secs = threads, every_secs
+        self._done_dir, self._fingerprint = done_dir, fingerprint
         self._lock = threading.Lock()
 
     def add(self, key: Any, stage: str, module: str, job: Job) -> None:
         """Queues ``job`` (``module``'s programs) unless ``key`` was queued before."""
         if key not in self._keys:
             self._keys.add(key)
-            self._jobs.append((stage, module, job))
+            self._jobs.append((stage, module, job, self._done_path(key, stage, module)))
+
+    def _done_path(self, key: Any, stage: str, module: str) -> str | None:
+        if self._done_dir is None:
+            return None
+        digest = hashlib.sha1(repr((self._fingerprint, key, stage, module)).encode()).hexdigest()
+        return os.path.join(self._done_dir, f"{digest}.json")
 
     def run(self) -> dict[tuple[str, str], Row]:
         """Compiles every queued job; returns the rows by (module, kind).
@@ -277,7 +292,16 @@ class Compiler:
                                          every_secs=self._every_secs)  # fmt: skip
         rows: dict[tuple[str, str], Row] = {}
 
-        def one(stage: str, module: str, job: Job) -> None:
+        def keep(new: list[Row]) -> None:
+            with self._lock:
+                for r in new:
+                    rows[(r.module, r.kind)] = r
+                    self.rows.append(r)
+
+        def one(stage: str, module: str, job: Job, done: str | None) -> None:
+            if done is not None and os.path.exists(done):
+                keep([Row(**r) for r in files.read_json(done)])
+                return
             try:
                 compiled = job()
             except Exception as e:  # XLA's refusal names the memory; anything else is a bug.
@@ -291,10 +315,10 @@ class Compiler:
                     f"{need}B per device, {self.chip} has {have}B for programs: lower "
                     "supernet.batch_size or train.batch_size, or use more chips"
                 ) from e
-            with self._lock:
-                for kind, (c, seconds) in compiled.items():
-                    rows[(module, kind)] = row(stage, module, kind, c, seconds)
-                    self.rows.append(rows[(module, kind)])
+            new = [row(stage, module, kind, c, seconds) for kind, (c, seconds) in compiled.items()]
+            if done is not None:
+                files.write_json(done, [dataclasses.asdict(r) for r in new])
+            keep(new)
 
         with futures.ThreadPoolExecutor(self._threads, thread_name_prefix="aot") as pool:
             pending = [pool.submit(one, *job) for job in self._jobs]
@@ -615,7 +639,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         image_shape,
     )
     chip = f"a {t.chip.name} chip (compile.topology={t.name!r})"
-    compiler = Compiler(os.cpu_count() or 1, config.progress_every_secs, chip)
+    done_dir = os.path.join(workdir, STAGE, "programs")  # Each module's rows, as it finishes.
+    fingerprint = repr((t, config.to_json()))
+    compiler = Compiler(os.cpu_count() or 1, config.progress_every_secs, chip, done_dir,
+                        fingerprint)  # fmt: skip
+    if os.path.isdir(done_dir) and os.listdir(done_dir):
+        logging.info("compile: resuming: programs compiled by an earlier check are read from %s",
+                     done_dir)  # fmt: skip
     evo = Evolution(config, image_shape, num_classes, mesh, platform="tpu")
     evo.init()
     supernets, finals, stand_ins = [], [], {}
