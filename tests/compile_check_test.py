@@ -109,6 +109,14 @@ def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
     assert "every program fits v5e:2x2" in r.stderr
     assert "FATAL" not in r.stderr
 
+    # A re-run (after a kill, or to read the table again) compiles nothing: every module's
+    # rows were saved as it finished.
+    again = runner.run(runner.command(str(tmp_path), "--mode=compile", *TINY))
+    assert again.returncode == 0 and "compile: resuming" in again.stderr, again.stderr[-3000:]
+    rerun = json.load(open(tmp_path / "compile" / "report.json"))
+    assert rerun["programs"] == report["programs"] and rerun["steps"] == report["steps"]
+    assert rerun["wall_time_s"] < report["wall_time_s"] / 3
+
 
 @needs_libtpu
 def test_a_program_that_does_not_fit_the_chip_stops_with_one_fatal_line(tmp_path):

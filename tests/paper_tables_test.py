@@ -111,7 +111,7 @@ def test_mean_sd_and_separation_use_sample_standard_deviations():
 
 
 def test_prepare_data_reads_tfds_with_the_datas_classes_and_channels(tmp_path):
-    from tests.data.input_pipeline_test import _TinyImages  # 12x12 RGB, 4 classes, no "test" split.
+    from tiny_tfds import _TinyImages  # 12x12 RGB, 4 classes, no "test" split.
 
     data_dir = str(tmp_path / "tfds")
     _TinyImages(data_dir=data_dir, file_format="array_record").download_and_prepare()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
+from tiny_tfds import _tiny_images, _TinyImages  # Top level: TFDS reads builders' modules.
 
 from autospace_jax.data import input_pipeline
 from autospace_jax.data import sources as data_sources
@@ -304,39 +305,6 @@ def test_image_size_resizes(cifar_like, tmp_path):
 
 
 # --------------------------------------------------------------------------- tfds
-
-
-class _TinyImages(tfds.core.GeneratorBasedBuilder, skip_registration=True):
-    """12x12 RGB, 4 classes, splits 'train' and 'validation' (no 'test')."""
-
-    name = "autospace_tiny_images"
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        features = tfds.features.FeaturesDict(
-            {
-                "image": tfds.features.Image(shape=(12, 12, 3)),
-                "label": tfds.features.ClassLabel(num_classes=4),
-            }
-        )
-        return tfds.core.DatasetInfo(builder=self, features=features)
-
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        return {"train": self._generate_examples(0), "validation": self._generate_examples(1)}
-
-    def _generate_examples(self, split_seed):
-        for i, image in enumerate(_tiny_images(split_seed)):
-            # Encoded PNG bytes: encoding numpy images would need TensorFlow.
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, "PNG")
-            yield i, {"image": buf.getvalue(), "label": i % 4}
-
-
-def _tiny_images(split_seed: int) -> np.ndarray:
-    return np.random.default_rng(split_seed).integers(
-        0, 256, (20 - 14 * split_seed, 12, 12, 3), np.uint8
-    )
 
 
 @pytest.fixture(scope="module")

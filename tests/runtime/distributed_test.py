@@ -85,7 +85,8 @@ def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
 
 def test_diverging_decisions_stop_every_process(tmp_path):
     script = (
-        "from autospace_jax import distributed; import jax; distributed.maybe_initialize(); "
+        "from autospace_jax.runtime import distributed; import jax; "
+        "distributed.maybe_initialize(); "
         "distributed.check_same('the arch', {'layer_0': jax.process_index()})"
     )
     results = start_two([sys.executable, "-c", script])
