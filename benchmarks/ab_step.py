@@ -79,16 +79,22 @@ class Worker:
         where = os.path.realpath(autospace_jax.__file__)
         if not where.startswith(os.path.realpath(tree) + os.sep):
             raise RuntimeError(f"imported autospace_jax from {where}, not from {tree}")
-        from autospace_jax.space import arch as arch_lib
-        from autospace_jax.space import genome as g
-        from autospace_jax.space import spaces
-        from autospace_jax.supernet import model as sn
         from configs import imagenet_mobile
 
-        try:  # Since the split of supernet.py (7998d6f).
+        try:  # Since the subpackages ([Architecture II]).
+            from autospace_jax.space import arch as arch_lib
+            from autospace_jax.space import genome as g
+            from autospace_jax.space.spaces import SupernetSpec
             from autospace_jax.supernet import trainer as trainer_lib
-        except ImportError:  # Older revisions, e.g. 64a8d55.
-            trainer_lib = sn
+        except ImportError:  # Flat revisions.
+            from autospace_jax import arch as arch_lib
+            from autospace_jax import genome as g
+            from autospace_jax.supernet import SupernetSpec
+
+            try:  # Since the split of supernet.py (7998d6f).
+                from autospace_jax import supernet_trainer as trainer_lib
+            except ImportError:  # Older revisions, e.g. 64a8d55.
+                from autospace_jax import supernet as trainer_lib
         self.jax, self.trainer_module = jax, trainer_lib.__name__
         for name, module in list(sys.modules.items()):
             path = getattr(module, "__file__", None) or ""
@@ -115,7 +121,7 @@ class Worker:
             fourth = g.SKIP if g.has_residual(stride, c_in, c_out) else r1
             candidates.append((irb, irb_extra, mul, fourth))
             c_in = c_out
-        self.spec = spaces.SupernetSpec(sk, tuple(candidates))
+        self.spec = SupernetSpec(sk, tuple(candidates))
 
         cls = trainer_lib.SupernetTrainer
         kwargs = {"program": "pieces"} if "program" in _parameters(cls.__init__) else {}

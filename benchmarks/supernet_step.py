@@ -165,7 +165,7 @@ def _close(a, b, what: str = "") -> float:
     return err
 
 
-def _close_grad(a, b, what: str = "") -> tuple[float, float]:
+def _close_grad(a, b, what: str = "", exact=None) -> tuple[float, float]:
     """Gradients are not continuous: where float32 rounding puts a pre-activation on
     the other side of ReLU6's 0 or 6, the two gradients differ at every element that
     activation reaches, by O(1) (seen: PyTorch float32 off float64 there, JAX not).
@@ -178,6 +178,19 @@ def _close_grad(a, b, what: str = "") -> tuple[float, float]:
     assert a.shape == b.shape, (what, a.shape, b.shape)
     outside = float(np.mean(~np.isclose(a, b, rtol=TOLERANCE, atol=TOLERANCE * _scale(b))))
     rel = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    if rel > GRAD_TOLERANCE and exact is not None:
+        # Where the module amplifies float32 rounding (a ``mul`` aggregation after
+        # ReLU6), PyTorch float32 is itself far from float64: JAX passes if it is as
+        # close to PyTorch's float64 gradient as PyTorch float32 is (within 2x), the rule
+        # the logits follow.
+        c = np.asarray(exact(), np.float64)
+        jax_off, torch_off = (float(np.linalg.norm(v - c) / max(np.linalg.norm(c), 1e-30))
+                              for v in (a, b))  # fmt: skip
+        assert jax_off <= 2 * torch_off, (
+            f"{what}: relative error {rel:.3g}; against float64 JAX {jax_off:.3g}, "
+            f"PyTorch float32 {torch_off:.3g}"
+        )
+        return outside, rel
     assert rel <= GRAD_TOLERANCE, f"{what}: relative error {rel:.3g} ({outside:.2%} of elements)"
     return outside, rel
 
@@ -191,10 +204,11 @@ def _grads_like(module, params, stats) -> list:
     return [p.detach() for p in scratch.parameters()]
 
 
-def check_module(trainer, state, net, key, x, rng, labels=None):
+def check_module(trainer, state, net, net64, key, x, rng, labels=None):
     """One module (stem, cell, head) in train mode on the same input: its output (or
     loss), d input and d params from JAX's pieces and from PyTorch, compared by
-    :func:`_close` and :func:`_close_grad`; the output's cotangent is drawn from
+    :func:`_close` and :func:`_close_grad` (PyTorch float64, ``net64``, as the judge
+    where float32 rounding is amplified); the output's cotangent is drawn from
     ``rng`` (the head's loss: 1).
 
     Returns (forward error, (backward fraction outside, backward rel. error), JAX output).
@@ -217,14 +231,26 @@ def check_module(trainer, state, net, key, x, rng, labels=None):
         yt = torch.nn.functional.cross_entropy(module(xt), torch.tensor(labels, dtype=torch.long))
         yt.backward()
         forward = _close(y, yt.item(), f"{key} loss")
-    backward = [_close_grad(dx, _numpy(xt.grad), f"{key} d input")]
+
+    def float64_grads():  # The same module, input and cotangent in float64.
+        m64 = net64.module(key)
+        m64.zero_grad(set_to_none=True)
+        x64 = _nchw(x).double().requires_grad_()
+        if labels is None:
+            m64(x64).backward(_nchw(dy).double())
+        else:
+            target = torch.tensor(labels, dtype=torch.long)
+            torch.nn.functional.cross_entropy(m64(x64), target).backward()
+        return _numpy(x64.grad), np.concatenate([p.grad.numpy().ravel() for p in m64.parameters()])
+
+    backward = [_close_grad(dx, _numpy(xt.grad), f"{key} d input", lambda: float64_grads()[0])]
     flax_grads = _grads_like(module, jax.device_get(dparams), variables["batch_stats"])
     if flax_grads:  # One vector: a tensor whose gradient nearly cancels (e.g. a BN
         # scale the next BN almost normalises away) is not judged on its own norm.
         backward.append(_close_grad(
             np.concatenate([gj.numpy().ravel() for gj in flax_grads]),
             np.concatenate([p.grad.numpy().ravel() for p in module.parameters()]),
-            f"{key} d params",
+            f"{key} d params", lambda: float64_grads()[1],
         ))  # fmt: skip
     backward = tuple(max(v) for v in zip(*backward))
     module.zero_grad(set_to_none=True)
@@ -241,10 +267,10 @@ def check_path(trainer, state, net, net64, path, images, labels) -> dict:
     rng = np.random.default_rng(1)
     fwd, bwd, x = 0.0, [], images
     for key in ["stem"] + [f"layer_{l}/cell_{k}" for l, k in enumerate(path)]:
-        f, b, x = check_module(trainer, state, net, key, x, rng)
+        f, b, x = check_module(trainer, state, net, net64, key, x, rng)
         fwd = max(fwd, f)
         bwd.append(b)
-    f, b, _ = check_module(trainer, state, net, "head", x, rng, labels)
+    f, b, _ = check_module(trainer, state, net, net64, "head", x, rng, labels)
     fwd = max(fwd, f)
     bwd = [max(v) for v in zip(*bwd, b)]
     logits, _, _ = pieces.forward(trainer.head, trainer._vars(state, "head"), x)
@@ -490,7 +516,9 @@ def compare(args) -> str:
         "(asserted; column: largest |diff| / max(1, max |value|)). d input and d params: "
         f"|diff|_2 / |value|_2 <= {GRAD_TOLERANCE:g} (asserted; gradients are "
         "discontinuous where float32 rounding puts a pre-activation on the other side of "
-        "ReLU6's 0 or 6, and every element that activation reaches then differs; columns: "
+        "ReLU6's 0 or 6, and every element that activation reaches then differs; where a "
+        "module amplifies that, JAX instead passes if it is as close to PyTorch's float64 "
+        "gradient as PyTorch float32 is, within 2x; columns: "
         "largest fraction of elements outside the output tolerance, largest relative "
         "L2 difference). "
         "End to end, the logits agree within "
