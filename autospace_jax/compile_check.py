@@ -39,7 +39,6 @@ import functools
 import hashlib
 import os
 import re
-import threading
 import time
 from collections.abc import Callable
 from concurrent import futures
@@ -268,7 +267,6 @@ class Compiler:
         self._keys: set[Any] = set()
         self._threads, self._every_secs = threads, every_secs
         self._done_dir, self._fingerprint = done_dir, fingerprint
-        self._lock = threading.Lock()
 
     def add(self, key: Any, stage: str, module: str, job: Job) -> None:
         """Queues ``job`` (``module``'s programs) unless ``key`` was queued before."""
@@ -292,16 +290,9 @@ class Compiler:
                                          every_secs=self._every_secs)  # fmt: skip
         rows: dict[tuple[str, str], Row] = {}
 
-        def keep(new: list[Row]) -> None:
-            with self._lock:
-                for r in new:
-                    rows[(r.module, r.kind)] = r
-                    self.rows.append(r)
-
-        def one(stage: str, module: str, job: Job, done: str | None) -> None:
+        def one(stage: str, module: str, job: Job, done: str | None) -> list[Row]:
             if done is not None and os.path.exists(done):
-                keep([Row(**r) for r in files.read_json(done)])
-                return
+                return [Row(**r) for r in files.read_json(done)]
             try:
                 compiled = job()
             except Exception as e:  # XLA's refusal names the memory; anything else is a bug.
@@ -318,13 +309,17 @@ class Compiler:
             new = [row(stage, module, kind, c, seconds) for kind, (c, seconds) in compiled.items()]
             if done is not None:
                 files.write_json(done, [dataclasses.asdict(r) for r in new])
-            keep(new)
+            return new
 
         with futures.ThreadPoolExecutor(self._threads, thread_name_prefix="aot") as pool:
             pending = [pool.submit(one, *job) for job in self._jobs]
             for done, f in enumerate(futures.as_completed(pending), 1):
                 f.result()
                 progress.report(done, "compile:")
+        for f in pending:  # In the order queued, however the threads finished.
+            for r in f.result():
+                rows[(r.module, r.kind)] = r
+                self.rows.append(r)
         self._jobs = []
         return rows
 
