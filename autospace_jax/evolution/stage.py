@@ -142,8 +142,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             t = evo.generation
             # A preemption notice: the step it is in is this run's last.
             figures = evo.run_generation(clock, stop=preemption.reached)
+            start = time.time()  # From here to the save: the generation's boundary, "inherit".
             memory.return_freed_memory()  # The generation's supernet and batches are gone.
-            start = time.time()
             if figures is None:  # Stopped inside the generation.
                 writer.close()
                 raise preemption.Preempted(STAGE, evo.position(), save())
