@@ -140,6 +140,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         overall = progress_lib.Progress(ec.generations + ec.final_rounds, done=evo.generation)
         while not evo.done():
             t = evo.generation
+            iteration_start, counted = time.time(), sum(clock.totals.values())
             # A preemption notice: the step it is in is this run's last.
             figures = evo.run_generation(clock, stop=preemption.reached)
             start = time.time()  # From here to the save: the generation's boundary, "inherit".
@@ -174,6 +175,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 done.rate("generation"),
                 done.eta(bound=True),  # Final rounds stop once the top-K holds.
             )
+            # What no category timed (selection, TensorBoard, the log line) is "other": the
+            # categories add up to the wall time.
+            timed = sum(clock.totals.values()) - counted
+            clock.add("other", time.time() - iteration_start - timed)
             if stop:
                 writer.close()
                 raise preemption.Preempted(STAGE, evo.position(), evo.step)

@@ -79,8 +79,10 @@ def _write_lease(workdir, **fields):
     record = {"id": "other", "host": socket.gethostname(), "pid": os.getpid(), "mode": "train",
               "started": now - 60, "heartbeat": now, **fields}  # fmt: skip
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, lease.FILENAME), "w") as f:
-        json.dump(record, f)
+    path = os.path.join(workdir, lease.FILENAME)
+    with open(path + ".tmp", "w") as f:  # Whole or not at all, as a run writes it: a
+        json.dump(record, f)  # heartbeat reading a half-written file would see no lease.
+    os.replace(path + ".tmp", path)
 
 
 def test_a_stale_lease_is_taken_over_and_takeover_overrides_a_live_one(tmp_path):
