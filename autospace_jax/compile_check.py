@@ -286,7 +286,8 @@ class Compiler:
         Raises:
           WontFit: XLA refused to compile a program for lack of memory.
         """
-        progress = progress_lib.Progress(len(self._jobs), unit="module",
+        saved = sum(done is not None and os.path.exists(done) for *_, done in self._jobs)
+        progress = progress_lib.Progress(len(self._jobs), unit="module", done=saved,
                                          every_secs=self._every_secs)  # fmt: skip
         rows: dict[tuple[str, str], Row] = {}
 
