@@ -15,7 +15,7 @@ import pytest
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "autospace_jax")
 
 # Lowest first. The modules at the top level (main, pipeline, config_checks,
-# compile_check, __init__) form the top layer and may import anything but a cycle.
+# compile_check, compile_programs, __init__) form the top layer and may import anything but a cycle.
 LAYERS = [
     {"runtime"},
     {"space", "data"},
