@@ -149,14 +149,12 @@ class Compiler:
         Raises:
           WontFit: XLA refused to compile a program for lack of memory.
         """
-        saved = sum(done is not None and os.path.exists(done) for *_, done in self._jobs)
-        progress = progress_lib.Progress(len(self._jobs), unit="module", done=saved,
-                                         every_secs=self._every_secs)  # fmt: skip
-        rows: dict[tuple[str, str], Row] = {}
+        def saved(done: str | None) -> list[Row] | None:
+            if done is None or not os.path.exists(done):
+                return None
+            return [Row(**r) for r in files.read_json(done)]
 
         def one(stage: str, module: str, job: Job, done: str | None) -> list[Row]:
-            if done is not None and os.path.exists(done):
-                return [Row(**r) for r in files.read_json(done)]
             try:
                 compiled = job()
             except Exception as e:  # XLA's refusal names the memory; anything else is a bug.
@@ -175,15 +173,21 @@ class Compiler:
                 files.write_json(done, [dataclasses.asdict(r) for r in new])
             return new
 
+        # Saved modules are read here, not in the pool: the rate counts compiled ones only.
+        results = [saved(done) for *_, done in self._jobs]
+        todo = [i for i, r in enumerate(results) if r is None]
+        progress = progress_lib.Progress(len(self._jobs), unit="module",
+                                         done=len(self._jobs) - len(todo),
+                                         every_secs=self._every_secs)  # fmt: skip
         with futures.ThreadPoolExecutor(self._threads, thread_name_prefix="aot") as pool:
-            pending = [pool.submit(one, *job) for job in self._jobs]
-            for done, f in enumerate(futures.as_completed(pending), 1):
-                f.result()
-                progress.report(done, "compile:")
-        for f in pending:  # In the order queued, however the threads finished.
-            for r in f.result():
-                rows[(r.module, r.kind)] = r
-                self.rows.append(r)
+            pending = {pool.submit(one, *self._jobs[i]): i for i in todo}
+            for n, f in enumerate(futures.as_completed(pending), 1):
+                results[pending[f]] = f.result()
+                progress.report(len(self._jobs) - len(todo) + n, "compile:")
+        rows: dict[tuple[str, str], Row] = {}
+        for r in (r for module in results for r in module):  # In the order queued.
+            rows[(r.module, r.kind)] = r
+            self.rows.append(r)
         self._jobs = []
         return rows
 

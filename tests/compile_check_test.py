@@ -8,12 +8,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from autospace_jax import compile_check
+from autospace_jax import compile_check, compile_programs
 from autospace_jax.runtime import errors, platforms, sharding
 from autospace_jax.space import genome as g
 from autospace_jax.space import spaces
@@ -140,3 +141,47 @@ def test_cpu_runs_do_not_probe_for_a_tpu_when_libtpu_is_installed():
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 0 and "CpuDevice" in r.stdout, r.stderr
     assert r.stderr == "", r.stderr
+
+
+class _Compiled:  # What ``row`` reads of a compiled program.
+    def memory_analysis(self):
+        names = ("argument", "output", "temp", "generated_code", "alias")
+        return type("M", (), {f"{n}_size_in_bytes": 1 for n in names})()
+
+    def cost_analysis(self):
+        return {"flops": 1.0}
+
+
+def test_a_resumed_check_compiles_only_the_missing_modules_and_rates_only_those(
+    tmp_path, monkeypatch
+):
+    calls, lines = [], []
+    monkeypatch.setattr(compile_programs.progress_lib.logging, "info",
+                        lambda fmt, *a: lines.append(fmt % a))  # fmt: skip
+
+    def job(name):
+        def compile_it():
+            calls.append(name)
+            time.sleep(0.3)
+            return {"forward": (_Compiled(), 0.3)}
+
+        return compile_it
+
+    def check(names):
+        compiler = compile_programs.Compiler(1, 0.0, "a v5e chip", str(tmp_path), "config")
+        for name in names:
+            compiler.add(name, "evolve", name, job(name))
+        return compiler.run()
+
+    first = check(["a", "b", "c", "d", "e"])
+    for name in ("d", "e"):  # Killed before these finished.
+        os.remove(compile_programs.Compiler(1, 0, "", str(tmp_path), "config")._done_path(
+            name, "evolve", name))  # fmt: skip
+    calls.clear(), lines.clear()
+    again = check(["a", "b", "c", "d", "e"])
+    assert calls == ["d", "e"] and list(again) == list(first)  # Rows in the queue's order.
+    # The first compiled module starts the clock; the rate is that of the compiled ones
+    # (0.3 s each), not diluted by the three read back.
+    assert len(lines) == 1 and lines[0].startswith("compile: 5/5 (100%)"), lines
+    assert lines[0].split(", ")[1].endswith(" modules/s"), lines  # Under 1 s per module.
+    assert 1 / float(lines[0].split(", ")[1].split()[0]) >= 0.25, lines
