@@ -127,15 +127,17 @@ class Compiler:
         self.chip = chip
         self.rows: list[Row] = []
         self._jobs: list[tuple[str, str, Job, str | None]] = []
-        self._keys: set[Any] = set()
+        self._names: dict[Any, str] = {}  # Module name of each key queued.
         self._threads, self._every_secs = threads, every_secs
         self._done_dir, self._fingerprint = done_dir, fingerprint
 
-    def add(self, key: Any, stage: str, module: str, job: Job) -> None:
-        """Queues ``job`` (``module``'s programs) unless ``key`` was queued before."""
-        if key not in self._keys:
-            self._keys.add(key)
+    def add(self, key: Any, stage: str, module: str, job: Job) -> str:
+        """Queues ``job`` (``module``'s programs) unless ``key`` was queued before; the
+        module name its rows will carry (the first one queued with ``key``)."""
+        if key not in self._names:
+            self._names[key] = module
             self._jobs.append((stage, module, job, self._done_path(key, stage, module)))
+        return self._names[key]
 
     def _done_path(self, key: Any, stage: str, module: str) -> str | None:
         if self._done_dir is None:
@@ -334,10 +336,13 @@ class SupernetPrograms:
         evaluate = self.programs["evaluate"]
         compiler.add("shared", stage, "stem/head", lambda: _flatten(shared(evo, evaluate)))
         for l, layer in enumerate(self.spec.candidates):
-            for g, (name, _) in zip(layer, self.layout.layers[l]):
+            for k, (g, (name, state_bytes)) in enumerate(zip(layer, self.layout.layers[l])):
                 module, x, _, tx = precompile.cell_job(evo, l, g)
                 job = functools.partial(pieces.precompile_cell, module, x, rep, tx, **self.programs)
-                compiler.add((module, x.shape), stage, name, job)
+                # A cell of the same shapes in another layer (or supernet) is the same
+                # program: the layout names the rows it was queued under.
+                name = compiler.add((module, x.shape), stage, name, job)
+                self.layout.layers[l][k] = (name, state_bytes)
         if self.layout.fitness_estimate == "gradient":  # dL/dg = <dL/dout, out>.
             for y in {y.shape: y for y in self.outputs}.values():
                 inner = lambda y=y: {"": timed(lambda: pieces.inner.lower(y, y))}  # noqa: E731

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from autospace_jax import compile_check, compile_programs
+from autospace_jax.evolution.state import Evolution
 from autospace_jax.runtime import errors, platforms, sharding
 from autospace_jax.space import genome as g
 from autospace_jax.space import spaces
@@ -185,3 +186,23 @@ def test_a_resumed_check_compiles_only_the_missing_modules_and_rates_only_those(
     assert len(lines) == 1 and lines[0].startswith("compile: 5/5 (100%)"), lines
     assert lines[0].split(", ")[1].endswith(" modules/s"), lines  # Under 1 s per module.
     assert 1 / float(lines[0].split(", ")[1].split()[0]) >= 0.25, lines
+
+
+def test_layers_of_the_same_shapes_share_programs_and_the_layout_names_them(tmp_path):
+    # Blocks (1, 3): the last two layers take and give the same shapes, so a cell in both
+    # is one program, queued once; the step's bound must still find it in each layer.
+    config = digits.get_config()
+    config.model.widths, config.model.blocks, config.model.strides = (8, 16), (1, 3), (1, 2)
+    config.evolution.cells_per_layer, config.evolution.population_size = 2, 4
+    evo = Evolution(config, (8, 8, 1), 10, sharding.create_mesh(jax.devices()[:1]), "tpu")
+    evo.init()
+    spec = evo.spec(evo.select())
+    spec = spaces.SupernetSpec(spec.skeleton, [spec.candidates[2]] * 4)  # One cell set, 4 layers.
+    compiler = compile_programs.Compiler(1, 60.0, "a v5e chip", None)
+    x = compile_programs.SupernetPrograms(evo, spec, "evolve", "loss", {"evaluate": False,
+                                          "gradient": False}, None)  # fmt: skip
+    x.queue(compiler)
+    queued = {module for _, module, _, _ in compiler._jobs}
+    names = [[m for m, _ in layer] for layer in x.layout.layers]
+    assert all(m in queued for layer in names for m in layer), (names, queued)
+    assert names[3] == names[2] != names[1]  # Layers 2 and 3: the same programs.
