@@ -22,6 +22,7 @@ from autospace_jax.space import spaces
 from autospace_jax.space.arch import Skeleton
 from autospace_jax.supernet import pieces
 from autospace_jax.supernet import trainer as trainer_lib
+from benchmarks import tpu_compile
 from configs import digits
 from tests import runner
 
@@ -109,6 +110,10 @@ def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
     )
     assert report["fits"] is True
     assert "every program fits v5e:2x2" in r.stderr
+    # benchmarks/tpu_compile.py reads the same report (K = 2 here, so the K ratio is 1).
+    summary = tpu_compile.summarise(str(tmp_path / "compile" / "report.json"), 0.3)
+    assert summary["cells"] == len(cells) and summary["seconds_per_cell"] > 0
+    assert summary["ratio"] == 1.0 and summary["generation_s"] > 0
     assert "FATAL" not in r.stderr
 
     # A re-run (after a kill, or to read the table again) compiles nothing: every module's
