@@ -151,6 +151,7 @@ class Compiler:
         Raises:
           WontFit: XLA refused to compile a program for lack of memory.
         """
+
         def saved(done: str | None) -> list[Row] | None:
             if done is None or not os.path.exists(done):
                 return None

@@ -242,7 +242,8 @@ def main() -> None:
              "compile, every program (sum, this host)", "children per generation",
              "background compile s per generation", "GFLOPs per iteration per device",
              "generation compute s", "compile on the critical path"], compile_rows),
-        "Goals of the [TPU] issue, from the figures above:\n\n" + "\n".join(f"- {g}" for g in goals),
+        "Goals of the [TPU] issue, from the figures above:\n\n"
+        + "\n".join(f"- {g}" for g in goals),
     ]  # fmt: skip
     if args.fused:
         path = os.path.join(RESULTS, f"fused_{args.fused_layers}_layers.json")

@@ -12,10 +12,17 @@ import pytest
 
 # configs/*.py import `configs.default`: make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests import runner  # noqa: E402
 from tests.runner import CACHE_ENV, FAST_COMPILE  # noqa: E402
 
 os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _session_folder(tmp_path_factory) -> str:
+    """The session's folder, which every xdist worker's base folder is in."""
+    root = tmp_path_factory.getbasetemp()
+    return str(root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -27,12 +34,19 @@ def compilation_cache(tmp_path_factory):
     import jax
     from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # The session's folder, which every worker's basetemp is in.
-    directory = str(root / "compilation_cache")
+    directory = os.path.join(_session_folder(tmp_path_factory), "compilation_cache")
     os.environ[CACHE_ENV] = directory
     compilation_cache_lib.reset_cache()
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     yield directory
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, compilation_cache):
+    """One uninterrupted run of ``runner.TINY_PIPELINE`` for the whole session, shared
+    by every test that compares with it or reads its log, in whichever worker it runs:
+    the pipeline's kill and SIGTERM tests, evolve's constraints and accounting, the
+    README sample. Tests read it and never write into it."""
+    folder = os.path.join(_session_folder(tmp_path_factory), "tiny_pipeline")
+    return runner.shared_run(folder, *runner.TINY_PIPELINE)

@@ -10,24 +10,7 @@ import pytest
 
 from tests import runner
 
-TINY = [
-    *runner.TINY_MODEL,
-    "--config.evolution.population_size=3",
-    "--config.evolution.cells_per_layer=2",
-    "--config.evolution.steps_per_generation=4",
-    "--config.evolution.generations=4",
-    "--config.supernet.batch_size=32",
-    "--config.evolution.fitness_batch_size=32",
-    "--config.supernet.warmup_epochs=0",
-    "--config.search.steps=20",
-    "--config.search.warmup_steps=5",
-    "--config.search.checkpoint_every_steps=5",
-    "--config.search.bn_batches=1",
-    "--config.train.epochs=2",
-    "--config.train.batch_size=32",
-    "--config.train.checkpoint_every_steps=10",
-    "--config.progress_every_secs=0.01",
-]
+TINY = runner.TINY_PIPELINE
 
 # (stage, first checkpoint step that must exist before the kill; 0 = the stage's
 # folder exists but maybe no checkpoint yet). Three points inside every stage; evolve
@@ -58,13 +41,9 @@ def _ready(workdir, stage, step):
     return lambda: runner.checkpoints(os.path.join(workdir, stage, "checkpoints"), step)
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("straight"))
-    log = runner.run(runner.command(workdir, *TINY), check=True).stderr
-    with open(os.path.join(workdir, "run.log"), "w") as f:
-        f.write(log)
-    return workdir
+@pytest.fixture
+def straight(tiny_pipeline):
+    return tiny_pipeline  # The session's one uninterrupted run (tests/conftest.py).
 
 
 def _line_form(line: str) -> str:

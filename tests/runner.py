@@ -1,5 +1,6 @@
 """Helpers for tests that run ``python -m autospace_jax.main`` in a subprocess."""
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -20,6 +21,43 @@ TINY_MODEL = [
     "--config.model.strides=(1, 2)",
     "--config.model.head=16",
 ]
+
+
+# The tiny pipeline: evolve (4 generations of 4 steps), search, train, in seconds.
+TINY_PIPELINE = [
+    *TINY_MODEL,
+    "--config.evolution.population_size=3",
+    "--config.evolution.cells_per_layer=2",
+    "--config.evolution.steps_per_generation=4",
+    "--config.evolution.generations=4",
+    "--config.supernet.batch_size=32",
+    "--config.evolution.fitness_batch_size=32",
+    "--config.supernet.warmup_epochs=0",
+    "--config.search.steps=20",
+    "--config.search.warmup_steps=5",
+    "--config.search.checkpoint_every_steps=5",
+    "--config.search.bn_batches=1",
+    "--config.train.epochs=2",
+    "--config.train.batch_size=32",
+    "--config.train.checkpoint_every_steps=10",
+    "--config.progress_every_secs=0.01",
+]
+
+
+def shared_run(folder: str, *flags: str) -> str:
+    """``main`` with ``flags`` run once in ``folder`` for every test and test process
+    that asks (the first runs it, the others wait for it); its stderr is in
+    ``<folder>/run.log``. Returns ``folder``."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        log = os.path.join(folder, "run.log")
+        if not os.path.exists(log):
+            stderr = run(command(folder, *flags), check=True).stderr
+            with open(log + ".tmp", "w") as f:
+                f.write(stderr)
+            os.replace(log + ".tmp", log)
+    return folder
 
 
 def command(workdir: str, *flags: str) -> list[str]:

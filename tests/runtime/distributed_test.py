@@ -13,7 +13,6 @@ import sys
 import time
 
 from tests import runner
-from tests.pipeline_test import TINY
 
 
 def _free_port() -> int:
@@ -59,7 +58,7 @@ def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
     preemption notice reaches both, which save the same step and exit with status 75.
     Run again, both resume there and reach the same space, arch and accuracy."""
     workdir = str(tmp_path / "run")
-    flags = [f for f in TINY if "generations" not in f and "search.steps" not in f]
+    flags = [f for f in runner.TINY_PIPELINE if "generations" not in f and "search.steps" not in f]
     flags += ["--config.evolution.generations=2", "--config.search.steps=10"]
     cmd = runner.command(workdir, *flags)
     evolve = os.path.join(workdir, "evolve", "checkpoints")
