@@ -353,6 +353,20 @@ def paired_difference(a, b) -> dict:
             "per_space_seed": d.reshape(d.shape[0], -1).mean(axis=1).tolist()}  # fmt: skip
 
 
+def matched_difference(learned: dict, manual: dict, tolerance: float = 0.03) -> dict:
+    """Learned − manual at matched cost: :func:`paired_difference` over the space seeds
+    whose two searched networks' realised MAdds differ by at most ``tolerance`` of the
+    manual network's (their training seeds are the pairs); ``n_pairs`` 0 when none do."""
+    keep = [e for e, (a, b) in enumerate(zip(learned["madds"], manual["madds"], strict=True))
+            if abs(a - b) <= tolerance * b]  # fmt: skip
+    if not keep:
+        return {"mean": None, "ci95": None, "n_pairs": 0, "per_space_seed": [],
+                "tolerance": tolerance}  # fmt: skip
+    a = [learned["top1_per_seed"][e] for e in keep]
+    b = [manual["top1_per_seed"][e] for e in keep]
+    return {**paired_difference(a, b), "tolerance": tolerance}
+
+
 def separation(a, b) -> dict:
     """Gap of two means and 2 standard deviations of a difference of two such means
     (sqrt(s_a^2 / n_a + s_b^2 / n_b), sample standard deviations)."""
@@ -501,9 +515,16 @@ def _fmt_model(r: dict) -> list:
 
 
 def _fmt_difference(d: dict) -> str:
+    if not d["n_pairs"]:
+        return "no pair"
     ci = "" if d["ci95"] is None else f" [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
     per = ", ".join(f"{100 * x:+.2f}" for x in d["per_space_seed"])
     return f"**{100 * d['mean']:+.2f}**{ci} ({d['n_pairs']} pairs; per space seed {per})"
+
+
+def _fmt_vs_target(r: dict) -> str:
+    """Each space seed's realised MAdds against the search's target, in percent."""
+    return ", ".join(f"{100 * (m - r['budget']) / r['budget']:+.1f} %" for m in r["madds"])
 
 
 def render_table6(t6: dict) -> str:
@@ -594,13 +615,18 @@ def render_evolution(d: dict) -> str:
 
 def _searched_table(title: str, rows_: list[dict], differences: list[dict], label) -> str:
     """Each setting's manual and learned rows, then their paired difference."""
-    head = ["Budget", "Space-Search", "Params", "MAdds", "top-1 (%) (n)"]
+    head = ["Budget", "Space-Search", "Params", "MAdds", "MAdds vs target", "top-1 (%) (n)"]
     rows = []
     for d in differences:
         budget = f"{d['budget'] / 1e6:.2f}M"
-        rows += [[budget, label(r), *_fmt_model(r)] for r in rows_
+        rows += [[budget, label(r), *_fmt_model(r)[:2], _fmt_vs_target(r), _fmt_model(r)[2]]
+                 for r in rows_
                  if (r["algorithm"], r["budget"]) == (d["algorithm"], d["budget"])]  # fmt: skip
-        rows.append([budget, f"learned − manual ({d['algorithm']})", "", "", _fmt_difference(d)])
+        rows.append([budget, f"learned − manual ({d['algorithm']})", "", "", "",
+                     _fmt_difference(d)])  # fmt: skip
+        m = d["matched"]
+        rows.append([budget, f"the same, realised MAdds within ±{100 * m['tolerance']:.0f} %",
+                     "", "", "", _fmt_difference(m)])  # fmt: skip
     return f"{title}\n\n" + _report.table(head, rows)
 
 
@@ -928,7 +954,9 @@ def run_all(args, s: Scale) -> dict:
     differences = [
         {"algorithm": alg, "budget": budget,
          **paired_difference(rows["learned", alg, budget]["top1_per_seed"],
-                             rows["manual", alg, budget]["top1_per_seed"])}
+                             rows["manual", alg, budget]["top1_per_seed"]),
+         "matched": matched_difference(rows["learned", alg, budget],
+                                       rows["manual", alg, budget])}
         for alg, budget in settings
     ]  # fmt: skip
     table3 = [r for (_, alg, _), r in rows.items() if alg == "proxyless"]

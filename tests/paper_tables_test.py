@@ -39,6 +39,8 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert [r["space"] for r in results["table3"]] == ["manual", "learned"] * 2
     assert [(d["algorithm"], d["n_pairs"]) for d in results["differences"]] == [
         ("proxyless", n), ("proxyless", n), ("rl", n), ("spos", n)]  # fmt: skip
+    assert all(0 <= d["matched"]["n_pairs"] <= n for d in results["differences"])
+    assert "realised MAdds within ±3 %" in first.stdout and "MAdds vs target" in first.stdout
     assert len(results["table6"]["inits"]) == 2
     assert len(results["inside"]["spaces"]) == len(space_seeds)
     assert all(len(a) == 1 for a in results["inside"]["archs"].values())  # One-layer skeleton.
@@ -96,6 +98,18 @@ def test_paired_difference_has_the_t_interval_of_the_pairs():
     assert d["ci95"] == pytest.approx([0.025 - half, 0.025 + half], rel=1e-5)
     assert d["per_space_seed"] == pytest.approx([0.015, 0.035])
     assert pt.paired_difference([[0.6]], [[0.5]])["ci95"] is None  # One pair: no interval.
+
+
+def test_matched_difference_keeps_the_space_seeds_of_equal_realised_madds():
+    # Space seed 0: 100 vs 101 MAdds (1 % apart, kept); seed 1: 110 vs 100 (10 %, dropped).
+    learned = {"madds": [100, 110], "top1_per_seed": [[0.60, 0.62], [0.70, 0.70]]}
+    manual = {"madds": [101, 100], "top1_per_seed": [[0.50, 0.50], [0.50, 0.50]]}
+    d = pt.matched_difference(learned, manual)
+    assert d["n_pairs"] == 2 and d["mean"] == pytest.approx(0.11) and d["ci95"] is not None
+    assert d["per_space_seed"] == pytest.approx([0.11])
+    assert pt.matched_difference(learned, manual, tolerance=0.1)["n_pairs"] == 4
+    manual["madds"] = [200, 200]
+    assert pt.matched_difference(learned, manual)["n_pairs"] == 0
 
 
 def test_mean_sd_and_separation_use_sample_standard_deviations():
