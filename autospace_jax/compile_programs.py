@@ -23,7 +23,7 @@ import numpy as np
 
 from autospace_jax.evolution.state import Evolution
 from autospace_jax.final import train
-from autospace_jax.runtime import errors, files, sharding
+from autospace_jax.runtime import errors, files, preemption, sharding
 from autospace_jax.runtime import progress as progress_lib
 from autospace_jax.space import arch as arch_lib
 from autospace_jax.space import genome as genome_lib
@@ -150,6 +150,7 @@ class Compiler:
 
         Raises:
           WontFit: XLA refused to compile a program for lack of memory.
+          Preempted: a SIGTERM came; the modules finished so far are saved.
         """
 
         def saved(done: str | None) -> list[Row] | None:
@@ -186,7 +187,14 @@ class Compiler:
             pending = {pool.submit(one, *self._jobs[i]): i for i in todo}
             for n, f in enumerate(futures.as_completed(pending), 1):
                 results[pending[f]] = f.result()
-                progress.report(len(self._jobs) - len(todo) + n, "compile:")
+                done = len(self._jobs) - len(todo) + n
+                progress.report(done, "compile:")
+                if n < len(todo) and preemption.reached(done):
+                    # Modules compiling now finish and are saved as the pool closes.
+                    for queued in pending:
+                        queued.cancel()
+                    where = f"after {done} of {len(self._jobs)} modules"
+                    raise preemption.Preempted("compile", where, done)
         rows: dict[tuple[str, str], Row] = {}
         for r in (r for module in results for r in module):  # In the order queued.
             rows[(r.module, r.kind)] = r

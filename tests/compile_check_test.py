@@ -6,6 +6,8 @@ Needs libtpu (the ``test`` extra installs ``jax[tpu]`` on Linux); nothing needs 
 import importlib.util
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +76,15 @@ def test_auto_settings_follow_the_target_platform_not_this_process():
 
 @needs_libtpu
 def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
+    # A SIGTERM once the first module is saved: the check stops with status 75 and one
+    # line; the modules it finished are kept for the re-run below.
+    programs = tmp_path / "compile" / "programs"
+    stopped = runner.kill_when(runner.command(str(tmp_path), "--mode=compile", *TINY),
+                               lambda: programs.is_dir() and any(programs.iterdir()),
+                               signals=(signal.SIGTERM,))  # fmt: skip
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert re.search(r"compile: preempted \(SIGTERM\) after \d+ of \d+ modules", last), last
     r = runner.run(runner.command(str(tmp_path), "--mode=compile", *TINY))
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.load(open(tmp_path / "compile" / "report.json"))
