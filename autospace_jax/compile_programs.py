@@ -220,22 +220,28 @@ class Layout:
     batch_bytes: int  # One batch of images, per device.
     outputs_bytes: int  # Every layer's output, per device.
     shared_state_bytes: int  # Stem, head, fitness logits: variables and optimizer states.
-    layers: list[list[tuple[str, int]]]  # Per layer and candidate: (module, state bytes).
+    # Per layer and candidate: (module, its variables and optimizer state: bytes whole,
+    # bytes a device stores between steps).
+    layers: list[list[tuple[str, int, int]]]
+    spread: bool  # Cells stored split over the devices, made whole for the steps that run them.
 
 
 def bounds(layout: Layout, rows: dict[tuple[str, str], Row], cells: int | None = None):
     """A weight step's and a fitness step's memory and FLOPs per device, on the heaviest
     path through the first ``cells`` candidates of every layer (default: all).
 
-    Chained programs (pieces): the state (all variables and optimizer states), one
-    batch, every layer's largest forward output (with the VJP residuals it keeps for
-    the backward), the head's, and the largest backward: what is alive when the
-    backward starts. The fitness step's ``loss`` estimate runs two forwards whose
+    Chained programs (pieces): the state (all variables and optimizer states as the
+    devices store them, and with spread cells the path's cells made whole, the heaviest
+    of every layer), one batch, every layer's largest forward output (with the VJP
+    residuals it keeps for the backward), the head's, and the largest backward: what is
+    alive when the backward starts. The fitness step's ``loss`` estimate runs two forwards whose
     outputs die as the next layer runs; ``gradient`` keeps both cells' outputs
     beside a weight step's. The one-program step (fused): its program's own figures.
     """
     layers = [layer[:cells] for layer in layout.layers]
-    state = layout.shared_state_bytes + sum(b for layer in layers for _, b in layer)
+    state = layout.shared_state_bytes + sum(stored for layer in layers for *_, stored in layer)
+    if layout.spread:
+        state += sum(max(whole for _, whole, _ in layer) for layer in layers)
     stage, n = layout.stage, layout.images
     if layout.program == "fused":
         programs = [
@@ -243,7 +249,7 @@ def bounds(layout: Layout, rows: dict[tuple[str, str], Row], cells: int | None =
         ]
         return [Step(stage, k, r.hbm_bytes, r.flops, n, state) for k, r in programs]
     shared = lambda kind: rows[("stem/head", kind)]  # noqa: E731
-    names = [[m for m, _ in layer] for layer in layers]
+    names = [[m for m, *_ in layer] for layer in layers]
 
     def train(m: str) -> Row:
         """The weight step's backward of module ``m`` (with its update, if it has weights)."""
@@ -307,7 +313,8 @@ class SupernetPrograms:
         )
         self.data, self.rep = sharding.batch_sharding(evo.mesh), sharding.replicated(evo.mesh)
         self.batch_size, devices = evo.sc.batch_size, evo.mesh.devices.size
-        self.state = self.trainer.abstract_state(evo.image_shape, self.rep)
+        self.state = self.trainer.abstract_state(evo.image_shape, evo.mesh)
+        self.spread = trainer_lib.spreads(self.trainer.program, evo.mesh)
         self.outputs = [  # Every layer's output, the global batch, sharded.
             jax.ShapeDtypeStruct((self.batch_size, -(-s // st), -(-s // st), c_out),
                                  evo.settings.dtype, sharding=self.data)
@@ -315,7 +322,7 @@ class SupernetPrograms:
         ]  # fmt: skip
         layers = [
             [
-                (f"layer {l} {genome_lib.canonical(g)}", self._cell_bytes(l, k))
+                (f"layer {l} {genome_lib.canonical(g)}", *self._cell_bytes(l, k))
                 for k, g in enumerate(layer)
             ]
             for l, layer in enumerate(spec.candidates)
@@ -326,14 +333,15 @@ class SupernetPrograms:
         self.layout = Layout(
             stage, self.trainer.program, fitness_estimate, self.batch_size // devices, chunks,
             tree_bytes(image), tree_bytes(self.outputs) // devices,
-            total - sum(b for layer in layers for _, b in layer), layers,
+            total - sum(whole for layer in layers for _, whole, _ in layer), layers, self.spread,
         )  # fmt: skip
 
-    def _cell_bytes(self, l: int, k: int) -> int:
-        """A cell's variables and optimizer state, bytes per device."""
+    def _cell_bytes(self, l: int, k: int) -> tuple[int, int]:
+        """A cell's variables and optimizer state: bytes whole, bytes a device stores."""
         v, key = self.state.variables, f"layer_{l}/cell_{k}"
         cell = [fused.subtree(v[c], f"layer_{l}", f"cell_{k}") for c in ("params", "batch_stats")]
-        return tree_bytes((cell, self.state.opt_state[key]))
+        tree = (cell, self.state.opt_state[key])
+        return tree_bytes(tree), sharding.device_bytes(tree)
 
     def queue(self, compiler: Compiler) -> None:
         """Queues every program of the steps (a module shared with another supernet once)."""
@@ -345,13 +353,16 @@ class SupernetPrograms:
         evaluate = self.programs["evaluate"]
         compiler.add("shared", stage, "stem/head", lambda: _flatten(shared(evo, evaluate)))
         for l, layer in enumerate(self.spec.candidates):
-            for k, (g, (name, state_bytes)) in enumerate(zip(layer, self.layout.layers[l])):
+            for k, (g, (name, *state)) in enumerate(zip(layer, self.layout.layers[l])):
                 module, x, _, tx = precompile.cell_job(evo, l, g)
                 job = functools.partial(pieces.precompile_cell, module, x, rep, tx, **self.programs)
                 # A cell of the same shapes in another layer (or supernet) is the same
                 # program: the layout names the rows it was queued under.
                 name = compiler.add((module, x.shape), stage, name, job)
-                self.layout.layers[l][k] = (name, state_bytes)
+                if self.spread:  # Its own job: the cell's saved rows stay valid without it.
+                    job = functools.partial(pieces.precompile_reshard, module, x, evo.mesh, tx)
+                    compiler.add(("reshard", module, x.shape), stage, name, job)
+                self.layout.layers[l][k] = (name, *state)
         if self.layout.fitness_estimate == "gradient":  # dL/dg = <dL/dout, out>.
             for y in {y.shape: y for y in self.outputs}.values():
                 inner = lambda y=y: {"": timed(lambda: pieces.inner.lower(y, y))}  # noqa: E731

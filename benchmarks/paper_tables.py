@@ -477,7 +477,7 @@ def depth_supernet(c: ml_collections.ConfigDict, dataset, skeleton, init: int, *
     trainer = trainer_lib.SupernetTrainer.from_config(spec, c, tied=True, **trainer_kw)
     mesh = sharding.create_mesh()
     state = trainer.init(dataset.info.image_shape, 1000 + init, c.supernet.fitness_init_std,
-                         sharding.replicated(mesh))  # fmt: skip
+                         mesh)  # fmt: skip
     return state, trainer, sharding.batch_sharding(mesh)
 
 

@@ -597,10 +597,10 @@ def device_worker(batch: int, steps: int) -> dict:
     """Runs in a subprocess with N fake devices: losses of 4 steps, then timings."""
     mesh = sharding.create_mesh()
     sharding.check_batch_size(batch, mesh, "--batch")
-    data_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    data_sharding = sharding.batch_sharding(mesh)
     spec = supernet_spec(small=True)
     trainer = trainer_lib.SupernetTrainer(spec)
-    state = trainer.init((IMAGE, IMAGE, 3), seed=SEED, replicated=replicated)
+    state = trainer.init((IMAGE, IMAGE, 3), seed=SEED, mesh=mesh)
     data = [
         (jax.device_put(x, data_sharding), jax.device_put(y, data_sharding))
         for x, y in batches(4, batch)

@@ -79,7 +79,7 @@ def measure(code: str, program: str) -> dict:
     kwargs = {} if program == "before" else {"program": program}
     trainer = trainer_lib.SupernetTrainer(spec, **kwargs)
     mesh = sharding.create_mesh(jax.devices())
-    state = trainer.init((supernet_step.IMAGE,) * 2 + (3,), 0, 0.5, sharding.replicated(mesh))
+    state = trainer.init((supernet_step.IMAGE,) * 2 + (3,), 0, 0.5, mesh)
     (x, y), (vx, vy) = (
         jax.device_put(b, sharding.batch_sharding(mesh)) for b in supernet_step.batches(2, BATCH)
     )

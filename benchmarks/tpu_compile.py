@@ -12,8 +12,10 @@ nothing needs a TPU), and reads its report.json:
 
 * **Memory.** A supernet step chains per-cell programs, so whatever K, one
   path's activations are alive; K adds only the cells' variables and optimizer
-  states. The step's bound (``compile_check.bounds``: all state, every layer's
-  largest kept forward output, the largest backward) for K = 9 and for K = 2
+  states, which the chips store split over them (each holds 1/16), the path's
+  cells made whole for the step. The step's bound (``compile_check.bounds``: the
+  state as stored, the path's cells whole, every layer's largest kept forward
+  output, the largest backward) for K = 9 and for K = 2
   (the first two picked cells of every layer: the same programs, the state of
   two cells), the ratio, and per image against the final network's train step
   (the HBM less variables and optimizer states, per image).
@@ -81,11 +83,13 @@ def compile_topology(topology: str) -> str:
 def child_compile_s(rows: dict, module: str, gradient: bool) -> float:
     """Seconds of the programs evolve compiles for a child (``precompile_cell``): the
     forward and the weight step's backward with the update (a cell without parameters:
-    backward and update), and with the gradient estimate the plain backward too."""
+    backward and update), and with the gradient estimate the plain backward too; with
+    cells stored spread, the programs that gather and spread it (``precompile_reshard``)."""
     kinds = ["forward", "backward_update"] if (module, "backward_update") in rows else [
         "forward", "backward", "update"]  # fmt: skip
     if gradient and "backward_update" in kinds:
         kinds.append("backward")
+    kinds += [k for k in ("gather", "gather_update", "respread") if (module, k) in rows]
     return sum(rows[(module, kind)].compile_s for kind in kinds)
 
 
@@ -99,7 +103,7 @@ def summarise(path: str, utilisation: float) -> dict:
         weight[cells], fitness[cells] = compile_check.bounds(evolve, rows, cells)
     final = next(s for s in report["steps"] if s["stage"] == "train")
     per_image = lambda s: (s["hbm_bytes"] - s["state_bytes"]) / s["images"]  # noqa: E731
-    cells = [m for layer in evolve.layers for m, _ in layer]
+    cells = [m for layer in evolve.layers for m, *_ in layer]
     gradient = report["config"]["evolution"]["fitness_estimate"] == "gradient"
     seconds = [child_compile_s(rows, m, gradient) for m in dict.fromkeys(cells)]
     chip, config = report["chip"], report["config"]
@@ -225,9 +229,10 @@ def main() -> None:
     parts = [
         "configs/imagenet_mobile.py at 224 px on each slice (supernet batch 256, final "
         "network batch 512, split over its devices), per device. Supernet steps are bounds "
-        f"(all state + every layer's largest kept forward output + the largest backward) of "
-        f"evolve's first generation, K = {k}, and of its first {K_SMALL} cells per layer, "
-        "K = 2. Per image: HBM less variables and optimizer states.",
+        "(the state as the chips store it, cells split over them + the path's cells whole + "
+        "every layer's largest kept forward output + the largest backward) of evolve's first "
+        f"generation, K = {k}, and of its first {K_SMALL} cells per layer, K = 2. Per image: "
+        "HBM less variables and optimizer states.",
         _report.table(
             ["topology", f"weight step GiB, K = {K_SMALL} / {k}",
              f"of which state, K = {K_SMALL} / {k}", f"K = {k} / K = {K_SMALL} (less state)",
@@ -260,7 +265,8 @@ def main() -> None:
         parts += [
             f"Contrast, {args.topologies[0]}: the first {args.fused_layers} layers of the same "
             "supernet, the weight step as one program (fused: HBM of that program) and as "
-            "per-cell programs (pieces: the bound); compile s of every program on this host.",
+            "per-cell programs (pieces: the bound); compile s of every program on this host "
+            f"(rows saved in {os.path.relpath(path, _report.ROOT)} when they were measured).",
             _report.table(["program", "K", "weight step GiB", "compile s"], rows),
         ]
     body = "\n\n".join(parts)

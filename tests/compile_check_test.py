@@ -99,8 +99,15 @@ def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
     assert len(cells) >= 2 * 2  # Two layers, K = 2 distinct cells each.
     for cell in cells:
         kinds = {n.rsplit(" ", 1)[1] for _, n in programs if n.rsplit(" ", 1)[0] == cell}
-        # The weight step's backward with the update; the gradient estimate's backward.
-        assert kinds == {"forward", "backward_update", "backward", "forward_eval"}, cell
+        # The weight step's backward with the update; the gradient estimate's backward;
+        # the programs that make a cell stored split over the 4 chips whole and split it
+        # again.
+        assert kinds == {"forward", "backward_update", "backward", "forward_eval", "gather",
+                         "gather_update", "respread"}, cell  # fmt: skip
+    for layout in report["supernets"]:
+        assert layout["spread"] is True
+        stored = [(whole, mine) for layer in layout["layers"] for _, whole, mine in layer]
+        assert all(mine < whole for whole, mine in stored), stored
     for name in ("stem/head stem forward", "stem/head head head_loss", "alpha step"):
         assert ("evolve", name) in programs
     assert ("search", "alpha step") in programs  # With Eq. 6's term: another program.
@@ -219,6 +226,6 @@ def test_layers_of_the_same_shapes_share_programs_and_the_layout_names_them(tmp_
                                           "gradient": False}, None)  # fmt: skip
     x.queue(compiler)
     queued = {module for _, module, _, _ in compiler._jobs}
-    names = [[m for m, _ in layer] for layer in x.layout.layers]
+    names = [[m for m, *_ in layer] for layer in x.layout.layers]
     assert all(m in queued for layer in names for m in layer), (names, queued)
     assert names[3] == names[2] != names[1]  # Layers 2 and 3: the same programs.

@@ -16,7 +16,7 @@ import numpy as np
 from absl import logging
 
 from autospace_jax.evolution import population as pop_lib
-from autospace_jax.runtime import distributed, files
+from autospace_jax.runtime import distributed, files, sharding
 from autospace_jax.viz import cell_drawing, plots
 
 
@@ -24,7 +24,7 @@ def cell_vector(state, l: int, k: int) -> np.ndarray:
     """Cell k of layer l's parameters in a supernet state, one host vector (empty for
     the skip cell)."""
     params = state.variables["params"][f"layer_{l}"].get(f"cell_{k}", {})
-    leaves = jax.device_get(jax.tree.leaves(params))
+    leaves = sharding.to_host(jax.tree.leaves(params))
     return np.concatenate([np.ravel(a) for a in leaves]) if leaves else np.zeros(0)
 
 

@@ -246,10 +246,15 @@ class Evolution:
             opt = {l: jax.eval_shape(self.tx.init, {"fitness": a}) for l, a in fitness.items()}
             before = [vector(n) for _, _, n in meta["generation"]["before"]]
             tree["generation"] = {"fitness": fitness, "fitness_opt": opt, "before": before}
-        replicated = sharding.replicated(self.mesh)
-        return jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), tree
-        )
+        # The cells where a supernet stores them (SupernetTrainer.place), the rest whole.
+        spread = trainer_lib.spreads(self.settings.program, self.mesh)
+
+        def place(s, cell: bool):
+            where = sharding.spread(self.mesh, s.shape) if cell else sharding.replicated(self.mesh)
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where)
+
+        return {part: jax.tree.map(lambda s, c=part == "cells" and spread: place(s, c), sub)
+                for part, sub in tree.items()}  # fmt: skip
 
     def load(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
         """The arrays of a checkpoint whose JSON :meth:`restore_target` read."""
@@ -358,7 +363,7 @@ class Evolution:
         alphas = [
             np.array([self.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)
         ]
-        state = self.bank.assemble(trainer, alphas, self.step, sharding.replicated(self.mesh))
+        state = self.bank.assemble(trainer, alphas, self.step, self.mesh)
         compensation = self.compensation(picked)
         resumed, self.interrupted = self.interrupted, None
         if resumed is None:

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from autospace_jax.nn import cells, initializers
+from autospace_jax.runtime import sharding
 from autospace_jax.space import genome as genome_lib
 from autospace_jax.space.arch import Skeleton
 from autospace_jax.supernet.model import SupernetState
@@ -38,7 +39,7 @@ def _host(tree: Any) -> Any:
     a single-device array (what an eager ``jnp`` op makes) onto a multi-process mesh gives
     an array that computes but cannot be read back shard by shard, as a checkpoint does.
     A copy also outlives training, which donates the arrays it updates."""
-    return jax.tree.map(np.array, tree)
+    return sharding.to_host(tree)
 
 
 class WeightBank:
@@ -122,9 +123,10 @@ class WeightBank:
     # --- supernet <-> bank ----------------------------------------------------------------
 
     def assemble(
-        self, trainer: SupernetTrainer, alphas: list[np.ndarray], step: int, replicated=None
+        self, trainer: SupernetTrainer, alphas: list[np.ndarray], step: int, mesh=None
     ) -> SupernetState:
-        """The supernet state of ``trainer.spec`` from the bank (alphas: per layer, K each)."""
+        """The supernet state of ``trainer.spec`` from the bank (alphas: per layer, K each),
+        placed on ``mesh`` (if given) as :meth:`SupernetTrainer.place` says."""
         params, stats, fitness, opt = {}, {}, {}, {}
         for name in ("stem", "head"):
             entry = self.shared[name]
@@ -148,9 +150,8 @@ class WeightBank:
             fitness[f"layer_{l}"] = {"alpha": alpha}
             opt[f"fitness/layer_{l}"] = _host(trainer.tx.init({"fitness": fitness[f"layer_{l}"]}))
         variables = {"params": params, "batch_stats": stats, "fitness": fitness}
-        if replicated is not None:
-            variables, opt = jax.device_put((variables, opt), replicated)
-        return SupernetState(variables=variables, opt_state=opt, step=step)
+        state = SupernetState(variables=variables, opt_state=opt, step=step)
+        return state if mesh is None else trainer.place(state, mesh)
 
     def store(self, trainer: SupernetTrainer, state: SupernetState) -> None:
         """Writes the supernet's weights, statistics and optimizer states back."""

@@ -47,7 +47,8 @@ def _short(error: Exception) -> str:
 def _global_or_host(x: Any) -> Any:
     """A process-local array (e.g. a fresh optimizer count, on this host's first device) as
     numpy: with several processes Orbax saves only global arrays, and numpy from the primary
-    host. Stage state is identical on every host, and restores replicated onto the mesh."""
+    host. Stage state is identical on every host, and restores onto the mesh where its
+    restore target places it (whole on every device, a supernet's cells split over them)."""
     if isinstance(x, jax.Array) and len(x.sharding.device_set) == 1 and x.is_fully_addressable:
         return np.asarray(x)
     return x

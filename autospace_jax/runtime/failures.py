@@ -59,9 +59,17 @@ def _is_float(x: Any) -> bool:
     return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.isfinite(x).all()  # A scalar on every device: every host reads the same.
+
+
 def _finite(x: Any) -> bool:
     if not isinstance(x, jax.Array):
         return bool(np.isfinite(x).all())
+    if not (x.is_fully_addressable or x.is_fully_replicated):
+        # Split over several hosts (a supernet's stored cells): no host sees all of it.
+        return bool(_all_finite(x))
     # This process's shards, each part of the array once. Not replica_id == 0: with
     # several hosts, each must see a copy of a replicated array to reach the same verdict.
     parts = {}
@@ -77,7 +85,8 @@ def non_finite_paths(tree: Any) -> list[str]:
     more than copying the arrays, which the checkpoint save does next anyway.
     Python floats count too: JSON metadata (e.g. the evolve populations'
     alphas) would store a NaN without complaint. Each process checks its own
-    shards; stage state is replicated, so every process reaches the same verdict.
+    shards of what is whole on every device, and an array split over several hosts
+    on the devices: every process reaches the same verdict.
     """
     return [
         jax.tree_util.keystr(path)

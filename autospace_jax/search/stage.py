@@ -49,7 +49,7 @@ def build_context(config: Any, workdir: str) -> tuple[SearchContext, str]:
         reference_cost = reference_cost.madds
     trainer = trainer_lib.SupernetTrainer.from_config(space, config)
     state = trainer.init(info.image_shape, config.seed, config.supernet.fitness_init_std,
-                         sharding.replicated(mesh))  # fmt: skip
+                         mesh)  # fmt: skip
     ctx = SearchContext(
         config=config,
         dataset=dataset,

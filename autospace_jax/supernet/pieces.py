@@ -12,8 +12,9 @@ samples, steps or supernet rebuilds use it, and a rebuild compiles only cells
 it has not seen before (DESIGN §5, §11).
 
 Every piece is ``jax.jit``: inputs carry their shardings (batch split over the
-mesh axis ``data``, variables replicated), so the pieces run data-parallel and
-BatchNorm and loss see the global batch.
+mesh axis ``data``, variables whole on every device), so the pieces run
+data-parallel and BatchNorm and loss see the global batch. A cell stored split over
+the devices between steps is made whole for them by :func:`gather`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from autospace_jax.nn import cells, initializers, losses
+from autospace_jax.runtime import sharding
 
 # Traces per (piece kind, module or shapes): each entry must stay at 1 however
 # many steps run (a retrace would mean a recompile).
@@ -270,6 +272,24 @@ def inner(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.vdot(a, b)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def gather(tree: Any, mesh) -> Any:
+    """A cell stored spread over ``mesh`` (``sharding.spread``) whole on every device, as
+    its programs take it: one all-gather program per tree structure and shapes."""
+    _trace("gather", _shapes(tree))
+    return jax.lax.with_sharding_constraint(tree, sharding.replicated(mesh))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def respread(tree: Any, mesh) -> Any:
+    """A whole tree (a step's updated cell) back where it is stored: each device keeps
+    its slice."""
+    _trace("respread", _shapes(tree))
+    return jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(a, sharding.spread(mesh, a.shape)), tree
+    )
+
+
 # What precompiling returns: per program name, the program and its compile seconds.
 Precompiled = dict[str, tuple[jax.stages.Compiled, float]]
 
@@ -319,6 +339,27 @@ def precompile_cell(
         out["backward"] = _compile(programs["backward"].lower, vjp, y)
     if evaluate:
         out["forward_eval"] = _compile(programs["forward_eval"].lower, variables, x)
+    return out
+
+
+def precompile_reshard(module: nn.Module, x: jax.ShapeDtypeStruct, mesh, tx) -> Precompiled:
+    """Compiles the programs that move a cell stored spread over ``mesh``
+    (:meth:`SupernetTrainer.place`) for the programs of :func:`precompile_cell`: its
+    variables made whole (a forward), with its optimizer state (the weight step's), and
+    the updated ones spread again. Each is one all-gather or slice, compiled per shapes
+    like the cell's programs, so a child costs the training thread no compile."""
+    rep = sharding.replicated(mesh)
+    whole = _abstract_variables(module, x, rep)
+    opt_state, _ = _abstract_opt_state(tx, whole["params"], rep)
+    stored = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding.spread(mesh, a.shape)),
+        (whole, opt_state),
+    )
+    out = {"gather_update": _compile(gather.lower, stored, mesh)}
+    if jax.tree.leaves(stored[0]):
+        out["gather"] = _compile(gather.lower, stored[0], mesh)
+    updated = (whole["params"], whole["batch_stats"], opt_state)
+    out["respread"] = _compile(respread.lower, updated, mesh)
     return out
 
 

@@ -19,6 +19,7 @@ from autospace_jax.nn import cells
 from autospace_jax.runtime import sharding
 from autospace_jax.space import genome as genome_lib
 from autospace_jax.supernet import pieces
+from autospace_jax.supernet import trainer as trainer_lib
 
 
 class Precompiler:
@@ -49,7 +50,7 @@ class Precompiler:
         for key in keys:
             if key not in self.compiled:
                 self.compiled.add(key)
-                self.compiler.submit(key, pieces.precompile_cell, *self._job(*key), urgent=True)
+                self.compiler.submit(key, self._compile_cell, *key, urgent=True)
 
     def ready(self, keys: list[tuple[int, genome_lib.Genome]], rest: list[tuple]) -> float:
         """Waits for ``keys`` (after :meth:`start`); queues ``rest`` ((priority, key) pairs,
@@ -61,7 +62,7 @@ class Precompiler:
         for _, key in sorted(rest, key=lambda job: job[0]):
             if key not in self.compiled:
                 self.compiled.add(key)
-                self.compiler.submit(key, pieces.precompile_cell, *self._job(*key))
+                self.compiler.submit(key, self._compile_cell, *key)
         return waited
 
     def forget(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
@@ -75,10 +76,14 @@ class Precompiler:
         if self.compiler is not None:
             self.compiler.close()
 
-    def _job(self, l: int, genome: genome_lib.Genome) -> tuple:
-        """Arguments of :func:`pieces.precompile_cell` for ``genome`` in layer ``l``."""
+    def _compile_cell(self, l: int, genome: genome_lib.Genome) -> None:
+        """The programs of ``genome`` in layer ``l``, and those that move it when the
+        supernet stores cells spread over the mesh."""
+        module, x, rep, tx = cell_job(self.evo, l, genome)
         gradient = self.evo.ec.fitness_estimate == "gradient"
-        return (*cell_job(self.evo, l, genome), False, gradient)
+        pieces.precompile_cell(module, x, rep, tx, False, gradient)
+        if trainer_lib.spreads(self.evo.settings.program, self.evo.mesh):
+            pieces.precompile_reshard(module, x, self.evo.mesh, tx)
 
     def _compile_shared(self) -> None:
         shared_programs(self.evo)

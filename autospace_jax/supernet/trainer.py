@@ -20,6 +20,10 @@ device-to-host transfer inside a step; ``supernet.program``):
   count compensation ``n(d)/n'(d)`` (data, one array per layer, clipped):
   ``fused.alpha_update``, shared by both modes.
 
+On several devices the per-cell programs' supernet stores each cell split over
+them and makes whole only the cells a step runs (:meth:`SupernetTrainer.place`):
+K cells' weights and optimizer states cost a device 1/n of them.
+
 :func:`schedules.train_iterations` runs one evolve generation of weight and
 fitness steps.
 """
@@ -35,11 +39,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from autospace_jax.nn import cells, initializers
-from autospace_jax.runtime import platforms
+from autospace_jax.runtime import platforms, sharding
 from autospace_jax.space.spaces import SupernetSpec
 from autospace_jax.supernet import fused, pieces
 from autospace_jax.supernet.gates import FITNESS_ESTIMATES, Gates, sample_gates
 from autospace_jax.supernet.model import Supernet, SupernetState, optimizer
+
+
+def spreads(program: str, mesh) -> bool:
+    """Whether a supernet on ``mesh`` stores its cells split over the devices
+    (:meth:`SupernetTrainer.place`): per-cell programs on several devices (one program
+    per step takes the state as it is stored)."""
+    return mesh is not None and mesh.devices.size > 1 and program == "pieces"
 
 
 class SupernetTrainer:
@@ -90,6 +101,7 @@ class SupernetTrainer:
         self.tx = optimizer(weight_decay, momentum, nesterov, fitness_b1)
         self.label_smoothing = label_smoothing
         self.fitness_estimate, self.tied = fitness_estimate, tied
+        self._mesh = None  # Set by :meth:`place` when the cells are stored spread.
 
     # --- state ------------------------------------------------------------------------
 
@@ -123,9 +135,10 @@ class SupernetTrainer:
         image_shape: tuple[int, int, int],
         seed: int,
         fitness_std: float = 0.0,
-        replicated=None,
+        mesh=None,
     ) -> SupernetState:
-        """Host-side initialisation; alpha ~ N(0, fitness_std) (0: p uniform)."""
+        """Host-side initialisation; alpha ~ N(0, fitness_std) (0: p uniform); placed on
+        ``mesh`` as :meth:`place` says."""
         abstract = initializers.abstract_variables(Supernet(self.spec), (1, *image_shape))
         variables = initializers.host_init(abstract, seed)
         rng = np.random.default_rng((seed, 1))
@@ -135,16 +148,51 @@ class SupernetTrainer:
             )
             if self.tied:  # One score per network, held by every layer.
                 layer["alpha"] = variables["fitness"]["layer_0"]["alpha"]
-        return self.state_from_variables(variables, replicated)
+        return self.state_from_variables(variables, mesh)
 
-    def abstract_state(self, image_shape: tuple[int, int, int], replicated=None) -> SupernetState:
-        """The state :meth:`init` makes, as ``jax.ShapeDtypeStruct`` leaves placed with
-        ``replicated``: what ahead-of-time compilation lowers against (nothing is
-        allocated)."""
+    def abstract_state(self, image_shape: tuple[int, int, int], mesh) -> SupernetState:
+        """The state :meth:`init` makes, as ``jax.ShapeDtypeStruct`` leaves placed on
+        ``mesh`` as :meth:`place` says: what ahead-of-time compilation lowers against
+        (nothing is allocated)."""
         variables = initializers.abstract_variables(Supernet(self.spec), (1, *image_shape))
         opt_state = jax.eval_shape(lambda v: self._opt_state(v), variables)
-        place = lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated)  # noqa: E731
-        return SupernetState(jax.tree.map(place, variables), jax.tree.map(place, opt_state))
+        state = SupernetState(variables, opt_state)
+        shardings = self._placement(state, mesh)
+        place = lambda s, w: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=w)  # noqa: E731
+        return SupernetState(
+            jax.tree.map(place, variables, shardings.variables),
+            jax.tree.map(place, opt_state, shardings.opt_state),
+        )
+
+    def _placement(self, state: SupernetState, mesh) -> SupernetState:
+        """Where each array of ``state`` lives on ``mesh`` (a tree of shardings)."""
+        rep, spread = sharding.replicated(mesh), spreads(self.program, mesh)
+
+        def where(tree, cell: bool):
+            if cell and spread:
+                return jax.tree.map(lambda a: sharding.spread(mesh, np.shape(a)), tree)
+            return jax.tree.map(lambda _: rep, tree)
+
+        v = state.variables
+        variables = {
+            c: {name: where(sub, name.startswith("layer_")) for name, sub in v[c].items()}
+            for c in ("params", "batch_stats")
+        }
+        variables["fitness"] = where(v["fitness"], False)
+        opt = {key: where(s, key.startswith("layer_")) for key, s in state.opt_state.items()}
+        return SupernetState(variables, opt)
+
+    def place(self, state: SupernetState, mesh) -> SupernetState:
+        """``state`` (host arrays, or arrays on ``mesh``) placed on ``mesh``: the stem, head
+        and fitness logits whole on every device; each cell's variables and optimizer
+        state, with per-cell programs on several devices, split over them
+        (:func:`sharding.spread`, ZeRO-3's placement): a device holds 1/n of the K cells
+        a layer keeps, and a step makes whole only the cells it runs (DESIGN §3)."""
+        self._mesh = mesh if spreads(self.program, mesh) else None
+        shardings = self._placement(state, mesh)
+        state.variables = jax.device_put(state.variables, shardings.variables)
+        state.opt_state = jax.device_put(state.opt_state, shardings.opt_state)
+        return state
 
     def _opt_state(self, variables: dict[str, Any]) -> dict[str, Any]:
         """One optimizer state per module and per layer's fitness logits."""
@@ -157,17 +205,15 @@ class SupernetTrainer:
             )
         return opt_state
 
-    def state_from_variables(self, variables: dict[str, Any], replicated=None) -> SupernetState:
-        """A fresh optimizer state for given variables (e.g. inherited weights)."""
+    def state_from_variables(self, variables: dict[str, Any], mesh=None) -> SupernetState:
+        """A fresh optimizer state for given variables (e.g. inherited weights), placed on
+        ``mesh`` (if given) as :meth:`place` says."""
         opt_state = self._opt_state(variables)
         # On the host like ``variables``: device_put of host arrays is what places a
         # state identically on every process of a multi-host mesh.
         opt_state = jax.tree.map(np.asarray, opt_state)
         state = SupernetState(variables=variables, opt_state=opt_state)
-        if replicated is not None:
-            state.variables = jax.device_put(state.variables, replicated)
-            state.opt_state = jax.device_put(state.opt_state, replicated)
-        return state
+        return state if mesh is None else self.place(state, mesh)
 
     def reset_fitness_optimizer(self, state: SupernetState) -> None:
         """A fresh Adam state for every layer's alpha (as a rebuilt supernet has)."""
@@ -188,11 +234,27 @@ class SupernetTrainer:
         fitness = state.variables["fitness"]
         return jax.device_get([fitness[f"layer_{l}"]["alpha"] for l in range(len(self.layers))])
 
-    def _vars(self, state: SupernetState, key: str) -> dict[str, Any]:
-        return {
+    def _vars(self, state: SupernetState, key: str, opt: bool = False) -> Any:
+        """A module's variables (with ``opt``: and its optimizer state, a pair) as its
+        programs take them: whole on every device (a spread cell is gathered, one program)."""
+        tree = {
             "params": _get(state.variables["params"], key),
             "batch_stats": _get(state.variables["batch_stats"], key),
         }
+        if opt:
+            tree = (tree, state.opt_state[key])
+        if self._mesh is not None and key.startswith("layer_") and jax.tree.leaves(tree):
+            tree = pieces.gather(tree, self._mesh)
+        return tree
+
+    def _keep(self, state: SupernetState, key: str, params, stats, opt_state) -> None:
+        """A module's updated weights, BatchNorm statistics and optimizer state into
+        ``state``, stored where :meth:`place` put them."""
+        if self._mesh is not None and key.startswith("layer_"):
+            params, stats, opt_state = pieces.respread((params, stats, opt_state), self._mesh)
+        set_subtree(state.variables["params"], key, params)
+        set_subtree(state.variables["batch_stats"], key, stats)
+        state.opt_state[key] = opt_state
 
     def _module(self, key: str) -> nn.Module:
         if key in ("stem", "head"):
@@ -225,20 +287,28 @@ class SupernetTrainer:
             return sample_gates(alphas[:1], rng) * len(alphas)
         return sample_gates(alphas, rng)
 
-    def _forward(self, state, gates, images, both: bool):
-        """Chains the stem and the sampled cells; returns what backward needs."""
+    def _forward(self, state, gates, images, both: bool, opt: bool = False):
+        """Chains the stem and the sampled cells; returns the last output and what the
+        backward needs: per module of the path, (key, vjp, new BatchNorm statistics, the
+        layer's outputs, and with ``opt`` (variables, optimizer state) as the update takes
+        them)."""
         tape = []
-        x, stats, vjp = pieces.forward(self.stem, self._vars(state, "stem"), images)
-        tape.append(("stem", vjp, stats, None))
+        variables = self._vars(state, "stem")
+        x, stats, vjp = pieces.forward(self.stem, variables, images)
+        tape.append(("stem", vjp, stats, None, (variables, state.opt_state["stem"])))
         for l, g in enumerate(gates):
             ran = g.pair if both else (g.active,)
             outputs = {}
             for k in ran:
                 key = f"layer_{l}/cell_{k}"
-                y, stats, vjp = pieces.forward(self._module(key), self._vars(state, key), x)
+                update = opt and k == g.active
+                variables, opt_state = (
+                    self._vars(state, key, opt=True) if update else (self._vars(state, key), None)
+                )
+                y, stats, vjp = pieces.forward(self._module(key), variables, x)
                 outputs[k] = y
                 if k == g.active:  # Only the active cell's residuals are kept for backward.
-                    tape.append((key, vjp, stats, outputs))
+                    tape.append((key, vjp, stats, outputs, (variables, opt_state)))
             x = outputs[g.active]  # One-hot gates: the layer output is the active path's.
         return x, tape
 
@@ -262,23 +332,24 @@ class SupernetTrainer:
             gates = self.gates(state, seed, stream=0)
         else:
             gates = [Gates((int(k),), int(k)) for k in path]
-        x, tape = self._forward(state, gates, images, both=False)
+        x, tape = self._forward(state, gates, images, both=False, opt=True)
         key = "head"
+        variables = self._vars(state, key)
         loss, accuracy, dparams, dx, stats = pieces.head_loss(
-            self.head, self._vars(state, key), x, labels, self.label_smoothing
+            self.head, variables, x, labels, self.label_smoothing
         )
-        self._apply(state, key, dparams, stats, learning_rate)
-        for key, vjp, stats, _ in reversed(tape):
-            module, params = self._module(key), _get(state.variables["params"], key)
+        self._apply(state, key, variables["params"], dparams, stats, state.opt_state[key],
+                    learning_rate)  # fmt: skip
+        for key, vjp, stats, _, (variables, opt_state) in reversed(tape):
+            module, params = self._module(key), variables["params"]
             if jax.tree.leaves(params):
-                params, state.opt_state[key], dx = pieces.backward_update(
-                    module, self.tx, vjp, dx, params, state.opt_state[key], learning_rate
+                params, opt_state, dx = pieces.backward_update(
+                    module, self.tx, vjp, dx, params, opt_state, learning_rate
                 )
-                set_subtree(state.variables["params"], key, params)
-                set_subtree(state.variables["batch_stats"], key, stats)
+                self._keep(state, key, params, stats, opt_state)
             else:  # The skip cell: its optimizer state only counts the step.
                 dparams, dx = pieces.backward(module, vjp, dx)
-                self._apply(state, key, dparams, stats, learning_rate)
+                self._apply(state, key, params, dparams, stats, opt_state, learning_rate)
         state.step += 1
         return {"loss": loss, "accuracy": accuracy}
 
@@ -374,7 +445,7 @@ class SupernetTrainer:
             self.head, self._vars(state, "head"), x, labels, self.label_smoothing
         )
         dl_dg = [None] * len(gates)
-        for key, vjp, _, outputs in reversed(tape):
+        for key, vjp, _, outputs, _ in reversed(tape):
             if outputs is not None:
                 l = int(key.split("/")[0].split("_")[1])
                 dl_dg[l] = [pieces.inner(dx, outputs[k]) for k in gates[l].pair]
@@ -382,13 +453,11 @@ class SupernetTrainer:
                 _, dx = pieces.backward(self._module(key), vjp, dx)
         return dl_dg
 
-    def _apply(self, state, key, dparams, stats, learning_rate):
-        params = _get(state.variables["params"], key)
-        new, state.opt_state[key] = pieces.update(
-            self.tx, {"params": params}, {"params": dparams}, state.opt_state[key], learning_rate
+    def _apply(self, state, key, params, dparams, stats, opt_state, learning_rate):
+        new, opt_state = pieces.update(
+            self.tx, {"params": params}, {"params": dparams}, opt_state, learning_rate
         )
-        set_subtree(state.variables["params"], key, new["params"])
-        set_subtree(state.variables["batch_stats"], key, stats)
+        self._keep(state, key, new["params"], stats, opt_state)
 
     # --- evaluation -------------------------------------------------------------------
 

@@ -126,7 +126,7 @@ def test_no_transfer_to_the_host_inside_a_fused_step():
     reads = {}
     for program in ("fused", "pieces"):
         trainer = trainer_lib.SupernetTrainer(SPEC, program=program)
-        state = trainer.init(SHAPE, 0, 0.5, replicated=sharding.replicated(mesh))
+        state = trainer.init(SHAPE, 0, 0.5, mesh=mesh)
 
         def iteration(trainer, state):
             trainer.weight_step(state, x, labels, 0.1, seed=0)  # Gates drawn from alpha.

@@ -205,23 +205,41 @@ def test_one_compile_per_piece_over_many_samples():
     assert {k[1] for k in new if k[0] == "forward"} >= set(sum(trainer.layers, []))
 
 
-def test_sharded_supernet_step_equals_single_device():
+@pytest.mark.parametrize("estimate", ["gradient", "loss"])
+def test_sharded_supernet_step_equals_single_device(estimate):
+    """On 8 devices the cells are stored split over them (each holds 1/8 of an array
+    whose dimension splits), made whole for the steps that run them, and the steps
+    equal the single-device steps."""
     assert jax.device_count() == 8
     x, labels = _batch(n=16)
+    spec = spaces.SupernetSpec(  # 8 channels: a cell's arrays can split over 8 devices.
+        arch_lib.Skeleton(8, 1, ((8, 1),), 8, 3), TINY.candidates
+    )
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.create_mesh(devices)
-        trainer = trainer_lib.SupernetTrainer(TINY)
-        state = trainer.init(
-            (6, 6, 1), seed=0, fitness_std=0.5, replicated=sharding.replicated(mesh)
-        )
+        trainer = trainer_lib.SupernetTrainer(spec, fitness_estimate=estimate)
+        state = trainer.init((6, 6, 1), seed=0, fitness_std=0.5, mesh=mesh)
         batch = jax.device_put((x, labels), sharding.batch_sharding(mesh))
-        metrics = trainer.weight_step(state, *batch, 0.1, seed=0)
-        trainer.fitness_step(state, *batch, 0.1, seed=0)
-        results.append((float(metrics["loss"]), jax.device_get(state.variables)))
-    (loss1, v1), (loss8, v8) = results
-    assert abs(loss1 - loss8) <= 1e-5
-    for a, b in zip(jax.tree.leaves(v1), jax.tree.leaves(v8)):
+        for step in range(3):
+            metrics = trainer.weight_step(state, *batch, 0.1, seed=step)
+            trainer.fitness_step(state, *batch, 0.1, seed=step)
+        accuracy = trainer.evaluate(state, [1], [(*batch, np.ones(16, np.float32))])
+        results.append((float(metrics["loss"]), accuracy, jax.device_get(state)))
+        if len(devices) == 8:
+            cell = state.variables["params"]["layer_0"]["cell_1"]
+            spread = [a for a in jax.tree.leaves(cell) if not a.sharding.is_fully_replicated]
+            assert spread and all(
+                a.addressable_shards[0].data.size * 8 == a.size for a in spread
+            ), "a cell's arrays should be stored split over the devices"
+            momentum = [a for a in jax.tree.leaves(state.opt_state["layer_0/cell_1"]) if a.ndim]
+            assert not any(a.sharding.is_fully_replicated for a in momentum if a.size % 8 == 0)
+            assert all(a.sharding.is_fully_replicated
+                       for a in jax.tree.leaves(state.variables["params"]["stem"]))  # fmt: skip
+    (loss1, acc1, s1), (loss8, acc8, s8) = results
+    assert abs(loss1 - loss8) <= 1e-5 and acc1 == acc8
+    for a, b in zip(jax.tree.leaves((s1.variables, s1.opt_state)),
+                    jax.tree.leaves((s8.variables, s8.opt_state))):  # fmt: skip
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
 
 
