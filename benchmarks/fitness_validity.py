@@ -1,0 +1,271 @@
+"""Fitness validity ([Quality III]): does evolve's fitness rank a learned space's cells the
+way training them does?
+
+  python benchmarks/fitness_validity.py [--scale full] [--space-seed 0] [--jobs 2]
+  python benchmarks/fitness_validity.py --data any.npz --out runs/fv_other
+
+One evolution (benchmarks/paper_tables.py's data, scale and evolve settings, with the
+reference DAG, seed ``--space-seed``) learns a space. In two of its layers, the first and
+the last, every one of the final K cells is put into the reference network (the reference
+IRB in every other layer) and that network is trained alone with each of the scale's
+seeds (``--seeds``, default two); its test top-1 is the cell's stand-alone accuracy.
+Predictors of it, each a number per cell:
+
+* the final fitness logit alpha (space.json);
+* the supernet's own single-path validation top-1: the evolution's last supernet
+  (restored from its checkpoint), the cell in its layer and ``--paths`` random cells
+  of the final space in every other layer (the same paths for every cell of the
+  layer), batch statistics, every full validation batch.
+
+Per layer and pooled (values centred per layer, then ranked together): Spearman's rho
+between each predictor and the stand-alone accuracy, a 95 % bootstrap interval (cells
+resampled within their layer) and rho under random alpha (alpha permuted within each
+layer: the mean and the 95th percentile of 2,000 draws). The stand-alone spread says
+whether the cells differ enough to be ranked: the standard deviation of the cells'
+accuracies against the seed-to-seed standard deviation of one cell.
+
+Every run is cached under ``--out`` (the evolution, each training), so an interrupted
+run continues where it stopped. ``--scale=tiny`` runs it all on tiny settings (the test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from scipy import stats  # noqa: E402
+
+from autospace_jax.evolution.state import Evolution  # noqa: E402
+from autospace_jax.runtime import checkpoint, files, sharding  # noqa: E402
+from autospace_jax.space import arch as arch_lib  # noqa: E402
+from autospace_jax.space import genome as genome_lib  # noqa: E402
+from benchmarks import _report, paper_tables  # noqa: E402
+
+SECTION = "Fitness validity"
+DRAWS = 2000  # Bootstrap resamples and random-alpha permutations.
+
+
+def layers_of(num_layers: int) -> tuple[int, ...]:
+    """The early and the late layer measured (one, for a one-layer skeleton)."""
+    return tuple(sorted({0, num_layers - 1}))
+
+
+def final_cells(space_path: str, layers) -> dict[int, list[dict]]:
+    """Per measured layer, the final cells of the learned space (genome, id, alpha)."""
+    space = files.read_json(space_path)
+    return {l: space["layers"][l] for l in layers}
+
+
+def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict) -> tuple[str, str]:
+    """(name, arch file) of the reference network with ``cell`` in layer ``l``."""
+    reference = genome_lib.reference(runs.base.genome.reference)
+    genomes = [reference] * skeleton.num_layers
+    genomes[l] = genome_lib.from_json(cell["genome"])
+    name = f"fv_l{l}_{cell['id']}"
+    path = os.path.join(runs.out, "fitness_validity", f"{name}.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    arch_lib.save_arch(path, arch_lib.Arch(skeleton, genomes))
+    return name, path
+
+
+def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: int):
+    """Per measured layer, each final cell's single-path validation top-1 in the
+    evolution's last supernet (batch statistics), averaged over ``paths`` random paths
+    through the other layers; keyed by cell id."""
+    config = paper_tables._with(runs.base, seed, evolution__use_reference=True)
+    mesh = sharding.create_mesh()
+    info = dataset.info
+    evo = Evolution(config, info.image_shape, info.num_classes, mesh)
+    evo.attach(dataset)
+    ckpt = checkpoint.Checkpointer(os.path.join(evolve_dir, "evolve", "checkpoints"),
+                                   stage="evolve")  # fmt: skip
+    try:
+        _, tree, meta = ckpt.restore_latest(evo.restore_target)
+    finally:
+        ckpt.close()
+    evo.load(tree, meta)
+    picked = evo.select()  # The final space, once the evolution is done.
+    trainer = evo.trainer(evo.spec(picked))
+    alphas = [np.array([evo.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)]
+    state = evo.bank.assemble(trainer, alphas, evo.step, mesh)
+    batch = config.evolution.fitness_batch_size
+    data = sharding.batch_sharding(mesh)
+    # Full batches only: the accuracy uses the batch's own statistics.
+    val = [(x, y) for x, y, mask in dataset.eval_batches("val", batch, data)
+           if float(mask.sum()) == batch]  # fmt: skip
+    rng = np.random.default_rng(seed)
+    bases = [[int(rng.integers(len(idx))) for idx in picked] for _ in range(paths)]
+    out = {}
+    for l in layers:
+        for k, i in enumerate(picked[l]):
+            accuracies = []
+            for base in bases:
+                path = [*base[:l], k, *base[l + 1 :]]
+                accuracies += [trainer.batch_accuracy(state, path, x, y) for x, y in val]
+            out[evo.populations[l][i].genome.id] = float(np.mean(accuracies))
+    return out
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho; 0 where it is undefined (a constant resample)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        rho = stats.spearmanr(x, y).statistic
+    return float(rho) if np.isfinite(rho) else 0.0
+
+
+def centred(values: dict[int, np.ndarray]) -> np.ndarray:
+    return np.concatenate([v - v.mean() for v in values.values()])
+
+
+def validity(predictor: dict[int, np.ndarray], accuracy: dict[int, np.ndarray],
+             seed: int = 0) -> dict:  # fmt: skip
+    """Spearman's rho per layer and pooled, its bootstrap interval and rho under a random
+    predictor (permuted within each layer)."""
+    rng = np.random.default_rng(seed)
+    out = {"layers": {}}
+    for l in predictor:
+        out["layers"][l] = spearman(predictor[l], accuracy[l])
+    out["pooled"] = spearman(centred(predictor), centred(accuracy))
+    boot = []
+    for _ in range(DRAWS):
+        idx = {l: rng.integers(0, len(p), len(p)) for l, p in predictor.items()}
+        boot.append(spearman(centred({l: predictor[l][i] for l, i in idx.items()}),
+                             centred({l: accuracy[l][i] for l, i in idx.items()})))  # fmt: skip
+    out["interval"] = [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))]
+    null = [
+        spearman(centred({l: rng.permutation(p) for l, p in predictor.items()}), centred(accuracy))
+        for _ in range(DRAWS)
+    ]
+    out["random_mean"], out["random_p95"] = float(np.mean(null)), float(np.percentile(null, 95))
+    out["p_value"] = float(np.mean(np.asarray(null) >= out["pooled"]))
+    return out
+
+
+def spread(per_seed: dict[int, np.ndarray]) -> dict[int, dict]:
+    """Per layer: the cells' accuracies (mean over seeds) and their standard deviation
+    against the seed-to-seed standard deviation of one cell (``per_seed[l]``: cells x seeds)."""
+    out = {}
+    for l, a in per_seed.items():
+        means = a.mean(axis=1)
+        seed_sd = float(np.sqrt(np.mean(a.var(axis=1, ddof=1)))) if a.shape[1] > 1 else 0.0
+        out[l] = {"cells_sd": float(means.std(ddof=1)), "seed_sd": seed_sd,
+                  "min": float(means.min()), "max": float(means.max())}  # fmt: skip
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=paper_tables.DEFAULT_DATA, help="npz file or tfds:<name>")
+    p.add_argument("--data-dir", default="", help="TFDS data_dir for tfds:<name>")
+    p.add_argument("--out", default=os.path.join(_report.ROOT, "runs", "fitness_validity"))
+    p.add_argument("--scale", choices=sorted(paper_tables.SCALES), default="full")
+    p.add_argument("--space-seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
+    p.add_argument("--paths", type=int, default=8, help="random paths per cell (predictor 2)")
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    s = paper_tables.SCALES[args.scale]
+    out = os.path.abspath(args.out)
+    paper_tables.prepare_data(args.data, args.data_dir, out, s)
+    paper_tables._setup_logging()
+    pool = paper_tables.Pool(out, s, args.jobs)
+    runs, dataset, skeleton = paper_tables._context(out, s)
+    evolve = ("evolve", True, args.space_seed)
+    paper_tables.run_task(out, s, evolve)  # Cached once done.
+    layers = layers_of(skeleton.num_layers)
+    cells = final_cells(runs.space_path(True, args.space_seed), layers)
+    trainings = {(l, c["id"]): cell_arch(runs, skeleton, l, c) for l in layers for c in cells[l]}
+    tasks = [
+        ("train", name, path, seed) for name, path in trainings.values() for seed in args.seeds
+    ]
+    pool.run(tasks)
+    pool.close()
+    results = {key: [runs.train_seed(name, path, seed)["test_accuracy"] for seed in args.seeds]
+               for key, (name, path) in trainings.items()}  # fmt: skip
+    evolve_dir = os.path.join(out, "evolve", paper_tables.evolve_name(True, args.space_seed))
+    single_path = supernet_accuracy(runs, dataset, evolve_dir, layers, args.paths,
+                                    args.space_seed)  # fmt: skip
+    per_seed = {l: np.array([results[l, c["id"]] for c in cells[l]]) for l in layers}
+    accuracy = {l: a.mean(axis=1) for l, a in per_seed.items()}
+    alpha = {l: np.array([c["alpha"] for c in cells[l]]) for l in layers}
+    path_acc = {l: np.array([single_path[c["id"]] for c in cells[l]]) for l in layers}
+    by = {"final fitness alpha": validity(alpha, accuracy),
+          "supernet single-path val top-1": validity(path_acc, accuracy)}  # fmt: skip
+    body = render(args, s, layers, cells, per_seed, alpha, path_acc, by, spread(per_seed))
+    print(body)
+    files.write_json(os.path.join(out, "fitness_validity.json"), {
+        "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
+        "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
+        "single_path": single_path, "validity": by,
+    })  # fmt: skip
+    if not args.no_write:
+        command = "python benchmarks/fitness_validity.py " + " ".join(sys.argv[1:])
+        _report.write_section(SECTION, command.strip(), body)
+
+
+def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads) -> str:
+    pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
+    rows = []
+    for l in layers:
+        for c, acc, a, q in zip(cells[l], per_seed[l], alpha[l], path_acc[l]):
+            rows.append([l, c["id"], f"{a:+.3f}", pct(q),
+                         " / ".join(pct(x) for x in acc), pct(acc.mean())])  # fmt: skip
+    validity_rows = []
+    for name, v in by.items():
+        validity_rows.append([
+            name, *(f"{v['layers'][l]:+.2f}" for l in layers), f"{v['pooled']:+.2f}",
+            f"[{v['interval'][0]:+.2f}, {v['interval'][1]:+.2f}]",
+            f"{v['random_mean']:+.2f} / {v['random_p95']:+.2f}", f"{v['p_value']:.3f}",
+        ])  # fmt: skip
+    spread_rows = [[l, len(cells[l]), pct(x["min"]), pct(x["max"]), pct(x["cells_sd"]),
+                    pct(x["seed_sd"])] for l, x in spreads.items()]  # fmt: skip
+    return "\n\n".join(
+        [
+            f"Scale `{args.scale}` ({s.image_size} px, {s.train_per_class or 'all'} training "
+            f"images per class, {s.train_epochs} epochs, evolution {s.generations} x "
+            f"{s.steps_per_generation} steps, K = {s.cells_per_layer}), space seed "
+            f"{args.space_seed}, training seeds {args.seeds}; layers {list(layers)} (the first and "
+            f"the last). Stand-alone: the reference network with the cell in its layer, test top-1 "
+            f"%. Supernet: single-path validation top-1 % over {args.paths} random paths.",
+            _report.table(
+                [
+                    "layer",
+                    "cell",
+                    "alpha",
+                    "supernet %",
+                    "stand-alone % (seeds)",
+                    "stand-alone % (mean)",
+                ],
+                rows,
+            ),  # fmt: skip
+            "Spearman's rho against the stand-alone accuracy (pooled: values centred per layer); "
+            f"95 % bootstrap interval; rho under random alpha, {DRAWS} permutations within each "
+            "layer: mean / 95th percentile; p: share of them at least the pooled rho.",
+            _report.table(
+                [
+                    "predictor",
+                    *(f"layer {l}" for l in layers),
+                    "pooled",
+                    "interval",
+                    "random: mean / p95",
+                    "p",
+                ],
+                validity_rows,
+            ),  # fmt: skip
+            "Spread of the stand-alone accuracies: can the cells be ranked at all?",
+            _report.table(
+                ["layer", "cells", "min %", "max %", "SD over cells", "SD over seeds"], spread_rows
+            ),  # fmt: skip
+        ]
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""benchmarks/fitness_validity.py's statistics on made-up cells (its runs are the paper
+tables' evolve and train, tested there)."""
+
+import numpy as np
+
+from benchmarks import fitness_validity as fv
+
+
+def test_a_predictor_that_orders_the_cells_scores_one_and_a_shuffled_one_does_not():
+    rng = np.random.default_rng(0)
+    accuracy = {0: rng.normal(0.6, 0.05, 7), 4: rng.normal(0.7, 0.05, 7)}
+    perfect = {l: 10 * a - 3 for l, a in accuracy.items()}  # Same order, other scale.
+    v = fv.validity(perfect, accuracy)
+    assert v["layers"] == {0: 1.0, 4: 1.0} and v["pooled"] == 1.0
+    assert v["interval"][0] > 0.5 and v["p_value"] < 0.01
+    assert abs(v["random_mean"]) < 0.1 and v["random_p95"] < 1.0
+    reversed_ = {l: -p for l, p in perfect.items()}
+    assert fv.validity(reversed_, accuracy)["pooled"] == -1.0
+    # Pooling centres each layer: a predictor's level in one layer against another's does
+    # not count, only its order within each layer.
+    offset = {0: perfect[0] + 100, 4: perfect[4] - 100}
+    assert fv.validity(offset, accuracy)["pooled"] == 1.0
+
+
+def test_spread_against_the_seed_to_seed_noise():
+    per_seed = {0: np.array([[0.50, 0.52], [0.60, 0.62], [0.70, 0.68]])}
+    s = fv.spread(per_seed)[0]
+    assert (s["min"], s["max"]) == (0.51, 0.69)
+    assert np.isclose(s["cells_sd"], np.std([0.51, 0.61, 0.69], ddof=1))
+    assert np.isclose(s["seed_sd"], np.sqrt(np.mean([0.0002, 0.0002, 0.0002])))
+    assert fv.layers_of(1) == (0,) and fv.layers_of(5) == (0, 4)
