@@ -53,9 +53,10 @@ def spread(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
                                                for d in range(len(shape)))))  # fmt: skip
 
 
-def put_spread(tree: Any, mesh: Mesh) -> Any:
-    """``tree`` (host arrays, or arrays on ``mesh``) placed as :func:`spread` says."""
-    return jax.device_put(tree, jax.tree.map(lambda a: spread(mesh, np.shape(a)), tree))
+def spread_tree(tree: Any, mesh: Mesh) -> Any:
+    """:func:`spread` for every array of ``tree`` (a tree of shardings, for ``device_put``
+    or abstract arrays)."""
+    return jax.tree.map(lambda a: spread(mesh, np.shape(a)), tree)
 
 
 def device_bytes(tree: Any) -> int:

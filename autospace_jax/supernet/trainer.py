@@ -170,7 +170,7 @@ class SupernetTrainer:
 
         def where(tree, cell: bool):
             if cell and spread:
-                return jax.tree.map(lambda a: sharding.spread(mesh, np.shape(a)), tree)
+                return sharding.spread_tree(tree, mesh)
             return jax.tree.map(lambda _: rep, tree)
 
         v = state.variables

@@ -19,11 +19,11 @@ def test_spread_splits_the_largest_dimension_that_divides_the_devices():
     assert tuple(sharding.spread(one, (16, 32)).spec) == ()
 
 
-def test_put_spread_bytes_per_device_and_host_copy():
+def test_spread_tree_bytes_per_device_and_host_copy():
     mesh = sharding.create_mesh(jax.devices()[:4])
     tree = {"kernel": np.arange(3 * 16, dtype=np.float32).reshape(3, 16),
             "bias": np.ones(3, np.float32), "count": np.zeros((), np.int32)}  # fmt: skip
-    placed = sharding.put_spread(tree, mesh)
+    placed = jax.device_put(tree, sharding.spread_tree(tree, mesh))
     assert placed["kernel"].addressable_shards[0].data.shape == (3, 4)
     assert placed["bias"].sharding.is_fully_replicated
     assert sharding.device_bytes(placed) == 3 * 4 * 4 + 3 * 4 + 4
