@@ -5,8 +5,10 @@ the first is alive) would both resume from the same checkpoint and overwrite eac
 other's checkpoints, TensorBoard files and summaries. So ``main`` takes the folder's
 lease before a stage runs and gives it back when the run ends, however it ends (a
 preemption included); only a hard kill leaves one behind. The lease names its holder
-(host, pid, mode, start time) and a heartbeat time, which a daemon thread refreshes
-every :data:`HEARTBEAT_SECS`. A lease is live while its heartbeat is under
+(host, pid, mode, start time); its heartbeat, which a daemon thread refreshes every
+:data:`HEARTBEAT_SECS`, is a file of the holder's own (``lease.<id>.beat``), so a beat
+never rewrites the lease and cannot undo a takeover that lands between its check and
+its write. A lease is live while its heartbeat is under
 :data:`TIMEOUT_SECS` old and, on the host that holds it, its pid runs: a second launch
 is then refused with one line naming the holder; a lease whose holder is gone is taken
 over with a warning; ``--config.takeover=True`` takes over a live one.
@@ -53,12 +55,17 @@ def _alive(pid: int) -> bool:
 
 
 def _describe(record: dict[str, Any], now: float) -> str:
-    """The holder of a lease, for a message."""
+    """The holder of a lease, for a message (``record["heartbeat"]``: its last beat)."""
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record["started"]))
     return (
         f"pid {record['pid']} on host {record['host']} (--mode={record['mode']}, started "
         f"{started}, last heartbeat {now - record['heartbeat']:.0f} s ago)"
     )
+
+
+def _beat_path(lease_path: epath.Path, holder: str) -> epath.Path:
+    """The heartbeat file of the lease holder ``holder`` (its id)."""
+    return lease_path.parent / f"{lease_path.stem}.{holder}.beat"
 
 
 def _gone(record: dict[str, Any], now: float) -> str | None:
@@ -78,15 +85,20 @@ class Lease:
         now = time.time()
         self.record = {"id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                        "mode": mode, "started": now, "heartbeat": now}  # fmt: skip
+        self._beat_file = _beat_path(self.path, self.record["id"])
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="lease heartbeat", daemon=True)
 
     def _read(self) -> dict[str, Any] | None:
-        """The lease on disk; None if there is none, or none that can be read."""
+        """The lease on disk, its ``heartbeat`` its holder's last beat; None if there is
+        none, or none that can be read."""
         try:
             record = json.loads(self.path.read_text())
             _describe(record, 0.0)  # Fails unless it has every field a lease has.
-        except FileNotFoundError:
+            beat = _beat_path(self.path, str(record["id"]))
+            if beat.exists():  # Absent until the holder's first beat.
+                record["heartbeat"] = max(record["heartbeat"], float(beat.read_text()))
+        except FileNotFoundError:  # No lease, or a beat file removed as it was read.
             return None
         except (ValueError, KeyError, TypeError) as e:
             logging.warning("%s cannot be read (%s): taken over", self.path, e)
@@ -111,6 +123,7 @@ class Lease:
                 )
             why = gone or "--config.takeover=True"
             logging.warning("%s: taking over the lease of %s: %s", self.path, holder, why)
+            _beat_path(self.path, str(held["id"])).unlink(missing_ok=True)
         files.write_json(str(self.path), self.record)
         self._thread.start()
 
@@ -125,8 +138,7 @@ class Lease:
                         self.path, "nobody" if held is None else _describe(held, time.time()),
                     )  # fmt: skip
                     return
-                self.record["heartbeat"] = time.time()
-                files.write_json(str(self.path), self.record)
+                files.write_bytes(str(self._beat_file), repr(time.time()).encode())
             except OSError as e:  # A storage hiccup: the next beat tries again.
                 logging.warning("%s: heartbeat not written (%s)", self.path, e)
 
@@ -139,6 +151,7 @@ class Lease:
             held = self._read()
             if held is not None and held["id"] == self.record["id"]:
                 self.path.unlink()
+            self._beat_file.unlink(missing_ok=True)
         except OSError as e:  # The run's own outcome matters more than the lease.
             logging.warning("%s: lease not removed (%s)", self.path, e)
 

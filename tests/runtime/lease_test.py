@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
@@ -74,6 +75,33 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lease_is_taken_over(tmp_pa
     assert not os.path.exists(os.path.join(workdir, lease.FILENAME))
 
 
+def _beat(workdir, holder):
+    with open(os.path.join(workdir, f"lease.{holder}.beat")) as f:
+        return float(f.read())
+
+
+def test_a_takeover_between_a_beats_check_and_its_write_stands(tmp_path, monkeypatch):
+    """The heartbeat checks that the lease is still its run's, then writes: another run
+    taking the lease over in between (the race a loaded CI machine hit) must not be
+    undone by that write."""
+    monkeypatch.setattr(lease, "HEARTBEAT_SECS", 0.02)
+    workdir = str(tmp_path)
+    read, raced = lease.Lease._read, []
+
+    def read_then_taken_over(self):
+        record = read(self)
+        if threading.current_thread().name == "lease heartbeat" and not raced:
+            raced.append(record["id"])
+            _write_lease(workdir)  # Lands after the check, before the beat's write.
+        return record
+
+    monkeypatch.setattr(lease.Lease, "_read", read_then_taken_over)
+    with lease.held(workdir, "evolve", takeover=False):
+        time.sleep(0.3)
+        assert raced and _lease(workdir)["id"] == "other"
+    assert _lease(workdir)["id"] == "other"
+
+
 def _write_lease(workdir, **fields):
     now = time.time()
     record = {"id": "other", "host": socket.gethostname(), "pid": os.getpid(), "mode": "train",
@@ -114,7 +142,8 @@ def test_heartbeat_refreshes_only_its_own_lease(tmp_path, monkeypatch, caplog):
         first = _lease(workdir)
         assert first["pid"] == os.getpid() and first["mode"] == "evolve"
         time.sleep(0.2)
-        assert _lease(workdir)["heartbeat"] > first["heartbeat"]
+        assert _lease(workdir) == first  # A beat writes the holder's own file only,
+        assert _beat(workdir, first["id"]) > first["heartbeat"]  # and it moves.
         with pytest.raises(errors.RunFolderError, match="in use by another run"):
             with lease.held(workdir, "train", takeover=False):
                 pass
@@ -123,6 +152,7 @@ def test_heartbeat_refreshes_only_its_own_lease(tmp_path, monkeypatch, caplog):
         assert _lease(workdir)["id"] == "other"
         assert "the lease was taken over by pid" in caplog.text
     assert _lease(workdir)["id"] == "other"
+    assert not os.path.exists(os.path.join(workdir, f"lease.{first['id']}.beat"))
     os.remove(os.path.join(workdir, lease.FILENAME))
     with lease.held(workdir, "train", takeover=False):
         assert os.path.exists(os.path.join(workdir, lease.FILENAME))
