@@ -107,6 +107,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "evolution.checkpoint_every": _int_at_least(1),
     "evolution.fitness_estimate": _one_of(gates.FITNESS_ESTIMATES),
     "evolution.fitness_batch_size": _int_at_least(1),
+    "evolution.val_batches": _int_at_least(0),
     "evolution.final_rounds": _int_at_least(2),
     "evolution.background_compile": ((lambda v: isinstance(v, bool)), "true or false"),
     "compilation_cache": ((lambda v: isinstance(v, str)), "'', 'off' or a directory"),

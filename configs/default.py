@@ -78,6 +78,11 @@ def get_config() -> ml_collections.ConfigDict:
     # cell k) | gradient (ProxylessNAS's <dL/dout, o_k>); BENCHMARKS "Fitness signal".
     c.evolution.fitness_estimate = "loss"
     c.evolution.fitness_batch_size = 128  # Validation batch of a fitness step.
+    # After each generation the supernet is measured on this many validation batches
+    # (of supernet.batch_size; the same batches every time), one uniformly drawn path
+    # each: its loss and top-1 (summary supernet_val_loss / _top1, TensorBoard). A
+    # fitness only ranks cells once this is well below chance. 0: not measured.
+    c.evolution.val_batches = 4
     # Final rounds: the trained candidates train together until the top-K of every
     # layer stays the same for a round (at least 2 rounds, at most this many).
     c.evolution.final_rounds = 4

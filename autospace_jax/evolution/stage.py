@@ -68,6 +68,13 @@ from autospace_jax.runtime import progress as progress_lib
 from autospace_jax.supernet import pieces
 
 
+def _validation(figures: dict[str, float]) -> str:
+    """The generation's validation figures for its log line ("" when not measured)."""
+    if "supernet_val_loss" not in figures:
+        return ""
+    return f" (val {figures['supernet_val_loss']:.4f}, top-1 {figures['supernet_val_top1']:.3f})"
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Runs (or resumes, or skips) the evolve stage; writes ``<workdir>/evolve/``.
 
@@ -166,9 +173,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 },
             )
             logging.info(
-                "evolve: %s  loss %.4f  compile %.1fs inherit %.1fs train %.1fs (totals), %s, %s",
+                "evolve: %s  loss %.4f%s  compile %.1fs inherit %.1fs train %.1fs (totals), %s, %s",
                 evo.label(t),
                 figures["supernet_loss"],
+                _validation(figures),
                 clock.totals["compile"],
                 clock.totals["inherit"],
                 clock.totals["train"],
@@ -201,6 +209,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "train_time_s": clock.totals["train"],
         "other_time_s": clock.totals["other"],
         "supernet_loss": evo.losses,
+        # Per generation (:meth:`Evolution.validate`); empty with evolution.val_batches = 0.
+        **{f"supernet_val_{k}": [v[k] for v in evo.validation if v] for k in ("loss", "top1")},
         "children": len(evo.children),
         **diagnostics,
         "config": config.to_dict(),

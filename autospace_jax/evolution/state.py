@@ -25,7 +25,7 @@ from autospace_jax.evolution import report as evolution_report
 from autospace_jax.evolution.population import Individual
 from autospace_jax.evolution.weight_bank import WeightBank
 from autospace_jax.latency import table as latency
-from autospace_jax.runtime import errors, platforms, sharding
+from autospace_jax.runtime import errors, failures, platforms, sharding
 from autospace_jax.runtime import progress as progress_lib
 from autospace_jax.space import arch as arch_lib
 from autospace_jax.space import genome as genome_lib
@@ -131,6 +131,7 @@ class Evolution:
         self.children: list[dict[str, Any]] = []
         self.rejected = collections.Counter({reason: 0 for reason in pop_lib.REASONS})
         self.losses: list[float] = []
+        self.validation: list[dict[str, float]] = []  # Per generation: :meth:`validate`.
         self.final: dict[str, Any] = {"candidates": [], "tops": []}  # ids, per layer.
         self.warmup_steps = 0  # Weight-only steps; set by attach (needs the data's size).
         # The generation a preemption stopped (:meth:`run_generation`), or one restored
@@ -209,6 +210,7 @@ class Evolution:
             "children": self.children,
             "rejected": dict(self.rejected),
             "losses": self.losses,
+            "validation": self.validation,
             "final": self.final,
             "latency": self.timer.state if self.timer else None,
         }
@@ -219,6 +221,7 @@ class Evolution:
         self.history, self.children = meta["history"], meta["children"]
         self.rejected = collections.Counter(meta["rejected"])
         self.losses, self.final = meta["losses"], meta["final"]
+        self.validation = meta.get("validation", [])  # Absent from older checkpoints.
         if self.timer and meta.get("latency"):
             self.timer.load(meta["latency"])
 
@@ -423,6 +426,7 @@ class Evolution:
         loss = float(np.mean(losses))
         compile_s = pieces.compile_seconds() - compiled
         clock.add("compile", compile_s)
+        validation = self.validate(trainer, state)
         clock.add("train", time.time() - start - compile_s)
         # 4-6. Eq. 5 and n'; breeding and culling while evolving; the final top-K after.
         start = time.time()
@@ -440,9 +444,32 @@ class Evolution:
             self.final["tops"].append(self._tops())
         self.generation += 1
         self.losses.append(loss)
+        self.validation.append(validation)
         self._record()
         clock.add("inherit", time.time() - start)
-        return {"supernet_loss": loss, "compile_s": compile_s}
+        figures = {f"supernet_val_{k}": v for k, v in validation.items()}
+        return {"supernet_loss": loss, **figures, "compile_s": compile_s}
+
+    def validate(self, trainer, state) -> dict[str, float]:
+        """The supernet's loss and top-1 on ``evolution.val_batches`` validation batches
+        (the same ones every generation), each through one path drawn uniformly per layer,
+        with batch statistics as the fitness steps run it: whether the weights the fitness
+        compares cells with have learned anything (chance: a loss of ln(classes))."""
+        if not self.ec.val_batches:
+            return {}
+        data, losses, top1 = sharding.batch_sharding(self.mesh), [], []
+        for j in range(self.ec.val_batches):
+            path = trainer.uniform_path(np.random.default_rng((self.config.seed, j, 3)))
+            batch = self.dataset.train_batch(j, self.sc.batch_size, data, seed=self.config.seed,
+                                             split="val")  # fmt: skip
+            loss, accuracy = trainer.path_loss(state, path, *batch)
+            losses.append(loss)
+            top1.append(accuracy)
+        losses, top1 = jax.device_get((losses, top1))  # One transfer.
+        values = {"loss": float(np.mean(losses)), "top1": float(np.mean(top1))}
+        failures.check_steps(STAGE, state.step, [{"validation loss": values["loss"]}],
+                             f"generation {self.generation}")  # fmt: skip
+        return values
 
     def spec(self, picked: list[list[int]]) -> spaces.SupernetSpec:
         """The supernet of the picked cells (:meth:`select`)."""

@@ -91,10 +91,7 @@ def train_iterations(
         lr = cosine_learning_rate(learning_rate, i, steps)
         path = None
         if uniform_paths or step < warmup_steps:
-            rng = np.random.default_rng((seed, step, 2))
-            path = [int(rng.integers(len(c))) for c in trainer.spec.candidates]
-            if trainer.tied:
-                path = [path[0]] * len(path)
+            path = trainer.uniform_path(np.random.default_rng((seed, step, 2)))
         batch = dataset.train_batch(step, batch_size, data, seed=seed)
         losses.append(trainer.weight_step(state, *batch, lr, seed, path)["loss"])
         if step >= warmup_steps:

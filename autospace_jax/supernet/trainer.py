@@ -279,6 +279,11 @@ class SupernetTrainer:
 
     # --- steps ------------------------------------------------------------------------
 
+    def uniform_path(self, rng: np.random.Generator) -> list[int]:
+        """A path drawn uniformly per layer (one draw for every layer when tied)."""
+        path = [int(rng.integers(len(c))) for c in self.spec.candidates]
+        return [path[0]] * len(path) if self.tied else path
+
     def gates(self, state: SupernetState, seed: int, stream: int) -> list[Gates]:
         """The step's sample, from (seed, step, stream): identical on every host."""
         rng = np.random.default_rng((seed, state.step, stream))
@@ -424,11 +429,11 @@ class SupernetTrainer:
         independently); two forwards, no backward.
         """
         paths = ([g.pair[0] for g in gates], [g.pair[-1] for g in gates])
-        losses = [self._path_head(state, path, images, labels)[0] for path in paths]
+        losses = [self.path_loss(state, path, images, labels)[0] for path in paths]
         return [losses] * len(gates)  # Device scalars: no transfer inside the step.
 
-    def _path_head(self, state: SupernetState, path: Sequence[int], images, labels):
-        """(loss, top-1) of one path on one batch, with batch statistics."""
+    def path_loss(self, state: SupernetState, path: Sequence[int], images, labels):
+        """(loss, top-1) of one path on one batch, with batch statistics (device scalars)."""
         x, _, _ = pieces.forward(self.stem, self._vars(state, "stem"), images)
         for l, k in enumerate(path):
             key = f"layer_{l}/cell_{k}"
@@ -464,7 +469,7 @@ class SupernetTrainer:
     def batch_accuracy(self, state: SupernetState, path: Sequence[int], images, labels) -> float:
         """Top-1 of one path on one batch with batch statistics (shared BN running
         statistics do not fit any single path of a weight-sharing supernet)."""
-        return float(self._path_head(state, path, images, labels)[1])
+        return float(self.path_loss(state, path, images, labels)[1])
 
     def evaluate(self, state: SupernetState, path: Sequence[int], batches) -> dict[str, float]:
         """Top-1 of one path over (images, labels, mask) batches, BN running statistics."""

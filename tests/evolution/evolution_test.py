@@ -100,6 +100,13 @@ def test_evolve_constraints_and_accounting(tiny_pipeline):
         assert all(c["n_prime"] >= f for c in layer)
         assert all(c["canonical_id"] == g.canonical(g.from_json(c["genome"])).id for c in layer)
     assert summary["distinct_functions"] == [2, 2]
+    # The supernet measured after every generation and final round, logged on its line.
+    rounds = len(summary["supernet_loss"])
+    assert len(summary["supernet_val_loss"]) == len(summary["supernet_val_top1"]) == rounds
+    assert all(0 < v < 10 for v in summary["supernet_val_loss"])
+    assert all(0 <= v <= 1 for v in summary["supernet_val_top1"])
+    shown = re.findall(r"evolve: generation \d/4  loss [\d.]+ \(val ([\d.]+), top-1", log)
+    assert [float(v) for v in shown] == [round(v, 4) for v in summary["supernet_val_loss"][:4]]
     assert summary["n_prime"] == [[c["n_prime"] for c in layer] for layer in space["layers"]]
     assert 2 <= summary["final_rounds"] <= 4 and 0 <= summary["duplicate_share"] <= 1
     for png in ("alpha_history.png", "learned_cells.png"):
@@ -136,7 +143,9 @@ def test_evolve_constraints_and_accounting(tiny_pipeline):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path, dtype):
     """bfloat16 (what an accelerator computes in): the cells read bfloat16 inputs, so
-    that is what the background must have compiled them for."""
+    that is what the background must have compiled them for. The run without background
+    compile also skips the per-generation validation: measuring the supernet must not
+    change the evolution either."""
     from autospace_jax.supernet import pieces
     from configs import digits
 
@@ -160,6 +169,7 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path, 
     spaces = {}
     for background in (True, False) if dtype == "float32" else (True,):
         config.evolution.background_compile = background
+        config.evolution.val_batches = 2 if background else 0
         before = dict(pieces.TRACES)
         summary = evo.run(config, str(tmp_path / str(background)))
         retraced = {k: v - before.get(k, 0) for k, v in pieces.TRACES.items()}
@@ -170,6 +180,8 @@ def test_background_compile_changes_nothing_and_is_not_compiled_twice(tmp_path, 
         with open(tmp_path / str(background) / "evolve" / "space.json") as f:
             spaces[background] = json.load(f)["layers"]
         assert (summary["background_compile_time_s"] > 0) == background
+        measured = len(summary["supernet_loss"]) if background else 0
+        assert len(summary["supernet_val_loss"]) == measured
     assert spaces[True] == spaces.get(False, spaces[True])
     assert {"gather", "respread"} <= {kind for kind, *_ in pieces.TRACES}
 

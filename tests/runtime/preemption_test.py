@@ -110,7 +110,8 @@ def test_evolve_sigterm_inside_and_between_generations_changes_nothing(
                          EVOLVE_POINTS.values())  # fmt: skip
     for name in ("space.json", "children.json", "history.json"):
         assert _read(workdir, "evolve", name) == _read(straight, "evolve", name), name
-    assert resumed["supernet_loss"] == summary["supernet_loss"]
+    for key in ("supernet_loss", "supernet_val_loss", "supernet_val_top1"):
+        assert resumed[key] == summary[key], key
     assert resumed["steps"] == summary["steps"]
     # Saved inside generations with their losses so far; the one of step 10 with the
     # weights from before it of the children it trains for the first time, whose
