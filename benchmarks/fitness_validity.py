@@ -31,6 +31,7 @@ run continues where it stopped. ``--scale=tiny`` runs it all on tiny settings (t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import warnings
@@ -47,6 +48,8 @@ from autospace_jax.space import genome as genome_lib  # noqa: E402
 from benchmarks import _report, paper_tables  # noqa: E402
 
 SECTION = "Fitness validity"
+CURVES = {"supernet_loss": "training loss", "supernet_val_loss": "validation loss",
+          "supernet_val_top1": "validation top-1"}  # From evolve's summary.  # fmt: skip
 DRAWS = 2000  # Bootstrap resamples and random-alpha permutations.
 
 
@@ -168,10 +171,22 @@ def main() -> None:
     p.add_argument("--space-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     p.add_argument("--paths", type=int, default=8, help="random paths per cell (predictor 2)")
+    p.add_argument(
+        "--steps-per-generation",
+        type=int,
+        default=0,
+        help="evolve's f instead of the scale's (the supernet's schedule, item 2)",
+    )
+    p.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=-1,
+        help="evolve's weight-only epochs instead of the scale's",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    s = paper_tables.SCALES[args.scale]
+    s = schedule(paper_tables.SCALES[args.scale], args.steps_per_generation, args.warmup_epochs)
     out = os.path.abspath(args.out)
     paper_tables.prepare_data(args.data, args.data_dir, out, s)
     paper_tables._setup_logging()
@@ -198,19 +213,41 @@ def main() -> None:
     path_acc = {l: np.array([single_path[c["id"]] for c in cells[l]]) for l in layers}
     by = {"final fitness alpha": validity(alpha, accuracy),
           "supernet single-path val top-1": validity(path_acc, accuracy)}  # fmt: skip
-    body = render(args, s, layers, cells, per_seed, alpha, path_acc, by, spread(per_seed))
+    curve = files.read_json(os.path.join(evolve_dir, "evolve", "summary.json"))
+    body = render(args, s, layers, cells, per_seed, alpha, path_acc, by, spread(per_seed), curve,
+                  dataset.info.num_classes)  # fmt: skip
     print(body)
     files.write_json(os.path.join(out, "fitness_validity.json"), {
         "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
         "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
         "single_path": single_path, "validity": by,
+        **{k: curve.get(k, []) for k in CURVES},
     })  # fmt: skip
     if not args.no_write:
         command = "python benchmarks/fitness_validity.py " + " ".join(sys.argv[1:])
-        _report.write_section(SECTION, command.strip(), body)
+        _report.write_section(section(args.scale, s), command.strip(), body)
 
 
-def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads) -> str:
+def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int):
+    """``s`` with evolve's supernet schedule replaced where given (0 / -1: the scale's).
+    Another schedule is another evolution: give it its own ``--out``."""
+    return dataclasses.replace(
+        s,
+        steps_per_generation=steps_per_generation or s.steps_per_generation,
+        evolve_warmup_epochs=s.evolve_warmup_epochs if warmup_epochs < 0 else warmup_epochs,
+    )
+
+
+def section(scale: str, s: paper_tables.Scale) -> str:
+    """BENCHMARKS.md's section: one per supernet schedule, so that each stays."""
+    default = paper_tables.SCALES[scale]
+    if s == default:
+        return SECTION
+    return f"{SECTION}, f = {s.steps_per_generation}, warm-up {s.evolve_warmup_epochs} epochs"
+
+
+def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads, curve,
+           classes) -> str:  # fmt: skip
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     rows = []
     for l in layers:
@@ -233,7 +270,14 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads) -> st
             f"{s.steps_per_generation} steps, K = {s.cells_per_layer}), space seed "
             f"{args.space_seed}, training seeds {args.seeds}; layers {list(layers)} (the first and "
             f"the last). Stand-alone: the reference network with the cell in its layer, test top-1 "
-            f"%. Supernet: single-path validation top-1 % over {args.paths} random paths.",
+            f"%. Supernet: single-path validation top-1 % over {args.paths} random paths. "
+            f"Evolve's supernet warm-up: {s.evolve_warmup_epochs} epochs of weight steps only.",
+            "The evolution's supernet after each generation and final round (chance: a loss "
+            f"of ln {classes} = {np.log(classes):.2f}, top-1 {1 / classes:.2f}): "
+            + "; ".join(
+                f"{name} " + " ".join(f"{v:.3f}" for v in curve.get(key, []))
+                for key, name in CURVES.items()
+            ),  # fmt: skip
             _report.table(
                 [
                     "layer",

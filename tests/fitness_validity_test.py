@@ -29,3 +29,11 @@ def test_spread_against_the_seed_to_seed_noise():
     assert np.isclose(s["cells_sd"], np.std([0.51, 0.61, 0.69], ddof=1))
     assert np.isclose(s["seed_sd"], np.sqrt(np.mean([0.0002, 0.0002, 0.0002])))
     assert fv.layers_of(1) == (0,) and fv.layers_of(5) == (0, 4)
+
+
+def test_another_supernet_schedule_is_another_section():
+    full = fv.paper_tables.SCALES["full"]
+    assert fv.schedule(full, 0, -1) == full and fv.section("full", full) == fv.SECTION
+    longer = fv.schedule(full, 500, 0)
+    assert (longer.steps_per_generation, longer.evolve_warmup_epochs) == (500, 0)
+    assert fv.section("full", longer) == f"{fv.SECTION}, f = 500, warm-up 0 epochs"
