@@ -160,6 +160,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "supernet.fitness_init_std": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.warmup_epochs": _int_at_least(0),
     "supernet.compensation_clip": ((lambda v: _is_num(v) and v >= 1), "a number >= 1"),
+    "supernet.compile_effort": _num_in(-1.0, 1.0),
     "supernet.program": _one_of(platforms.PROGRAMS),
     "train.batch_size": _int_at_least(1),
     "train.eval_batch_size": _int_at_least(1),

@@ -31,12 +31,20 @@ nothing needs a TPU), and reads its report.json:
   fitness steps; FLOPs per device from XLA's cost analysis (the heaviest path)
   at ``--utilisation`` of the chip's peak bfloat16 rate.
 
+``--efforts -1 0`` compiles a sample of the first generation's cells (every
+``--effort-every``-th layer, each cell's programs as a child's, in a process per
+topology) at each of XLA's exec_time_optimization_effort values
+(``supernet.compile_effort``), alternating the order from cell to cell, and sets
+the generation's critical path again with a child's compile seconds at each effort:
+the sample's mean at that effort (all efforts measured in one run, under
+the same load) plus the gather and re-split programs' mean from the report.
+
 ``--fused`` adds the contrast that chose the per-cell programs: the first
 ``--fused-layers`` layers of the same supernet as one program per step
 (``supernet.program=fused``, a ``lax.switch`` per layer) at K = 2 and 9.
 
   python benchmarks/tpu_compile.py [--topologies v5e:4x4 v4:2x2x4] \\
-      [--utilisation 0.3] [--fused] [--no-write]
+      [--utilisation 0.3] [--fused] [--efforts -1 0] [--no-write]
 
 Resumable: a topology whose report.json exists is not compiled again, a killed
 topology's check resumes with the modules it had not finished, and the contrast
@@ -106,6 +114,8 @@ def summarise(path: str, utilisation: float) -> dict:
     cells = [m for layer in evolve.layers for m, *_ in layer]
     gradient = report["config"]["evolution"]["fitness_estimate"] == "gradient"
     seconds = [child_compile_s(rows, m, gradient) for m in dict.fromkeys(cells)]
+    reshard = [sum(rows[(m, k)].compile_s for k in ("gather", "gather_update", "respread")
+                   if (m, k) in rows) for m in dict.fromkeys(cells)]  # fmt: skip
     chip, config = report["chip"], report["config"]
     threads = precompile.background_threads("tpu", chip["host_cores"])
     children = config["evolution"]["offspring"] * len(evolve.layers)
@@ -127,6 +137,7 @@ def summarise(path: str, utilisation: float) -> dict:
         "final_per_image": per_image(final),
         "cells": len(seconds),
         "seconds_per_cell": sum(seconds) / len(seconds),
+        "reshard_s_per_cell": sum(reshard) / len(reshard),
         "threads": threads,
         "children": children,
         "background_s": background_s,
@@ -175,6 +186,58 @@ def fused_contrast(topology: str, layers: int) -> list[list]:
     return rows
 
 
+def effort_sample(topology: str, efforts: list[float], every: int) -> list[dict]:
+    """In this process: per sampled cell and effort, its child programs' compile seconds
+    and their largest temporaries (HBM per device)."""
+    from autospace_jax.data import sources as data_sources
+    from autospace_jax.evolution.state import Evolution
+    from autospace_jax.runtime import platforms, sharding
+    from autospace_jax.supernet import pieces
+    from configs import imagenet_mobile
+
+    platforms.skip_absent_tpu()
+    t = compile_check.target(topology)
+    mesh = sharding.create_mesh(compile_check.devices(t))
+    config = imagenet_mobile.get_config()
+    image_shape, num_classes = data_sources.shapes(config.data)
+    evo = Evolution(config, image_shape, num_classes, mesh, platform="tpu")
+    evo.init()
+    picked = evo.select()
+    gradient = config.evolution.fitness_estimate == "gradient"
+    rows = []
+    for n, l in enumerate(range(0, len(picked), every)):
+        genome = evo.populations[l][picked[l][0]].function
+        for effort in efforts if n % 2 == 0 else efforts[::-1]:  # Order effects cancel.
+            pieces.set_compile_effort(effort)  # Drops the programs of the last effort.
+            module, x, rep, tx = precompile.cell_job(evo, l, genome)
+            out = pieces.precompile_cell(module, x, rep, tx, gradient=gradient)
+            temp = max(c.memory_analysis().temp_size_in_bytes for c, _ in out.values())
+            rows.append({"layer": l, "effort": effort, "temp_bytes": temp,
+                         "compile_s": sum(s for _, s in out.values())})  # fmt: skip
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
+def effort_rows(s: dict, sample: list[dict], efforts: list[float]) -> list[list]:
+    """Per effort: the sample's figures and the generation's critical path with them."""
+    base_s = sum(r["compile_s"] for r in sample if r["effort"] == 0.0)
+    rows = []
+    for effort in efforts:
+        mine = [r for r in sample if r["effort"] == effort]
+        ratio = sum(r["compile_s"] for r in mine) / base_s
+        per_child = sum(r["compile_s"] for r in mine) / len(mine) + s["reshard_s_per_cell"]
+        background = s["children"] * per_child / s["threads"]
+        critical = max(0.0, background - s["generation_s"])
+        rows.append([
+            s["report"]["topology"], f"{effort:+.1f}", len(mine),
+            f"{sum(r['compile_s'] for r in mine):.0f} ({ratio:.2f}x)",
+            f"{max(r['temp_bytes'] for r in mine) / MiB:.0f}", f"{per_child:.1f}",
+            f"{background:.0f}", f"{s['generation_s']:.0f}",
+            f"{critical:.0f} s ({100 * critical / s['generation_s']:.1f} %)",
+        ])  # fmt: skip
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--topologies", nargs="+", default=["v5e:4x4", "v4:2x2x4"])
@@ -182,11 +245,25 @@ def main() -> None:
                    help="share of the chip's peak bfloat16 FLOPs a step reaches")  # fmt: skip
     p.add_argument("--fused", action="store_true", help="add the one-program contrast")
     p.add_argument("--fused-layers", type=int, default=2)
+    p.add_argument(
+        "--efforts",
+        type=float,
+        nargs="*",
+        default=[],
+        help="XLA exec_time_optimization_effort values to compare (with 0)",
+    )
+    p.add_argument("--effort-every", type=int, default=4, help="sample every n-th layer")
     p.add_argument("--only-fused", default="", help=argparse.SUPPRESS)  # The child process.
+    p.add_argument("--only-efforts", default="", help=argparse.SUPPRESS)  # Its own process.
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     if args.only_fused:
         print("RESULT " + json.dumps(fused_contrast(args.only_fused, args.fused_layers)))
+        return
+    efforts = sorted(set(args.efforts) | {0.0}) if args.efforts else []
+    if args.only_efforts:
+        print("RESULT " + json.dumps(effort_sample(args.only_efforts, efforts,
+                                                   args.effort_every)))  # fmt: skip
         return
     summaries = [summarise(compile_topology(t), args.utilisation) for t in args.topologies]
     k = summaries[0]["k"]
@@ -269,6 +346,35 @@ def main() -> None:
             f"(rows saved in {os.path.relpath(path, _report.ROOT)} when they were measured).",
             _report.table(["program", "K", "weight step GiB", "compile s"], rows),
         ]
+    if efforts:
+        effort_table = []
+        for s in summaries:
+            topology = s["report"]["topology"]
+            path = os.path.join(workdir(topology), f"efforts_every_{args.effort_every}.json")
+            if not os.path.exists(path):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--only-efforts", topology,
+                     f"--effort-every={args.effort_every}", "--efforts",
+                     *map(str, efforts)],
+                    cwd=_report.ROOT, check=True, stdout=subprocess.PIPE, text=True,
+                ).stdout  # fmt: skip
+                with open(path, "w") as f:
+                    f.write(out.split("RESULT ", 1)[1])
+            with open(path) as f:
+                sample = [r for r in json.load(f) if r["effort"] in efforts]
+            effort_table += effort_rows(s, sample, efforts)
+        parts += [
+            "XLA's exec_time_optimization_effort (`supernet.compile_effort`) of the cells' "
+            f"programs: every {args.effort_every}th layer's first cell of generation 0 compiled "
+            "as a child at each effort (order alternated), all in one run; a child's compile "
+            "s = the sample's mean at that effort + the gather and re-split programs' mean "
+            "from the report (the effort does not apply to them); the step's speed at another "
+            "effort needs a TPU (not measured).",
+            _report.table(
+                ["topology", "effort", "cells sampled", "sample compile s (vs effort 0)",
+                 "largest temporaries MiB", "compile s per child", "background s",
+                 "generation compute s", "compile on the critical path"], effort_table),
+        ]  # fmt: skip
     body = "\n\n".join(parts)
     print(body)
     if not args.no_write:

@@ -147,6 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
     # host; one path's memory whatever K) | pieces | fused (one program per step: no
     # host reads inside it, memory grows with K). Same step, different gate draws.
     c.supernet.program = "auto"
+    # XLA's exec_time_optimization_effort (-1..1; 0: XLA's default) for the cells'
+    # programs, which evolve compiles anew for every child: lower compiles faster and
+    # may run slower (BENCHMARKS "TPU compile: effort"). The final network is not affected.
+    c.supernet.compile_effort = 0.0
 
     # Final training from scratch (paper §4.1).
     c.train = ml_collections.ConfigDict()

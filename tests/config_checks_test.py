@@ -42,6 +42,7 @@ BAD = [
     ("supernet.batch_size", 0, "an integer >= 1"),
     ("supernet.learning_rate", 0.0, "a number > 0"),
     ("supernet.compensation_clip", 0.5, "a number >= 1"),
+    ("supernet.compile_effort", 2.0, "a number in [-1.0, 1.0]"),
     ("search.algorithm", "darts", "one of ['proxyless', 'rl', 'spos']"),
     ("search.tolerance", 1.0, "[0.0, 1.0)"),
     ("search.spos_parents", 20, "<= search.spos_population (12)"),

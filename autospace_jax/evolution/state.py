@@ -123,6 +123,7 @@ class Evolution:
         # Per-cell programs only serve the pieces; the fused step compiles per generation.
         self.settings = platforms.resolve(config, platform)
         pieces_mode = self.settings.program == "pieces"
+        pieces.set_compile_effort(self.sc.compile_effort)  # Before anything compiles.
         self.precompiler = precompile.Precompiler(self, self.ec.background_compile and pieces_mode)
         self.populations: list[list[Individual]] = []
         self.generation = 0  # T..: final rounds.

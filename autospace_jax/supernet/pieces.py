@@ -133,22 +133,39 @@ def _shapes(tree) -> tuple:
 # that :func:`release` can drop a cell's programs (and the host memory they hold) when no
 # population holds the cell any more; programs keyed by shapes (update, head) are shared.
 _MODULE_PROGRAMS: dict[nn.Module, dict[str, Any]] = {}
-_LOCK = threading.Lock()  # Compile threads create entries too.
+# XLA's exec_time_optimization_effort for the modules' programs (supernet.compile_effort):
+# evolve compiles a new cell for every child, so their compile time is what a generation
+# waits for; 0 is XLA's default. The shared programs (head_loss, update, ...) keep it.
+_EFFORT = {"value": 0.0}
+
+
+def set_compile_effort(effort: float) -> None:
+    """Modules' programs compile at ``effort`` (-1..1) from now on; those compiled at
+    another are dropped (this process's setting, as JAX's own compile options are)."""
+    with _LOCK:
+        if effort != _EFFORT["value"]:
+            _EFFORT["value"] = effort
+            _MODULE_PROGRAMS.clear()
 
 
 def _programs(module: nn.Module) -> dict[str, Any]:
     with _LOCK:
         programs = _MODULE_PROGRAMS.get(module)
         if programs is None:
+            effort = _EFFORT["value"]
+            jit = functools.partial(
+                jax.jit,
+                compiler_options={"exec_time_optimization_effort": effort} if effort else None,
+            )
             programs = _MODULE_PROGRAMS[module] = {
-                name: jax.jit(functools.partial(fn, module))
+                name: jit(functools.partial(fn, module))
                 for name, fn in (
                     ("forward", _forward),
                     ("backward", _backward),
                     ("forward_eval", _forward_eval),
                 )
             }
-            programs["backward_update"] = jax.jit(
+            programs["backward_update"] = jit(
                 functools.partial(_backward_update, module),
                 static_argnames=("tx",),
                 donate_argnames=("params", "opt_state"),

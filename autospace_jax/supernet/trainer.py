@@ -110,10 +110,13 @@ class SupernetTrainer:
         cls, spec: SupernetSpec, config: Any, platform: str | None = None, **kwargs
     ) -> SupernetTrainer:
         """A trainer with ``config.supernet``'s settings and ``model.dtype``, "auto" resolved
-        for ``platform`` (default: this process's; :func:`platforms.resolve`). ``kwargs``
+        for ``platform`` (default: this process's; :func:`platforms.resolve`); its cells'
+        programs compile at ``supernet.compile_effort`` (:func:`pieces.set_compile_effort`,
+        for the process). ``kwargs``
         override them; search keeps the gradient estimate (ProxylessNAS-G), evolve passes
         ``fitness_estimate=evolution.fitness_estimate``."""
         sc, settings = config.supernet, platforms.resolve(config, platform)
+        pieces.set_compile_effort(sc.compile_effort)
         kwargs = {
             "fitness_b1": sc.fitness_b1,
             "program": settings.program,

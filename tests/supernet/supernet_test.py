@@ -265,3 +265,32 @@ def test_fitness_ranks_useful_weak_zero_from_five_inits():
                 trainer.fitness_step(state, *val, 0.05, seed)
         alpha = trainer.alphas(state)[0]
         assert alpha[0] > alpha[1] > alpha[2], f"seed {seed}: alpha {alpha} (useful, weak, zero)"
+
+
+def test_compile_effort_reaches_the_modules_programs():
+    """supernet.compile_effort is XLA's exec_time_optimization_effort of every module's
+    programs (what a child compiles); the default adds no option, so programs and their
+    cache keys stay as before. The option's effect needs a TPU compiler: BENCHMARKS."""
+    spec = spaces.SupernetSpec(arch_lib.Skeleton(4, 1, ((4, 1),), 8, 3), ((USEFUL, WEAK),))
+    x, labels = (jnp.asarray(a) for a in _batch())
+    config = digits.get_config()
+
+    def options(trainer, state):  # What the cell's forward hands XLA (JAX's own record).
+        cell = trainer.layers[0][0]
+        stem_out = jnp.ones((8, 6, 6, 4))  # The stem's output: the cell's input.
+        variables = trainer._vars(state, "layer_0/cell_0")
+        lowered = pieces._programs(cell)["forward"].lower(variables, stem_out)
+        return dict(lowered._lowering._compiler_options_kvs)
+
+    try:
+        results = {}
+        for effort in (-1.0, 0.0):
+            config.supernet.compile_effort = effort
+            trainer = trainer_lib.SupernetTrainer.from_config(spec, config)
+            state = trainer.init((6, 6, 1), seed=0, fitness_std=0.0)
+            expected = {"exec_time_optimization_effort": effort} if effort else {}
+            assert options(trainer, state) == expected
+            results[effort] = trainer.weight_step(state, x, labels, 0.05, seed=0, path=[0])
+        assert np.isclose(results[-1.0]["loss"], results[0.0]["loss"], rtol=1e-5)
+    finally:
+        pieces.set_compile_effort(0.0)
