@@ -112,9 +112,8 @@ class SupernetTrainer:
         """A trainer with ``config.supernet``'s settings and ``model.dtype``, "auto" resolved
         for ``platform`` (default: this process's; :func:`platforms.resolve`); its cells'
         programs compile at ``supernet.compile_effort`` (:func:`pieces.set_compile_effort`,
-        for the process). ``kwargs``
-        override them; search keeps the gradient estimate (ProxylessNAS-G), evolve passes
-        ``fitness_estimate=evolution.fitness_estimate``."""
+        for the process). ``kwargs`` override them; search keeps the gradient estimate
+        (ProxylessNAS-G), evolve passes ``fitness_estimate=evolution.fitness_estimate``."""
         sc, settings = config.supernet, platforms.resolve(config, platform)
         pieces.set_compile_effort(sc.compile_effort)
         kwargs = {
