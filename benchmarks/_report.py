@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import sys
 
 import jax
 
@@ -27,6 +28,12 @@ def table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def command() -> str:
+    """How this benchmark was started (its section's first line): the script and its flags."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    return " ".join(["python", script, *sys.argv[1:]])
 
 
 def write_section(name: str, command: str, body: str) -> None:

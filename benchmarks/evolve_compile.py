@@ -78,8 +78,7 @@ def main():
     body = _report.table(head, rows)
     print(body)
     if not args.no_write:
-        command = "python benchmarks/evolve_compile.py " + " ".join(sys.argv[1:])
-        _report.write_section(SECTION, command.strip(), body)
+        _report.write_section(SECTION, _report.command(), body)
 
 
 if __name__ == "__main__":

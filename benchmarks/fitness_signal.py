@@ -149,8 +149,7 @@ def main():
     print(body)
     print(f"{time.time() - start:.0f} s")
     if not args.no_write:
-        command = "python benchmarks/fitness_signal.py " + " ".join(sys.argv[1:])
-        _report.write_section(SECTION, command.strip(), body)
+        _report.write_section(SECTION, _report.command(), body)
 
 
 if __name__ == "__main__":

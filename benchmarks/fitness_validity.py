@@ -224,8 +224,7 @@ def main() -> None:
         **{k: curve.get(k, []) for k in CURVES},
     })  # fmt: skip
     if not args.no_write:
-        command = "python benchmarks/fitness_validity.py " + " ".join(sys.argv[1:])
-        _report.write_section(section(args.scale, s), command.strip(), body)
+        _report.write_section(section(args.scale, s), _report.command(), body)
 
 
 def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int):

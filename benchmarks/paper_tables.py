@@ -1027,12 +1027,11 @@ def main():
         body = render(results)
     print(body)
     if not args.no_write:
-        command = "python benchmarks/paper_tables.py " + " ".join(sys.argv[1:])
         budgets = f"MAdds budgets {results['budgets']}. " if "budgets" in results else ""
         scale = "" if args.calibrate else f"Scale `{args.scale}`: {dataclasses.asdict(s)}. "
         note = f"{scale}{budgets}Per-run outputs in `{os.path.relpath(args.out, _report.ROOT)}/`."
         section = f"{SECTION}: {title}" if title else SECTION
-        _report.write_section(section, command.strip(), note + "\n\n" + body)
+        _report.write_section(section, _report.command(), note + "\n\n" + body)
     print(f"{jax.device_count()} devices; results in {os.path.join(args.out, name)}")
 
 

@@ -24,27 +24,31 @@ nothing needs a TPU), and reads its report.json:
   the background while the next generation trains (a child is picked from its
   second generation on): the generation waits only for what the background
   has not finished. Per cell: its forward, backward and update compile seconds
-  on this host; a pod's host compiles with an eighth of its cores
+  on this host. The slice's hosts (4 chips each) split the children
+  (``precompile.Precompiler``): a host compiles its share, lowers the programs it
+  loads from the others (lowering seconds: the sample below) and compiles every
+  child's gather and re-split programs; it compiles with an eighth of its cores
   (``precompile.background_threads``); what exceeds the generation's compute is
   on the critical path.
 * **Compute.** A generation is f = ``evolution.steps_per_generation`` weight and
   fitness steps; FLOPs per device from XLA's cost analysis (the heaviest path)
   at ``--utilisation`` of the chip's peak bfloat16 rate.
 
-``--efforts -1 0`` compiles a sample of the first generation's cells (every
-``--effort-every``-th layer, each cell's programs as a child's, in a process per
-topology) at each of XLA's exec_time_optimization_effort values
-(``supernet.compile_effort``), alternating the order from cell to cell, and sets
-the generation's critical path again with a child's compile seconds at each effort:
-the sample's mean at that effort (all efforts measured in one run, under
-the same load) plus the gather and re-split programs' mean from the report.
+A sample of the first generation's cells (every ``--effort-every``-th layer, each
+cell's programs as a child's, in a process per topology) is compiled at effort 0
+and each of ``--efforts``, XLA's exec_time_optimization_effort values
+(``supernet.compile_effort``), alternating the order from cell to cell; it gives
+the lowering seconds (a program's seconds less XLA's compile) and sets the
+generation's critical path again with a child's compile seconds at each effort:
+the sample's mean at that effort (all efforts measured in one run, under the
+same load) plus the gather and re-split programs' mean from the report.
 
 ``--fused`` adds the contrast that chose the per-cell programs: the first
 ``--fused-layers`` layers of the same supernet as one program per step
 (``supernet.program=fused``, a ``lax.switch`` per layer) at K = 2 and 9.
 
   python benchmarks/tpu_compile.py [--topologies v5e:4x4 v4:2x2x4] \\
-      [--utilisation 0.3] [--fused] [--efforts -1 0] [--no-write]
+      [--utilisation 0.3] [--fused] [--efforts -1 -0.5] [--no-write]
 
 Resumable: a topology whose report.json exists is not compiled again, a killed
 topology's check resumes with the modules it had not finished, and the contrast
@@ -59,6 +63,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -70,6 +75,7 @@ from benchmarks import _report  # noqa: E402
 RESULTS = os.path.join(_report.ROOT, "benchmarks", "results", "tpu_compile")
 GiB, MiB = 2**30, 2**20
 K_SMALL = 2
+CHIPS_PER_HOST = 4  # The hosts of a multi-host v4, v5e, v5p or v6e slice.
 
 
 def workdir(topology: str) -> str:
@@ -101,8 +107,25 @@ def child_compile_s(rows: dict, module: str, gradient: bool) -> float:
     return sum(rows[(module, kind)].compile_s for kind in kinds)
 
 
-def summarise(path: str, utilisation: float) -> dict:
-    """The tables' figures from one topology's report."""
+def per_host_s(cell_s: float, reshard_s: float, lower_s: float, hosts: int) -> float:
+    """A child's compile seconds on one host where ``hosts`` split the children
+    (``precompile.Precompiler``): its share of the cell's programs (``cell_s`` on one
+    host), the lowering of those it loads (their trees do not travel), and the gather and
+    re-split programs, which every host compiles."""
+    return cell_s / hosts + lower_s * (hosts - 1) / hosts + reshard_s
+
+
+def critical_path(s: dict, per_child_s: float) -> tuple[float, float]:
+    """A generation's background compile seconds on a host and what of it exceeds the
+    generation's compute."""
+    background = s["children"] * per_child_s / s["threads"]
+    return background, max(0.0, background - s["generation_s"])
+
+
+def summarise(path: str, utilisation: float, sample: list[dict] | None = None) -> dict:
+    """The tables' figures from one topology's report; with the effort ``sample``, a
+    child's compile and lowering seconds are its effort-0 means (measured in one run: the
+    report's seconds add up sessions under varying load), else the report's mean."""
     report, rows, layouts = compile_check.load_report(path)
     evolve = next(x for x in layouts if x.stage == "evolve")
     k = max(len(layer) for layer in evolve.layers)
@@ -117,14 +140,24 @@ def summarise(path: str, utilisation: float) -> dict:
     reshard = [sum(rows[(m, k)].compile_s for k in ("gather", "gather_update", "respread")
                    if (m, k) in rows) for m in dict.fromkeys(cells)]  # fmt: skip
     chip, config = report["chip"], report["config"]
-    threads = precompile.background_threads("tpu", chip["host_cores"])
-    children = config["evolution"]["offspring"] * len(evolve.layers)
-    background_s = children * (sum(seconds) / len(seconds)) / threads
     iteration = weight[k].flops + fitness[k].flops
     f = config["evolution"]["steps_per_generation"]
-    generation_s = f * iteration / (chip["bf16_flops"] * utilisation)
-    critical_s = max(0.0, background_s - generation_s)
+    out = {
+        "threads": precompile.background_threads("tpu", chip["host_cores"]),
+        "children": config["evolution"]["offspring"] * len(evolve.layers),
+        "generation_s": f * iteration / (chip["bf16_flops"] * utilisation),
+        "hosts": max(1, report["devices"] // CHIPS_PER_HOST),
+    }
+    per_cell, per_reshard = sum(seconds) / len(seconds), sum(reshard) / len(reshard)
+    cell_s, lower_s = per_cell - per_reshard, 0.0
+    if sample:
+        base = [r for r in sample if r["effort"] == 0.0]
+        cell_s = sum(r["compile_s"] for r in base) / len(base)
+        lower_s = sum(r["lower_s"] for r in base) / len(base)
+    per_child = per_host_s(cell_s, per_reshard, lower_s, out["hosts"])
+    background_s, critical_s = critical_path(out, per_child)
     return {
+        **out,
         "report": report,
         "k": k,
         "weight": weight,
@@ -136,14 +169,15 @@ def summarise(path: str, utilisation: float) -> dict:
         "final": final,
         "final_per_image": per_image(final),
         "cells": len(seconds),
-        "seconds_per_cell": sum(seconds) / len(seconds),
-        "reshard_s_per_cell": sum(reshard) / len(reshard),
-        "threads": threads,
-        "children": children,
+        "seconds_per_cell": per_cell,
+        "median_s_per_cell": sorted(seconds)[len(seconds) // 2],
+        "cell_s": cell_s,
+        "reshard_s_per_cell": per_reshard,
+        "lower_s": lower_s,
+        "per_host_s": per_child,
         "background_s": background_s,
         "iteration_flops": iteration,
         "steps_per_generation": f,
-        "generation_s": generation_s,
         "critical_s": critical_s,
         "programs_fit": max(r["hbm_bytes"] for r in report["programs"]) / chip["hbm_bytes"],
     }
@@ -186,9 +220,24 @@ def fused_contrast(topology: str, layers: int) -> list[list]:
     return rows
 
 
-def effort_sample(topology: str, efforts: list[float], every: int) -> list[dict]:
-    """In this process: per sampled cell and effort, its child programs' compile seconds
-    and their largest temporaries (HBM per device)."""
+class _XlaSeconds:
+    """A ``precompile_cell`` share that compiles as usual and sums XLA's seconds: the rest
+    of a program's is tracing and lowering, which a host loading it does too."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def __call__(self, name: str, lowered):
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        self.seconds += time.perf_counter() - start
+        return compiled
+
+
+def effort_sample(topology: str, efforts: list[float], every: int, cells: int) -> list[dict]:
+    """In this process: per sampled cell (the first ``cells`` picked in every ``every``-th
+    layer) and effort, its child programs' compile and lowering seconds and their largest
+    temporaries (HBM per device)."""
     from autospace_jax.data import sources as data_sources
     from autospace_jax.evolution.state import Evolution
     from autospace_jax.runtime import platforms, sharding
@@ -205,15 +254,18 @@ def effort_sample(topology: str, efforts: list[float], every: int) -> list[dict]
     picked = evo.select()
     gradient = config.evolution.fitness_estimate == "gradient"
     rows = []
-    for n, l in enumerate(range(0, len(picked), every)):
-        genome = evo.populations[l][picked[l][0]].function
+    sampled = [(l, i) for l in range(0, len(picked), every) for i in picked[l][:cells]]
+    for n, (l, i) in enumerate(sampled):
+        genome = evo.populations[l][i].function
         for effort in efforts if n % 2 == 0 else efforts[::-1]:  # Order effects cancel.
             pieces.set_compile_effort(effort)  # Drops the programs of the last effort.
             module, x, rep, tx = precompile.cell_job(evo, l, genome)
-            out = pieces.precompile_cell(module, x, rep, tx, gradient=gradient)
+            timed = _XlaSeconds()
+            out = pieces.precompile_cell(module, x, rep, tx, gradient=gradient, share=timed)
             temp = max(c.memory_analysis().temp_size_in_bytes for c, _ in out.values())
-            rows.append({"layer": l, "effort": effort, "temp_bytes": temp,
-                         "compile_s": sum(s for _, s in out.values())})  # fmt: skip
+            total = sum(s for _, s in out.values())
+            rows.append({"layer": l, "effort": effort, "temp_bytes": temp, "compile_s": total,
+                         "lower_s": total - timed.seconds})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -225,16 +277,38 @@ def effort_rows(s: dict, sample: list[dict], efforts: list[float]) -> list[list]
     for effort in efforts:
         mine = [r for r in sample if r["effort"] == effort]
         ratio = sum(r["compile_s"] for r in mine) / base_s
-        per_child = sum(r["compile_s"] for r in mine) / len(mine) + s["reshard_s_per_cell"]
-        background = s["children"] * per_child / s["threads"]
-        critical = max(0.0, background - s["generation_s"])
+        cell_s = sum(r["compile_s"] for r in mine) / len(mine)
+        per_child = per_host_s(cell_s, s["reshard_s_per_cell"], s["lower_s"], s["hosts"])
+        background, critical = critical_path(s, per_child)
         rows.append([
             s["report"]["topology"], f"{effort:+.1f}", len(mine),
             f"{sum(r['compile_s'] for r in mine):.0f} ({ratio:.2f}x)",
-            f"{max(r['temp_bytes'] for r in mine) / MiB:.0f}", f"{per_child:.1f}",
+            f"{max(r['temp_bytes'] for r in mine) / MiB:.0f}",
+            f"{cell_s + s['reshard_s_per_cell']:.1f}", f"{per_child:.1f} ({s['hosts']})",
             f"{background:.0f}", f"{s['generation_s']:.0f}",
             f"{critical:.0f} s ({100 * critical / s['generation_s']:.1f} %)",
         ])  # fmt: skip
+    return rows
+
+
+def sample_efforts(topology: str, efforts: list[float], every: int, cells: int) -> list[dict]:
+    """The effort sample's rows for ``topology`` at ``efforts``: saved ones, or measured
+    in a process of its own (libtpu, and the effort, are the process's)."""
+    path = os.path.join(workdir(topology), f"efforts_every_{every}_cells_{cells}.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = json.load(f)
+        if all("lower_s" in r for r in rows) and set(efforts) <= {r["effort"] for r in rows}:
+            return [r for r in rows if r["effort"] in efforts]
+    print(f"compiling the effort sample for {topology} (minutes) ...", flush=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--only-efforts", topology, f"--effort-every={every}",
+         f"--sample-cells={cells}", "--efforts", *map(str, efforts)],
+        cwd=_report.ROOT, check=True, stdout=subprocess.PIPE, text=True,
+    ).stdout  # fmt: skip
+    rows = json.loads(out.split("RESULT ", 1)[1])
+    with open(path, "w") as f:
+        json.dump(rows, f)
     return rows
 
 
@@ -252,7 +326,8 @@ def main() -> None:
         default=[],
         help="XLA exec_time_optimization_effort values to compare (with 0)",
     )
-    p.add_argument("--effort-every", type=int, default=4, help="sample every n-th layer")
+    p.add_argument("--effort-every", type=int, default=2, help="sample every n-th layer")
+    p.add_argument("--sample-cells", type=int, default=2, help="cells sampled per layer")
     p.add_argument("--only-fused", default="", help=argparse.SUPPRESS)  # The child process.
     p.add_argument("--only-efforts", default="", help=argparse.SUPPRESS)  # Its own process.
     p.add_argument("--no-write", action="store_true")
@@ -260,12 +335,17 @@ def main() -> None:
     if args.only_fused:
         print("RESULT " + json.dumps(fused_contrast(args.only_fused, args.fused_layers)))
         return
-    efforts = sorted(set(args.efforts) | {0.0}) if args.efforts else []
+    efforts = sorted(set(args.efforts) | {0.0})
     if args.only_efforts:
-        print("RESULT " + json.dumps(effort_sample(args.only_efforts, efforts,
-                                                   args.effort_every)))  # fmt: skip
+        rows = effort_sample(args.only_efforts, efforts, args.effort_every, args.sample_cells)
+        print("RESULT " + json.dumps(rows))
         return
-    summaries = [summarise(compile_topology(t), args.utilisation) for t in args.topologies]
+    summaries, effort_table = [], []
+    for topology in args.topologies:
+        report = compile_topology(topology)
+        sample = sample_efforts(topology, efforts, args.effort_every, args.sample_cells)
+        summaries.append(summarise(report, args.utilisation, sample))
+        effort_table += effort_rows(summaries[-1], sample, efforts)
     k = summaries[0]["k"]
     memory, compile_rows = [], []
     for s in summaries:
@@ -284,8 +364,11 @@ def main() -> None:
         ])  # fmt: skip
         share = s["critical_s"] / s["generation_s"]
         compile_rows.append([
-            r["topology"], s["cells"], f"{s['seconds_per_cell']:.1f}",
+            r["topology"], s["cells"],
+            f"{s['seconds_per_cell']:.1f} / {s['median_s_per_cell']:.1f}",
             f"{r['compile_s'] / 3600:.1f} h", s["children"],
+            f"{s['cell_s'] + s['reshard_s_per_cell']:.1f}", f"{s['lower_s']:.1f}",
+            f"{s['per_host_s']:.1f} ({s['hosts']} hosts)",
             f"{s['background_s']:.0f} ({s['threads']} threads)",
             f"{s['iteration_flops'] / 1e9:.0f}", f"{s['generation_s']:.0f}",
             f"{s['critical_s']:.0f} s ({100 * share:.1f} %)",
@@ -316,12 +399,20 @@ def main() -> None:
              f"fitness step GiB, K = {k}", "per image MiB: supernet / final network",
              "final network train step GiB", "largest program, of the chip"], memory),
         f"Compile per generation: children = offspring x layers, compiled in the background "
-        "while the next generation trains by an eighth of a 4-chip host's cores; a "
+        "while the next generation trains by an eighth of a 4-chip host's cores, the hosts "
+        "splitting them: a host compiles its share of the cells' programs, lowers those it "
+        "loads and compiles every child's gather and re-split programs (loading itself not "
+        "timed on a TPU). A child's seconds: the effort sample's at effort 0 (below; one "
+        "run, one load) + the report's gather and re-split programs; the report's own "
+        "per-cell seconds add up several sessions under varying load (one program was "
+        "timed across a pause of the host) and are shown, not used; a "
         f"generation = f = {first['steps_per_generation']} iterations (weight + fitness "
         f"step) at {args.utilisation:.0%} of the chip's peak bfloat16 FLOPs.",
         _report.table(
-            ["topology", "cells compiled (generation 0)", "compile s per cell (this host)",
-             "compile, every program (sum, this host)", "children per generation",
+            ["topology", "cells compiled (generation 0)",
+             "report: compile s per cell, mean / median", "report: every program (sum)",
+             "children per generation", "compile s per child (sample)",
+             "lowering s per child", "compile s per child on a host",
              "background compile s per generation", "GFLOPs per iteration per device",
              "generation compute s", "compile on the critical path"], compile_rows),
         "Goals of the [TPU] issue, from the figures above:\n\n"
@@ -346,40 +437,25 @@ def main() -> None:
             f"(rows saved in {os.path.relpath(path, _report.ROOT)} when they were measured).",
             _report.table(["program", "K", "weight step GiB", "compile s"], rows),
         ]
-    if efforts:
-        effort_table = []
-        for s in summaries:
-            topology = s["report"]["topology"]
-            path = os.path.join(workdir(topology), f"efforts_every_{args.effort_every}.json")
-            if not os.path.exists(path):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--only-efforts", topology,
-                     f"--effort-every={args.effort_every}", "--efforts",
-                     *map(str, efforts)],
-                    cwd=_report.ROOT, check=True, stdout=subprocess.PIPE, text=True,
-                ).stdout  # fmt: skip
-                with open(path, "w") as f:
-                    f.write(out.split("RESULT ", 1)[1])
-            with open(path) as f:
-                sample = [r for r in json.load(f) if r["effort"] in efforts]
-            effort_table += effort_rows(s, sample, efforts)
+    if len(efforts) > 1:
         parts += [
             "XLA's exec_time_optimization_effort (`supernet.compile_effort`) of the cells' "
-            f"programs: every {args.effort_every}th layer's first cell of generation 0 compiled "
+            f"programs: every {args.effort_every}th layer's first {args.sample_cells} cells of "
+            "generation 0 compiled "
             "as a child at each effort (order alternated), all in one run; a child's compile "
             "s = the sample's mean at that effort + the gather and re-split programs' mean "
-            "from the report (the effort does not apply to them); the step's speed at another "
-            "effort needs a TPU (not measured).",
+            "from the report (the effort does not apply to them); on a host of the slice, "
+            "split as above; the step's speed at another effort needs a TPU (not measured).",
             _report.table(
                 ["topology", "effort", "cells sampled", "sample compile s (vs effort 0)",
-                 "largest temporaries MiB", "compile s per child", "background s",
-                 "generation compute s", "compile on the critical path"], effort_table),
+                 "largest temporaries MiB", "compile s per child, one host",
+                 "on a host, split (hosts)", "background s", "generation compute s",
+                 "compile on the critical path"], effort_table),
         ]  # fmt: skip
     body = "\n\n".join(parts)
     print(body)
     if not args.no_write:
-        command = "python benchmarks/tpu_compile.py " + " ".join(sys.argv[1:])
-        _report.write_section("TPU compile", command.strip(), body)
+        _report.write_section("TPU compile", _report.command(), body)
 
 
 if __name__ == "__main__":

@@ -233,14 +233,19 @@ def test_layers_of_the_same_shapes_share_programs_and_the_layout_names_them(tmp_
 
 def test_effort_rows_set_a_childs_compile_from_the_sample():
     """benchmarks/tpu_compile.py --efforts: a child's compile at an effort is the sample's
-    mean at it plus the gather and re-split programs (which the effort leaves alone)."""
+    mean at it plus the gather and re-split programs (which the effort leaves alone); on
+    one of a slice's hosts, its share of the cell's programs, the lowering of the rest and
+    the gather and re-split programs."""
     mib = tpu_compile.MiB
     s = {"report": {"topology": "v4:2x2x4"}, "reshard_s_per_cell": 1.0, "children": 10,
-         "threads": 5, "generation_s": 10.0}  # fmt: skip
+         "threads": 5, "generation_s": 10.0, "hosts": 4, "lower_s": 0.8}  # fmt: skip
     sample = [{"layer": l, "effort": e, "compile_s": c, "temp_bytes": t * mib}
-              for l, e, c, t in ((0, 0.0, 20.0, 8), (0, -1.0, 4.0, 9), (4, -1.0, 6.0, 2),
-                                 (4, 0.0, 30.0, 1))]  # fmt: skip
+              for l, e, c, t in ((0, 0.0, 20.0, 8), (0, -1.0, 4.0, 9), (4, -1.0, 8.0, 2),
+                                 (4, 0.0, 28.0, 1))]  # fmt: skip
     low, default = tpu_compile.effort_rows(s, sample, [-1.0, 0.0])
-    # -1: (4 + 6) / 2 + 1 = 6 s a child; 10 children / 5 threads: 12 s, 2 s over 10 s.
-    assert low == ["v4:2x2x4", "-1.0", 2, "10 (0.20x)", "9", "6.0", "12", "10", "2 s (20.0 %)"]
-    assert default[-4:] == ["26.0", "52", "10", "42 s (420.0 %)"]
+    # -1: (4 + 8) / 2 = 6 s of cell programs, + 1 = 7 s on one host; on one of 4 hosts
+    # 6 / 4 + 0.8 * 3 / 4 + 1 = 3.1 s; 10 children / 5 threads: 6.2 s, within 10 s.
+    assert low == ["v4:2x2x4", "-1.0", 2, "12 (0.25x)", "9", "7.0", "3.1 (4)", "6", "10",
+                   "0 s (0.0 %)"]  # fmt: skip
+    # 0: 24 s; 24 / 4 + 0.6 + 1 = 7.6 s a child on a host; 15.2 s, 5.2 s over 10 s.
+    assert default[-5:] == ["25.0", "7.6 (4)", "15", "10", "5 s (52.0 %)"]

@@ -102,3 +102,39 @@ def sync(what: str) -> None:
     """Waits until every process gets here: the end of a stage, whose files process 0 wrote."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(what)
+
+
+# How long a process waits for what another sends (:func:`receive`): a generous bound, as
+# a sender may compile a whole generation's queue first; a dead process ends the job sooner
+# (JAX's coordination service stops every process when one stops beating).
+RECEIVE_TIMEOUT_S = 6 * 3600
+
+
+def _client():
+    """The distributed runtime's key-value store, as JAX's multi-host utilities and its
+    compilation cache reach it (JAX exposes no public accessor)."""
+    from jax._src import distributed as jax_distributed
+
+    return jax_distributed.global_state.client
+
+
+def send(key: str, data: bytes) -> None:
+    """Leaves ``data`` under ``key`` for every other process to :func:`receive` once."""
+    _client().key_value_set_bytes(key, data)
+
+
+def receive(key: str, what: str) -> bytes:
+    """What another process sent under ``key`` (waits for it); the last process to read it
+    deletes it, so the coordinator does not keep every message of a long run."""
+    client = _client()
+    try:
+        data = client.blocking_key_value_get_bytes(key, RECEIVE_TIMEOUT_S * 1000)
+    except Exception as e:  # JaxRuntimeError DEADLINE_EXCEEDED; its type is not public.
+        raise RuntimeError(
+            f"process {jax.process_index()}: {what} did not arrive from its process within "
+            f"{RECEIVE_TIMEOUT_S} s ({key}): {e}"
+        ) from e
+    if client.key_value_increment(f"{key}:reads", 1) == jax.process_count() - 1:
+        client.key_value_delete(key)
+        client.key_value_delete(f"{key}:reads")
+    return data

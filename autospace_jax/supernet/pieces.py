@@ -29,7 +29,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import serialize_executable
 
 from autospace_jax.nn import cells, initializers, losses
 from autospace_jax.runtime import sharding
@@ -39,7 +41,7 @@ from autospace_jax.runtime import sharding
 TRACES: collections.Counter = collections.Counter()
 _SECONDS = {"compile": 0.0, "background": 0.0}
 _LOCK = threading.Lock()  # Compile threads and the training thread add to the counters.
-_THREAD = threading.local()  # Traces made by this thread: whose call paid for a compile.
+_THREAD = threading.local()  # Traces made (whose call paid for a compile); :func:`_listen`'s notes.
 
 
 def compile_seconds() -> float:
@@ -137,6 +139,9 @@ _MODULE_PROGRAMS: dict[nn.Module, dict[str, Any]] = {}
 # evolve compiles a new cell for every child, so their compile time is what a generation
 # waits for; 0 is XLA's default. The shared programs (head_loss, update, ...) keep it.
 _EFFORT = {"value": 0.0}
+# Programs another process compiled and sent (:class:`Load`), by (module, program name):
+# (the signature they were compiled for, the program). Empty in a single-process run.
+_LOADED: dict[tuple[nn.Module, str], tuple[Any, jax.stages.Compiled]] = {}
 
 
 def set_compile_effort(effort: float) -> None:
@@ -146,6 +151,7 @@ def set_compile_effort(effort: float) -> None:
         if effort != _EFFORT["value"]:
             _EFFORT["value"] = effort
             _MODULE_PROGRAMS.clear()
+            _LOADED.clear()
 
 
 def _programs(module: nn.Module) -> dict[str, Any]:
@@ -173,6 +179,23 @@ def _programs(module: nn.Module) -> dict[str, Any]:
         return programs
 
 
+def _run(module: nn.Module, name: str, *args, **static):
+    """Runs ``module``'s program ``name``: the one loaded from another process where it
+    was compiled for these arguments' shapes, else the jitted one (which compiles on a
+    first call)."""
+    loaded = _LOADED.get((module, name))
+    if loaded is not None and loaded[0] == _signature(args):
+        return loaded[1](*args)
+    return _programs(module)[name](*args, **static)
+
+
+def _signature(args) -> tuple:
+    """Tree structure and shapes of positional ``args`` (arrays, scalars or ``ArgInfo``):
+    what tells a loaded program's calls apart (dtypes and shardings its own call checks)."""
+    leaves, tree = jax.tree.flatten(args)
+    return tree, tuple(np.shape(a) if not hasattr(a, "shape") else tuple(a.shape) for a in leaves)
+
+
 def compiled(modules) -> int:
     """How many of ``modules`` have their programs (compiled, or compiling now)."""
     with _LOCK:
@@ -182,8 +205,11 @@ def compiled(modules) -> int:
 def release(modules) -> None:
     """Drops the compiled programs of ``modules``; a later call compiles them again."""
     with _LOCK:
+        modules = set(modules)
         for module in modules:
             _MODULE_PROGRAMS.pop(module, None)
+        for key in [key for key in _LOADED if key[0] in modules]:
+            del _LOADED[key]
 
 
 def _forward(module: nn.Module, variables: dict, x: jax.Array):
@@ -222,13 +248,13 @@ def forward(module: nn.Module, variables: dict, x: jax.Array):
     ``vjp(dy)`` gives (d params, d x); it is a pytree (``jax.tree_util.Partial``)
     holding the residuals, so it can leave the jit and feed :func:`backward`.
     """
-    return _programs(module)["forward"](variables, x)
+    return _run(module, "forward", variables, x)
 
 
 @timed
 def backward(module: nn.Module, vjp, dy: jax.Array):
     """Applies the VJP of ``module``'s :func:`forward`: returns (d params, d x)."""
-    return _programs(module)["backward"](vjp, dy)
+    return _run(module, "backward", vjp, dy)
 
 
 @timed
@@ -239,13 +265,13 @@ def backward_update(module: nn.Module, tx, vjp, dy: jax.Array, params, opt_state
     Returns (new params, new optimizer state, d x); ``params`` and ``opt_state`` are
     donated.
     """
-    return _programs(module)["backward_update"](vjp, dy, params, opt_state, learning_rate, tx=tx)
+    return _run(module, "backward_update", vjp, dy, params, opt_state, learning_rate, tx=tx)
 
 
 @timed
 def forward_eval(module: nn.Module, variables: dict, x: jax.Array) -> jax.Array:
     """Inference forward (BatchNorm running statistics)."""
-    return _programs(module)["forward_eval"](variables, x)
+    return _run(module, "forward_eval", variables, x)
 
 
 @timed
@@ -311,15 +337,81 @@ def respread(tree: Any, mesh) -> Any:
 Precompiled = dict[str, tuple[jax.stages.Compiled, float]]
 
 
-def _compile(lower, *args) -> tuple[jax.stages.Compiled, float]:
+def _compile(lower, *args, share=None) -> tuple[jax.stages.Compiled, float]:
+    """``lower(*args)`` compiled, or with ``share`` (a :class:`Publish` or :class:`Load`
+    bound to a program name) compiled and kept for other processes, or loaded from one."""
     start = time.perf_counter()
-    compiled = lower(*args).compile()
+    lowered = lower(*args)
+    compiled = lowered.compile() if share is None else share(lowered)
     return compiled, time.perf_counter() - start
+
+
+class Publish:
+    """Compiles a cell's programs for every process of a multi-host run: each is
+    compiled here as usual and its executable kept in :attr:`blobs`, by name, to be sent
+    to the others (DESIGN §5: the hosts of a slice split a generation's new cells).
+
+    Only executables XLA built in this call are kept: one read from a cache may not
+    serialize whole (XLA:CPU's loses its functions: "Function wrapped_pad not found"
+    where it runs), and the others find it where this process did (the persistent cache
+    of the run's folder, shared by a pod's hosts) or compile it.
+    """
+
+    def __init__(self):
+        _listen()
+        self.blobs: dict[str, bytes] = {}
+
+    def __call__(self, name: str, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        _THREAD.built = _THREAD.cached = False
+        compiled = lowered.compile()
+        if _THREAD.built and not _THREAD.cached:
+            self.blobs[name] = serialize_executable.serialize(compiled)[0]
+        return compiled
+
+
+@functools.cache
+def _listen() -> None:
+    """Notes in each thread whether its compile calls ran XLA (JAX's compile event, also
+    sent when the persistent cache answers) and whether the persistent cache answered;
+    an in-memory cache hit sends neither."""
+
+    def event(name: str, **_) -> None:
+        if name == "/jax/compilation_cache/cache_hits":
+            _THREAD.cached = True
+
+    def duration(name: str, seconds: float, **_) -> None:
+        if name == "/jax/core/compile/backend_compile_duration":
+            _THREAD.built = True
+
+    jax.monitoring.register_event_listener(event)
+    jax.monitoring.register_event_duration_secs_listener(duration)
+
+
+class Load:
+    """The other side of :class:`Publish`: a cell's programs from the executables another
+    process compiled, for ``module`` on ``devices`` (its mesh's, in order). Lowering
+    here gives the programs' argument and output trees, which do not travel (the
+    backward's includes the forward's VJP function); :func:`forward` and the others
+    then run the loaded program for arguments of the shapes it was compiled for."""
+
+    def __init__(self, module: nn.Module, blobs: dict[str, bytes], devices):
+        self.module, self.blobs, self.devices = module, blobs, list(devices)
+
+    def __call__(self, name: str, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        if name not in self.blobs:  # Its sender read it from a cache: so can this process.
+            return lowered.compile()
+        compiled = serialize_executable.deserialize_and_load(
+            self.blobs[name], lowered.in_tree, lowered.out_tree,
+            execution_devices=self.devices,
+        )  # fmt: skip
+        with _LOCK:
+            _LOADED[self.module, name] = (_signature(lowered.args_info[0]), compiled)
+        return compiled
 
 
 def precompile_cell(
     module: nn.Module, x: jax.ShapeDtypeStruct, replicated, tx, evaluate: bool = False,
-    gradient: bool = False,
+    gradient: bool = False, share: Publish | Load | None = None,
 ) -> Precompiled:  # fmt: skip
     """Compiles the programs of ``module`` a supernet runs ahead of time (any thread);
     returns them by name: the forward and the weight step's :func:`backward_update`
@@ -331,11 +423,16 @@ def precompile_cell(
     ``jit(f).lower(...).compile()`` fills the same in-memory caches a later call
     ``f(...)`` looks up, so that call neither traces nor compiles (checked by
     :data:`TRACES` in the tests). ``x`` must carry the sharding real inputs carry;
-    its devices may be a TPU topology's (``--mode=compile``).
+    its devices may be a TPU topology's (``--mode=compile``). ``share``: the module's
+    programs are compiled for other processes too, or loaded from one.
     """
     variables = _abstract_variables(module, x, replicated)
     programs = _programs(module)
-    out = {"forward": _compile(programs["forward"].lower, variables, x)}
+
+    def shared(name: str):
+        return None if share is None else functools.partial(share, name)
+
+    out = {"forward": _compile(programs["forward"].lower, variables, x, share=shared("forward"))}
     # The backward's cache key includes its inputs' shardings: those the forward's
     # outputs (the VJP residuals) will really carry.
     y, _, vjp = jax.tree.map(
@@ -348,14 +445,16 @@ def precompile_cell(
         opt_state, lr = _abstract_opt_state(tx, params, replicated)
         out["backward_update"] = _compile(
             functools.partial(programs["backward_update"].lower, tx=tx), vjp, y, params,
-            opt_state, lr,
+            opt_state, lr, share=shared("backward_update"),
         )  # fmt: skip
     else:  # The skip cell: its backward, and the update that counts its optimizer's steps.
         out["update"] = _precompile_update(tx, params, replicated)
     if gradient or not jax.tree.leaves(params):
-        out["backward"] = _compile(programs["backward"].lower, vjp, y)
+        out["backward"] = _compile(programs["backward"].lower, vjp, y, share=shared("backward"))
     if evaluate:
-        out["forward_eval"] = _compile(programs["forward_eval"].lower, variables, x)
+        out["forward_eval"] = _compile(
+            programs["forward_eval"].lower, variables, x, share=shared("forward_eval")
+        )
     return out
 
 
@@ -424,26 +523,35 @@ class Compiler:
     """Threads that compile pieces ahead of time while the host loop does other work.
 
     ``urgent`` jobs (needed before the next step can run) get ``threads``; the
-    others share ``background`` threads, so training keeps its cores.
-    Compilation only (no execution), so no job can meet the multi-device
-    all-reduce rendezvous that :func:`_serialize` guards against.
+    others share ``background`` threads, so training keeps its cores. ``receive``
+    jobs, which mostly wait for another process's programs (:class:`Load`), get a
+    thread each. Compilation only (no execution), so no job can meet the
+    multi-device all-reduce rendezvous that :func:`_serialize` guards against.
     """
 
     def __init__(self, threads: int, background: int = 1):
         self._urgent = futures.ThreadPoolExecutor(threads, thread_name_prefix="compile")
         self._background = futures.ThreadPoolExecutor(background, thread_name_prefix="precompile")
+        self._receive = futures.ThreadPoolExecutor(256, thread_name_prefix="receive")
         self._pending: dict[Any, futures.Future] = {}
+        self._receiving: set[Any] = set()
 
-    def submit(self, key, fn, *args, urgent: bool = False) -> None:
+    def submit(self, key, fn, *args, urgent: bool = False, receive: bool = False) -> None:
         """Queues ``fn(*args)`` (e.g. :func:`precompile_cell`), to be claimed by ``key``."""
-        pool = self._urgent if urgent else self._background
+        if receive:
+            self._receiving.add(key)
+            pool = self._receive
+        else:
+            pool = self._urgent if urgent else self._background
         self._pending[key] = pool.submit(self._run, fn, *args)
 
     @staticmethod
     def _run(fn, *args) -> None:
+        """Runs a job; its seconds count as background compile time (a receive job returns
+        its own: its wait is no compile)."""
         start = time.perf_counter()
-        fn(*args)
-        _add("background", time.perf_counter() - start)
+        seconds = fn(*args)
+        _add("background", time.perf_counter() - start if seconds is None else seconds)
 
     def wait(self, keys) -> float:
         """Blocks until the jobs of ``keys`` are done (re-raising errors); returns the wait."""
@@ -451,18 +559,24 @@ class Compiler:
         for key in keys:
             if key in self._pending:
                 self._pending.pop(key).result()
+                self._receiving.discard(key)
         return time.perf_counter() - start
 
-    def cancel(self, keys) -> None:
-        """Drops the queued jobs of ``keys`` (running ones finish)."""
-        for key in keys:
-            if key in self._pending:
-                self._pending.pop(key).cancel()
+    def cancel(self, keys=None) -> list:
+        """Drops the queued jobs of ``keys`` (default: all; running ones finish, and receive
+        jobs run all the same: their sender counts on every reader); returns the keys whose
+        job will not run."""
+        cancelled = []
+        for key in list(self._pending) if keys is None else keys:
+            future = self._pending.pop(key, None)
+            if future is not None and key not in self._receiving and future.cancel():
+                cancelled.append(key)
+            self._receiving.discard(key)
+        return cancelled
 
     def close(self) -> None:
         """Drops queued jobs, waits for the running ones."""
-        for f in self._pending.values():
-            f.cancel()
-        self._pending.clear()
+        self.cancel()
         self._urgent.shutdown(wait=True)
         self._background.shutdown(wait=True)
+        self._receive.shutdown(wait=True)

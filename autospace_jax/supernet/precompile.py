@@ -10,13 +10,16 @@ in background threads while the previous generation trains.
 from __future__ import annotations
 
 import os
+import pickle
+import threading
+import time
 from typing import Any
 
 import jax
 import numpy as np
 
 from autospace_jax.nn import cells
-from autospace_jax.runtime import sharding
+from autospace_jax.runtime import distributed, sharding
 from autospace_jax.space import genome as genome_lib
 from autospace_jax.supernet import pieces
 from autospace_jax.supernet import trainer as trainer_lib
@@ -40,6 +43,13 @@ class Precompiler:
             cores = os.cpu_count() or 1
             self.compiler = pieces.Compiler(cores, background_threads(evo.settings.platform, cores))
         self.compiled: set[Any] = set()  # "shared", and (layer, canonical genome) of each cell.
+        # Several processes split the cells, in the order they are queued (the same on
+        # every process: one host loop), each compiling every P-th for all (DESIGN §5).
+        self.queued = 0
+        self.sending: dict[tuple[int, genome_lib.Genome], str] = {}  # Cell: its message.
+        # Cells this process compiled and loaded, and the seconds of their programs.
+        self.counts = {"compiled": 0, "loaded": 0, "compiled_s": 0.0, "loaded_s": 0.0}
+        self._lock = threading.Lock()
 
     def start(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
         if self.compiler is None:
@@ -49,8 +59,24 @@ class Precompiler:
             self.compiler.submit("shared", self._compile_shared, urgent=True)
         for key in keys:
             if key not in self.compiled:
-                self.compiled.add(key)
-                self.compiler.submit(key, self._compile_cell, *key, urgent=True)
+                self._queue(key, urgent=True)
+
+    def _queue(self, key: tuple[int, genome_lib.Genome], urgent: bool) -> None:
+        """Queues the cell ``key``: compiled here, or, in a multi-host run, here for every
+        process or loaded from the process that compiles it."""
+        self.compiled.add(key)
+        l, genome = key
+        processes = jax.process_count()
+        if processes == 1:
+            self.compiler.submit(key, self._compile_cell, l, genome, None, urgent=urgent)
+            return
+        index, self.queued = self.queued, self.queued + 1
+        message = f"autospace/cells/{index}/{l}/{genome.id}"
+        if index % processes == jax.process_index():
+            self.sending[key] = message
+            self.compiler.submit(key, self._compile_cell, l, genome, message, urgent=urgent)
+        else:
+            self.compiler.submit(key, self._load_cell, l, genome, message, receive=True)
 
     def ready(self, keys: list[tuple[int, genome_lib.Genome]], rest: list[tuple]) -> float:
         """Waits for ``keys`` (after :meth:`start`); queues ``rest`` ((priority, key) pairs,
@@ -61,8 +87,7 @@ class Precompiler:
         waited = self.compiler.wait(["shared", *keys])
         for _, key in sorted(rest, key=lambda job: job[0]):
             if key not in self.compiled:
-                self.compiled.add(key)
-                self.compiler.submit(key, self._compile_cell, *key)
+                self._queue(key, urgent=False)
         return waited
 
     def forget(self, keys: list[tuple[int, genome_lib.Genome]]) -> None:
@@ -70,20 +95,63 @@ class Precompiler:
         back, it is queued again)."""
         self.compiled.difference_update(keys)
         if self.compiler is not None:
-            self.compiler.cancel(keys)
+            self._dropped(self.compiler.cancel(keys))
 
     def close(self) -> None:
         if self.compiler is not None:
+            self._dropped(self.compiler.cancel())  # Before waiting: others wait for these.
             self.compiler.close()
 
-    def _compile_cell(self, l: int, genome: genome_lib.Genome) -> None:
+    def _dropped(self, keys: list) -> None:
+        """Cells this process was to compile for the others and will not: told so, as the
+        others wait for each (and then compile it on first use, if ever)."""
+        for key in keys:
+            if key in self.sending:
+                distributed.send(self.sending.pop(key), pickle.dumps({}))
+
+    def _compile_cell(self, l: int, genome: genome_lib.Genome, message: str | None) -> None:
         """The programs of ``genome`` in layer ``l``, and those that move it when the
-        supernet stores cells spread over the mesh."""
+        supernet stores cells spread over the mesh; with a ``message``, sent to the other
+        processes (an empty one if they fail to compile: the error is this process's)."""
+        start = time.perf_counter()
         module, x, rep, tx = cell_job(self.evo, l, genome)
         gradient = self.evo.ec.fitness_estimate == "gradient"
-        pieces.precompile_cell(module, x, rep, tx, False, gradient)
+        publish = pieces.Publish() if message else None
+        try:
+            pieces.precompile_cell(module, x, rep, tx, False, gradient, publish)
+        except BaseException:
+            if publish is not None:
+                publish.blobs.clear()
+            raise
+        finally:
+            if publish is not None:
+                distributed.send(message, pickle.dumps(publish.blobs))
+        self._count("compiled", time.perf_counter() - start)
+        self._compile_reshard(module, x)
+
+    def _load_cell(self, l: int, genome: genome_lib.Genome, message: str) -> float:
+        """The programs of ``genome`` in layer ``l`` as the process that compiled them sent
+        them (:meth:`_compile_cell`); those that move it compiled here (small). Returns
+        the seconds spent loading and compiling, not waiting."""
+        blobs = pickle.loads(distributed.receive(message, f"layer {l}'s cell {genome.id}"))
+        start = time.perf_counter()
+        module, x, rep, tx = cell_job(self.evo, l, genome)
+        if blobs:  # Else its sender failed or dropped it, or read every program from a cache.
+            gradient = self.evo.ec.fitness_estimate == "gradient"
+            load = pieces.Load(module, blobs, self.evo.mesh.devices.flat)
+            pieces.precompile_cell(module, x, rep, tx, False, gradient, load)
+            self._count("loaded", time.perf_counter() - start)
+        self._compile_reshard(module, x)
+        return time.perf_counter() - start
+
+    def _compile_reshard(self, module, x: jax.ShapeDtypeStruct) -> None:
         if trainer_lib.spreads(self.evo.settings.program, self.evo.mesh):
-            pieces.precompile_reshard(module, x, self.evo.mesh, tx)
+            pieces.precompile_reshard(module, x, self.evo.mesh, self.evo.tx)
+
+    def _count(self, what: str, seconds: float) -> None:
+        with self._lock:
+            self.counts[what] += 1
+            self.counts[f"{what}_s"] += seconds
 
     def _compile_shared(self) -> None:
         shared_programs(self.evo)

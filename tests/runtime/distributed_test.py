@@ -80,6 +80,12 @@ def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
     # Each process's copy of the final table (space, arch, accuracy) is the same.
     assert _final_table(first.stdout) == _final_table(second.stdout) != []
     assert os.path.isfile(os.path.join(workdir, "summary.json"))
+    # The evolution resumed went on splitting its new cells: each process compiled some for
+    # both and loaded the others' (the same space on both shows the loaded ones ran right).
+    assert stage == "evolve", stage
+    for i, r in enumerate((first, second)):
+        split = re.search(rf"process {i} compiled (\d+) cells .* loaded (\d+) ", r.stdout)
+        assert split and min(map(int, split.groups())) > 0, r.stdout[-3000:]
 
 
 def test_diverging_decisions_stop_every_process(tmp_path):
