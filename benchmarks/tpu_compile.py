@@ -53,7 +53,8 @@ same load) plus the gather and re-split programs' mean from the report.
 Resumable: a topology whose report.json exists is not compiled again, a killed
 topology's check resumes with the modules it had not finished, and the contrast
 is not redone once its rows are saved (delete them to redo it). Each topology
-takes two to three hours on an idle 2-core host (186 modules, about 45 s each).
+takes hours on a 2-core host (362 modules: the cells and their gather and re-split
+programs).
 """
 
 from __future__ import annotations
