@@ -41,7 +41,8 @@ and each of ``--efforts``, XLA's exec_time_optimization_effort values
 the lowering seconds (a program's seconds less XLA's compile) and sets the
 generation's critical path again with a child's compile seconds at each effort:
 the sample's mean at that effort (all efforts measured in one run, under the
-same load) plus the gather and re-split programs' mean from the report.
+same load) plus the sampled cells' gather and re-split programs (the same run; the
+effort does not apply to them).
 
 ``--fused`` adds the contrast that chose the per-cell programs: the first
 ``--fused-layers`` layers of the same supernet as one program per step
@@ -125,8 +126,9 @@ def critical_path(s: dict, per_child_s: float) -> tuple[float, float]:
 
 def summarise(path: str, utilisation: float, sample: list[dict] | None = None) -> dict:
     """The tables' figures from one topology's report; with the effort ``sample``, a
-    child's compile and lowering seconds are its effort-0 means (measured in one run: the
-    report's seconds add up sessions under varying load), else the report's mean."""
+    child's compile, lowering, gather and re-split seconds are its effort-0 means
+    (measured in one run: the report's seconds add up sessions under varying load), else
+    the report's means."""
     report, rows, layouts = compile_check.load_report(path)
     evolve = next(x for x in layouts if x.stage == "evolve")
     k = max(len(layer) for layer in evolve.layers)
@@ -155,6 +157,7 @@ def summarise(path: str, utilisation: float, sample: list[dict] | None = None) -
         base = [r for r in sample if r["effort"] == 0.0]
         cell_s = sum(r["compile_s"] for r in base) / len(base)
         lower_s = sum(r["lower_s"] for r in base) / len(base)
+        per_reshard = sum(r["reshard_s"] for r in base) / len(base)
     per_child = per_host_s(cell_s, per_reshard, lower_s, out["hosts"])
     background_s, critical_s = critical_path(out, per_child)
     return {
@@ -238,7 +241,8 @@ class _XlaSeconds:
 def effort_sample(topology: str, efforts: list[float], every: int, cells: int) -> list[dict]:
     """In this process: per sampled cell (the first ``cells`` picked in every ``every``-th
     layer) and effort, its child programs' compile and lowering seconds and their largest
-    temporaries (HBM per device)."""
+    temporaries (HBM per device); per cell, its gather and re-split programs' seconds
+    (``reshard_s``, in every row of the cell: the effort does not apply to them)."""
     from autospace_jax.data import sources as data_sources
     from autospace_jax.evolution.state import Evolution
     from autospace_jax.runtime import platforms, sharding
@@ -268,6 +272,9 @@ def effort_sample(topology: str, efforts: list[float], every: int, cells: int) -
             rows.append({"layer": l, "effort": effort, "temp_bytes": temp, "compile_s": total,
                          "lower_s": total - timed.seconds})  # fmt: skip
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        reshard = pieces.precompile_reshard(module, x, mesh, tx)
+        for r in rows[-len(efforts) :]:
+            r["reshard_s"] = sum(seconds for _, seconds in reshard.values())
     return rows
 
 
@@ -299,7 +306,8 @@ def sample_efforts(topology: str, efforts: list[float], every: int, cells: int) 
     if os.path.exists(path):
         with open(path) as f:
             rows = json.load(f)
-        if all("lower_s" in r for r in rows) and set(efforts) <= {r["effort"] for r in rows}:
+        measured = all("lower_s" in r and "reshard_s" in r for r in rows)
+        if measured and set(efforts) <= {r["effort"] for r in rows}:
             return [r for r in rows if r["effort"] in efforts]
     print(f"compiling the effort sample for {topology} (minutes) ...", flush=True)
     out = subprocess.run(
@@ -403,10 +411,9 @@ def main() -> None:
         "while the next generation trains by an eighth of a 4-chip host's cores, the hosts "
         "splitting them: a host compiles its share of the cells' programs, lowers those it "
         "loads and compiles every child's gather and re-split programs (loading itself not "
-        "timed on a TPU). A child's seconds: the effort sample's at effort 0 (below; one "
-        "run, one load) + the report's gather and re-split programs; the report's own "
-        "per-cell seconds add up several sessions under varying load (one program was "
-        "timed across a pause of the host) and are shown, not used; a "
+        "timed on a TPU). A child's seconds: the effort sample's at effort 0, its gather "
+        "and re-split programs included (below; one run, one load); the report's own "
+        "per-cell seconds add up runs under varying load and are shown, not used; a "
         f"generation = f = {first['steps_per_generation']} iterations (weight + fitness "
         f"step) at {args.utilisation:.0%} of the chip's peak bfloat16 FLOPs.",
         _report.table(
@@ -444,8 +451,8 @@ def main() -> None:
             f"programs: every {args.effort_every}th layer's first {args.sample_cells} cells of "
             "generation 0 compiled "
             "as a child at each effort (order alternated), all in one run; a child's compile "
-            "s = the sample's mean at that effort + the gather and re-split programs' mean "
-            "from the report (the effort does not apply to them); on a host of the slice, "
+            "s = the sample's mean at that effort + its gather and re-split programs' mean "
+            "(the effort does not apply to them); on a host of the slice, "
             "split as above; the step's speed at another effort needs a TPU (not measured).",
             _report.table(
                 ["topology", "effort", "cells sampled", "sample compile s (vs effort 0)",
