@@ -33,6 +33,10 @@ FLAGS = [
     "--xla_backend_optimization_level=1",
     "--xla_cpu_parallel_codegen_split_count=1",
     "--xla_cpu_use_thunk_runtime=false",
+    "--xla_backend_optimization_level=0",
+    "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false",
+    # The tests' setting (tests/runner.FAST_COMPILE).
+    "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false",
 ]
 
 

@@ -8,9 +8,13 @@ import sys
 import tempfile
 import time
 
-# Tests compile without LLVM's optimisations: on CPU, compiling is most of a tiny test's
-# time (a tiny evolve spends 40 % less), and the programs compute the same functions.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
+# Tests compile with LLVM's level-1 optimisations and XLA:CPU's elemental emitters
+# instead of its fusion emitters: on CPU, compiling is most of a tiny test's time; these
+# two flags compile a cell faster than the defaults or level 0 while its steps run as
+# fast as the defaults' (level 0 with the elemental emitters compiles faster still, but
+# runs 8x slower: slower tests overall; benchmarks/cell_compile.py, TESTING.md). The
+# programs compute the same functions.
+FAST_COMPILE = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
 CACHE_ENV = "AUTOSPACE_TEST_COMPILATION_CACHE"  # Set by conftest: the session's cache.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer digits skeleton: every stage runs in seconds.
