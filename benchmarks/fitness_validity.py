@@ -3,12 +3,17 @@ way training them does?
 
   python benchmarks/fitness_validity.py [--scale full] [--space-seed 0] [--jobs 2]
   python benchmarks/fitness_validity.py --data any.npz --out runs/fv_other
+  python benchmarks/fitness_validity.py --placement every  # The cell in every layer.
 
 One evolution (benchmarks/paper_tables.py's data, scale and evolve settings, with the
 reference DAG, seed ``--space-seed``) learns a space. In two of its layers, the first and
 the last, every one of the final K cells is put into the reference network (the reference
 IRB in every other layer) and that network is trained alone with each of the scale's
 seeds (``--seeds``, default two); its test top-1 is the cell's stand-alone accuracy.
+One swapped layer moves that accuracy little, as little as a seed does at the 16 px
+scale, so ``--placement every`` puts the cell in every layer that can hold it instead
+(the reference only where a skip cell would need a residual): a cell's effect summed
+over the network, at the price of judging a layer's cells also in other layers' shapes.
 Predictors of it, each a number per cell:
 
 * the final fitness logit alpha (space.json);
@@ -64,12 +69,23 @@ def final_cells(space_path: str, layers) -> dict[int, list[dict]]:
     return {l: space["layers"][l] for l in layers}
 
 
-def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict) -> tuple[str, str]:
-    """(name, arch file) of the reference network with ``cell`` in layer ``l``."""
+def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
+              placement: str = "layer") -> tuple[str, str]:  # fmt: skip
+    """(name, arch file) of the reference network with ``cell`` in layer ``l`` (placement
+    "layer"), or in every layer that can hold it ("every": a skip cell only where a
+    residual exists), the reference IRB elsewhere."""
     reference = genome_lib.reference(runs.base.genome.reference)
-    genomes = [reference] * skeleton.num_layers
-    genomes[l] = genome_lib.from_json(cell["genome"])
-    name = f"fv_l{l}_{cell['id']}"
+    genome = genome_lib.from_json(cell["genome"])
+    if placement == "layer":
+        genomes = [reference] * skeleton.num_layers
+        genomes[l] = genome
+    else:
+        genomes, c_in = [], skeleton.stem
+        for c_out, stride in skeleton.layers:
+            fits = not genome_lib.is_skip(genome) or genome_lib.has_residual(stride, c_in, c_out)
+            genomes.append(genome if fits else reference)
+            c_in = c_out
+    name = f"fv_l{l}_{cell['id']}" + ("" if placement == "layer" else "_every")
     path = os.path.join(runs.out, "fitness_validity", f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arch_lib.save_arch(path, arch_lib.Arch(skeleton, genomes))
@@ -183,6 +199,13 @@ def main() -> None:
         default=-1,
         help="evolve's weight-only epochs instead of the scale's",
     )
+    p.add_argument(
+        "--placement",
+        choices=("layer", "every"),
+        default="layer",
+        help="stand-alone network: the cell in its own layer, or in every layer (the "
+        "reference IRB elsewhere)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -196,7 +219,8 @@ def main() -> None:
     paper_tables.run_task(out, s, evolve)  # Cached once done.
     layers = layers_of(skeleton.num_layers)
     cells = final_cells(runs.space_path(True, args.space_seed), layers)
-    trainings = {(l, c["id"]): cell_arch(runs, skeleton, l, c) for l in layers for c in cells[l]}
+    trainings = {(l, c["id"]): cell_arch(runs, skeleton, l, c, args.placement)
+                 for l in layers for c in cells[l]}  # fmt: skip
     tasks = [
         ("train", name, path, seed) for name, path in trainings.values() for seed in args.seeds
     ]
@@ -217,14 +241,15 @@ def main() -> None:
     body = render(args, s, layers, cells, per_seed, alpha, path_acc, by, spread(per_seed), curve,
                   dataset.info.num_classes)  # fmt: skip
     print(body)
-    files.write_json(os.path.join(out, "fitness_validity.json"), {
+    every = "" if args.placement == "layer" else "_every"
+    files.write_json(os.path.join(out, f"fitness_validity{every}.json"), {
         "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
         "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
         "single_path": single_path, "validity": by,
         **{k: curve.get(k, []) for k in CURVES},
     })  # fmt: skip
     if not args.no_write:
-        _report.write_section(section(args.scale, s), _report.command(), body)
+        _report.write_section(section(args.scale, s, args.placement), _report.command(), body)
 
 
 def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int):
@@ -237,12 +262,12 @@ def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: in
     )
 
 
-def section(scale: str, s: paper_tables.Scale) -> str:
-    """BENCHMARKS.md's section: one per supernet schedule, so that each stays."""
-    default = paper_tables.SCALES[scale]
-    if s == default:
-        return SECTION
-    return f"{SECTION}, f = {s.steps_per_generation}, warm-up {s.evolve_warmup_epochs} epochs"
+def section(scale: str, s: paper_tables.Scale, placement: str = "layer") -> str:
+    """BENCHMARKS.md's section: one per supernet schedule and placement, so that each stays."""
+    name = SECTION
+    if s != paper_tables.SCALES[scale]:
+        name += f", f = {s.steps_per_generation}, warm-up {s.evolve_warmup_epochs} epochs"
+    return name if placement == "layer" else f"{name}, the cell in every layer"
 
 
 def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads, curve,
@@ -268,8 +293,10 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads, curve
             f"images per class, {s.train_epochs} epochs, evolution {s.generations} x "
             f"{s.steps_per_generation} steps, K = {s.cells_per_layer}), space seed "
             f"{args.space_seed}, training seeds {args.seeds}; layers {list(layers)} (the first and "
-            f"the last). Stand-alone: the reference network with the cell in its layer, test top-1 "
-            f"%. Supernet: single-path validation top-1 % over {args.paths} random paths. "
+            f"the last). Stand-alone: the reference network with the cell in "
+            f"{'its layer' if args.placement == 'layer' else 'every layer that can hold it'}, "
+            f"test top-1 %. Supernet: single-path validation top-1 % over {args.paths} random "
+            "paths. "
             f"Evolve's supernet warm-up: {s.evolve_warmup_epochs} epochs of weight steps only.",
             "The evolution's supernet after each generation and final round (chance: a loss "
             f"of ln {classes} = {np.log(classes):.2f}, top-1 {1 / classes:.2f}): "

@@ -37,3 +37,25 @@ def test_another_supernet_schedule_is_another_section():
     longer = fv.schedule(full, 500, 0)
     assert (longer.steps_per_generation, longer.evolve_warmup_epochs) == (500, 0)
     assert fv.section("full", longer) == f"{fv.SECTION}, f = 500, warm-up 0 epochs"
+
+
+def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):
+    from types import SimpleNamespace
+
+    from autospace_jax.space import arch as arch_lib
+    from autospace_jax.space import genome as g
+
+    # Layer 1 changes width and stride: no residual, so no skip cell there.
+    skeleton = arch_lib.Skeleton(8, 1, ((8, 1), (16, 2), (16, 1)), 16, 10)
+    runs = SimpleNamespace(out=str(tmp_path), base=SimpleNamespace(
+        genome=SimpleNamespace(reference="irb")))  # fmt: skip
+    reference = g.reference("irb")
+    for genome, where in ((g.irb(7, 3), (0, 1, 2)), (g.SKIP, (0, 2))):
+        cell = {"genome": genome.to_json(), "id": "c"}
+        _, path = fv.cell_arch(runs, skeleton, 0, cell, "every")
+        got = arch_lib.load_arch(path).genomes
+        assert got == tuple(genome if l in where else reference for l in range(3))
+        _, path = fv.cell_arch(runs, skeleton, 2, cell)  # One layer: the default.
+        assert arch_lib.load_arch(path).genomes == (reference, reference, genome)
+    full = fv.paper_tables.SCALES["full"]
+    assert fv.section("full", full, "every") == f"{fv.SECTION}, the cell in every layer"
