@@ -226,8 +226,12 @@ def main() -> None:
     ]
     pool.run(tasks)
     pool.close()
-    results = {key: [runs.train_seed(name, path, seed)["test_accuracy"] for seed in args.seeds]
-               for key, (name, path) in trainings.items()}  # fmt: skip
+    summaries = {key: [runs.train_seed(name, path, seed) for seed in args.seeds]
+                 for key, (name, path) in trainings.items()}  # fmt: skip
+    results = {key: [x["test_accuracy"] for x in runs_] for key, runs_ in summaries.items()}
+    # A network of one cell in every layer can cost several times another's: its
+    # accuracy may follow its MAdds, so the table shows them.
+    madds = {l: [summaries[l, c["id"]][0]["madds"] for c in cells[l]] for l in layers}
     evolve_dir = os.path.join(out, "evolve", paper_tables.evolve_name(True, args.space_seed))
     single_path = supernet_accuracy(runs, dataset, evolve_dir, layers, args.paths,
                                     args.space_seed)  # fmt: skip
@@ -238,14 +242,15 @@ def main() -> None:
     by = {"final fitness alpha": validity(alpha, accuracy),
           "supernet single-path val top-1": validity(path_acc, accuracy)}  # fmt: skip
     curve = files.read_json(os.path.join(evolve_dir, "evolve", "summary.json"))
-    body = render(args, s, layers, cells, per_seed, alpha, path_acc, by, spread(per_seed), curve,
-                  dataset.info.num_classes)  # fmt: skip
+    body = render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spread(per_seed),
+                  curve, dataset.info.num_classes)  # fmt: skip
     print(body)
     every = "" if args.placement == "layer" else "_every"
     files.write_json(os.path.join(out, f"fitness_validity{every}.json"), {
         "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
         "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
         "single_path": single_path, "validity": by,
+        "madds": {str(l): madds[l] for l in layers},
         **{k: curve.get(k, []) for k in CURVES},
     })  # fmt: skip
     if not args.no_write:
@@ -270,13 +275,13 @@ def section(scale: str, s: paper_tables.Scale, placement: str = "layer") -> str:
     return name if placement == "layer" else f"{name}, the cell in every layer"
 
 
-def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads, curve,
+def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads, curve,
            classes) -> str:  # fmt: skip
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     rows = []
     for l in layers:
-        for c, acc, a, q in zip(cells[l], per_seed[l], alpha[l], path_acc[l]):
-            rows.append([l, c["id"], f"{a:+.3f}", pct(q),
+        for c, acc, a, q, m in zip(cells[l], per_seed[l], alpha[l], path_acc[l], madds[l]):
+            rows.append([l, c["id"], f"{a:+.3f}", pct(q), f"{m / 1e6:.2f}",
                          " / ".join(pct(x) for x in acc), pct(acc.mean())])  # fmt: skip
     validity_rows = []
     for name, v in by.items():
@@ -310,6 +315,7 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, by, spreads, curve
                     "cell",
                     "alpha",
                     "supernet %",
+                    "stand-alone MAdds (M)",
                     "stand-alone % (seeds)",
                     "stand-alone % (mean)",
                 ],
