@@ -183,7 +183,9 @@ def _run(module: nn.Module, name: str, *args, **static):
     """Runs ``module``'s program ``name``: the one loaded from another process where it
     was compiled for these arguments' shapes, else the jitted one (which compiles on a
     first call)."""
-    loaded = _LOADED.get((module, name))
+    # Checked before the lookup: a single-process run (the hot path) loads nothing and
+    # should not hash the module a second time each call.
+    loaded = _LOADED.get((module, name)) if _LOADED else None
     if loaded is not None and loaded[0] == _signature(args):
         return loaded[1](*args)
     return _programs(module)[name](*args, **static)
