@@ -74,6 +74,7 @@ def test_auto_settings_follow_the_target_platform_not_this_process():
         assert ("feature_group_count = 48" in text) == grouped
 
 
+@pytest.mark.long
 @needs_libtpu
 def test_compile_mode_compiles_every_stage_for_a_tpu_and_reports_it(tmp_path):
     # A SIGTERM once the first module is saved: the check stops with status 75 and one

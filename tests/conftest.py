@@ -1,5 +1,6 @@
-"""Test session setup: 8 fake CPU devices, so sharding tests can build meshes of 1..8,
-fast compiles, and one persistent compilation cache for the whole session.
+"""Test session setup: 4 fake CPU devices (``runner.DEVICES``), so sharding tests can
+build meshes of 1..4, fast compiles, and one persistent compilation cache for the
+whole session.
 
 XLA reads the flag when JAX first initialises its backends, so it must be set
 before any test imports jax.
@@ -13,9 +14,11 @@ import pytest
 # configs/*.py import `configs.default`: make the repo root importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tests import runner  # noqa: E402
-from tests.runner import CACHE_ENV, FAST_COMPILE  # noqa: E402
+from tests.runner import CACHE_ENV, DEVICES, FAST_COMPILE  # noqa: E402
 
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
+os.environ.setdefault(
+    "XLA_FLAGS", f"--xla_force_host_platform_device_count={DEVICES} {FAST_COMPILE}"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
@@ -50,3 +53,10 @@ def tiny_pipeline(tmp_path_factory, compilation_cache):
     README sample. Tests read it and never write into it."""
     folder = os.path.join(_session_folder(tmp_path_factory), "tiny_pipeline")
     return runner.shared_run(folder, *runner.TINY_PIPELINE)
+
+
+def pytest_collection_modifyitems(items):
+    """Tests marked ``long`` (a minute or so each here) run first: xdist then hands the
+    short ones to whichever process is free, so both end together instead of one
+    running a long test alone at the end (the order changes no result)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)

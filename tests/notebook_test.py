@@ -10,6 +10,7 @@ import os
 import sys
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -30,6 +31,7 @@ def _kernel_manager(folder) -> KernelManager:
     return KernelManager(kernel_name="this-python", kernel_spec_manager=specs)
 
 
+@pytest.mark.long
 def test_notebook_runs_and_shows_its_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSPACE_NOTEBOOK_TINY", "1")
     monkeypatch.setenv("AUTOSPACE_REPO", ROOT)

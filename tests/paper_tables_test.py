@@ -13,6 +13,7 @@ from benchmarks import paper_tables as pt
 from tests import runner
 
 
+@pytest.mark.long
 def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     rng = np.random.default_rng(0)
     data = str(tmp_path / "any.npz")

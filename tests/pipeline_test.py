@@ -98,6 +98,7 @@ def _assert_same_results(workdir, straight):
         assert got[key] == expected[key], key
 
 
+@pytest.mark.long
 def test_nine_sigkills_three_per_stage_change_nothing(straight, tmp_path):
     """SIGKILL at 9 points (3 in each stage, a random delay after each trigger),
     re-running after each: the final space, arch and metrics equal an uninterrupted run."""
@@ -112,6 +113,7 @@ def test_nine_sigkills_three_per_stage_change_nothing(straight, tmp_path):
     assert _read(killed, "search", "summary.json")["resumed_from_step"] > 0
 
 
+@pytest.mark.long
 def test_sigterm_in_each_stage_saves_there_and_the_reruns_change_nothing(straight, tmp_path):
     """SIGTERM in evolve, search and train (twice), re-running after each: every run exits
     with status 75 and one line naming the step it saved; the next run resumes at that

@@ -15,6 +15,10 @@ import time
 # runs 8x slower: slower tests overall; benchmarks/cell_compile.py, TESTING.md). The
 # programs compute the same functions.
 FAST_COMPILE = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters=false"
+# Fake CPU devices of the test processes (conftest): a v5e:2x2 slice's count. Every
+# stage a test runs in-process shards its batches over them (8 made those tests about
+# 15 % slower, TESTING.md); runs a test starts as a process use one (env()).
+DEVICES = 4
 CACHE_ENV = "AUTOSPACE_TEST_COMPILATION_CACHE"  # Set by conftest: the session's cache.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer digits skeleton: every stage runs in seconds.

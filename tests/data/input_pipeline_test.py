@@ -1,4 +1,4 @@
-"""Tests for autospace_jax.data.input_pipeline (pass with 1 device and with 8 fake CPU devices)."""
+"""Tests for autospace_jax.data.input_pipeline (pass with 1 device and with fake CPU devices)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from autospace_jax.data import input_pipeline
 from autospace_jax.data import sources as data_sources
 from autospace_jax.runtime import sharding
 
-BATCH = 16  # Divisible by 1 and by 8 devices.
+BATCH = 16  # Divisible by 1 device and by the fake devices of conftest.
 
 
 def _config(**overrides) -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ def _config(**search):
     return c
 
 
+@pytest.mark.long
 def test_latency_table_and_a_search_at_a_latency_target(tmp_path):
     workdir = str(tmp_path)
     table = latency_stage.run(_config(), workdir)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests import runner
 
 
@@ -53,6 +55,7 @@ def _final_table(log: str) -> list[str]:
     return [line for line in lines if line.startswith(("MAdds ", "L0 ", "L1 ", "space: "))]
 
 
+@pytest.mark.long
 def test_two_processes_reach_the_same_space_arch_and_accuracy(tmp_path):
     """First a SIGTERM to process 1 alone, after evolve's first checkpoint: JAX's
     preemption notice reaches both, which save the same step and exit with status 75.

@@ -38,6 +38,7 @@ def _lease(workdir):
         return json.load(f)
 
 
+@pytest.mark.long
 def test_a_second_launch_is_refused_and_a_killed_runs_lease_is_taken_over(tmp_path):
     """A run is stopped (SIGSTOP) after its first checkpoint: a second launch into its
     folder exits 1 with one FATAL line naming it, and changes no file (sha1). Then the

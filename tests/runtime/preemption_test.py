@@ -92,6 +92,7 @@ EVOLVE_POINTS = {
 }
 
 
+@pytest.mark.long
 def test_evolve_sigterm_inside_and_between_generations_changes_nothing(
     evolved, tmp_path, monkeypatch
 ):

@@ -122,6 +122,7 @@ def _targets(tmp_path):
     return tuple(costs[len(costs) * q // 8] for q in (1, 4, 7))
 
 
+@pytest.mark.long
 @pytest.mark.parametrize("algorithm", ["proxyless", "rl", "spos"])
 def test_one_search_gives_a_front_of_three_madds_targets(tmp_path, algorithm):
     targets = _targets(tmp_path)
@@ -162,6 +163,7 @@ def test_rl_and_spos_without_a_target_use_the_reference_networks(tmp_path, algor
     assert "reference cell in every layer" in ctx.target_source
 
 
+@pytest.mark.long
 def test_proxyless_large_lambda_picks_cheaper_cells_and_the_log_says_so(tmp_path, caplog):
     configs = [tiny_config(madds_lambda=lam, steps=40) for lam in (0.0, 50.0)]
     for c in configs:

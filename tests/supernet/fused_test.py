@@ -119,6 +119,7 @@ def test_device_gates_follow_the_host_law():
     assert np.all((actives[:, 0] == pairs[:, 0, 0]) | (actives[:, 0] == pairs[:, 0, 1]))
 
 
+@pytest.mark.long
 def test_no_transfer_to_the_host_inside_a_fused_step():
     mesh = sharding.create_mesh(jax.devices()[:2])  # Several devices: see _host_reads.py.
     x, labels = jax.device_put(_batch(n=8), sharding.batch_sharding(mesh))
@@ -161,6 +162,7 @@ def test_fused_nan_alpha_stops_at_the_end_of_the_interval():
         )  # fmt: skip
 
 
+@pytest.mark.long
 def test_evolve_runs_on_the_fused_program(tmp_path):
     from autospace_jax.evolution import stage as evo
     from tests.runtime.reliability_test import evolve_config
