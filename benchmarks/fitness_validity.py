@@ -70,10 +70,11 @@ def final_cells(space_path: str, layers) -> dict[int, list[dict]]:
 
 
 def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
-              placement: str = "layer") -> tuple[str, str]:  # fmt: skip
+              placement: str = "layer", tag: str = "") -> tuple[str, str]:  # fmt: skip
     """(name, arch file) of the reference network with ``cell`` in layer ``l`` (placement
     "layer"), or in every layer that can hold it ("every": a skip cell only where a
-    residual exists), the reference IRB elsewhere."""
+    residual exists), the reference IRB elsewhere. ``tag`` ends the name: trainings of
+    another length are other runs."""
     reference = genome_lib.reference(runs.base.genome.reference)
     genome = genome_lib.from_json(cell["genome"])
     if placement == "layer":
@@ -85,7 +86,7 @@ def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
             fits = not genome_lib.is_skip(genome) or genome_lib.has_residual(stride, c_in, c_out)
             genomes.append(genome if fits else reference)
             c_in = c_out
-    name = f"fv_l{l}_{cell['id']}" + ("" if placement == "layer" else "_every")
+    name = f"fv_l{l}_{cell['id']}" + ("" if placement == "layer" else "_every") + tag
     path = os.path.join(runs.out, "fitness_validity", f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arch_lib.save_arch(path, arch_lib.Arch(skeleton, genomes))
@@ -200,6 +201,13 @@ def main() -> None:
         help="evolve's weight-only epochs instead of the scale's",
     )
     p.add_argument(
+        "--train-epochs",
+        type=int,
+        default=0,
+        help="the stand-alone networks' epochs instead of the scale's (their runs are "
+        "named for it, so the same --out keeps both)",
+    )
+    p.add_argument(
         "--placement",
         choices=("layer", "every"),
         default="layer",
@@ -209,7 +217,8 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
-    s = schedule(paper_tables.SCALES[args.scale], args.steps_per_generation, args.warmup_epochs)
+    scale = paper_tables.SCALES[args.scale]
+    s = schedule(scale, args.steps_per_generation, args.warmup_epochs, args.train_epochs)
     out = os.path.abspath(args.out)
     paper_tables.prepare_data(args.data, args.data_dir, out, s)
     paper_tables._setup_logging()
@@ -219,7 +228,8 @@ def main() -> None:
     paper_tables.run_task(out, s, evolve)  # Cached once done.
     layers = layers_of(skeleton.num_layers)
     cells = final_cells(runs.space_path(True, args.space_seed), layers)
-    trainings = {(l, c["id"]): cell_arch(runs, skeleton, l, c, args.placement)
+    tag = "" if s.train_epochs == scale.train_epochs else f"_e{s.train_epochs}"
+    trainings = {(l, c["id"]): cell_arch(runs, skeleton, l, c, args.placement, tag)
                  for l in layers for c in cells[l]}  # fmt: skip
     tasks = [
         ("train", name, path, seed) for name, path in trainings.values() for seed in args.seeds
@@ -257,22 +267,26 @@ def main() -> None:
         _report.write_section(section(args.scale, s, args.placement), _report.command(), body)
 
 
-def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int):
-    """``s`` with evolve's supernet schedule replaced where given (0 / -1: the scale's).
-    Another schedule is another evolution: give it its own ``--out``."""
+def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int,
+             train_epochs: int = 0):  # fmt: skip
+    """``s`` with evolve's supernet schedule and the stand-alone networks' epochs replaced
+    where given (0 / -1: the scale's). Another supernet schedule is another evolution:
+    give it its own ``--out``."""
     return dataclasses.replace(
         s,
         steps_per_generation=steps_per_generation or s.steps_per_generation,
         evolve_warmup_epochs=s.evolve_warmup_epochs if warmup_epochs < 0 else warmup_epochs,
+        train_epochs=train_epochs or s.train_epochs,
     )
 
 
 def section(scale: str, s: paper_tables.Scale, placement: str = "layer") -> str:
     """BENCHMARKS.md's section: one per supernet schedule and placement, so that each stays."""
-    name = SECTION
-    if s != paper_tables.SCALES[scale]:
+    name, base = SECTION, paper_tables.SCALES[scale]
+    if dataclasses.replace(s, train_epochs=base.train_epochs) != base:
         name += f", f = {s.steps_per_generation}, warm-up {s.evolve_warmup_epochs} epochs"
-    return name if placement == "layer" else f"{name}, the cell in every layer"
+    name += "" if placement == "layer" else ", the cell in every layer"
+    return name if s.train_epochs == base.train_epochs else f"{name}, {s.train_epochs} epochs"
 
 
 def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads, curve,

@@ -1,6 +1,8 @@
 """benchmarks/fitness_validity.py's statistics on made-up cells (its runs are the paper
 tables' evolve and train, tested there)."""
 
+import dataclasses
+
 import numpy as np
 
 from benchmarks import fitness_validity as fv
@@ -37,6 +39,13 @@ def test_another_supernet_schedule_is_another_section():
     longer = fv.schedule(full, 500, 0)
     assert (longer.steps_per_generation, longer.evolve_warmup_epochs) == (500, 0)
     assert fv.section("full", longer) == f"{fv.SECTION}, f = 500, warm-up 0 epochs"
+    # Longer stand-alone trainings of the same evolution: another section, same evolution.
+    trained = fv.schedule(full, 500, 0, 15)
+    assert dataclasses.replace(trained, train_epochs=full.train_epochs) == longer
+    assert fv.section("full", trained, "every") == (
+        f"{fv.SECTION}, f = 500, warm-up 0 epochs, the cell in every layer, 15 epochs"
+    )
+    assert fv.section("full", fv.schedule(full, 0, -1, 15)) == f"{fv.SECTION}, 15 epochs"
 
 
 def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):
@@ -57,5 +66,7 @@ def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):
         assert got == tuple(genome if l in where else reference for l in range(3))
         _, path = fv.cell_arch(runs, skeleton, 2, cell)  # One layer: the default.
         assert arch_lib.load_arch(path).genomes == (reference, reference, genome)
+    name, _ = fv.cell_arch(runs, skeleton, 0, cell, "every", "_e15")
+    assert name == "fv_l0_c_every_e15"  # Its own run, beside the 5-epoch one.
     full = fv.paper_tables.SCALES["full"]
     assert fv.section("full", full, "every") == f"{fv.SECTION}, the cell in every layer"
