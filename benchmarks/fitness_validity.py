@@ -167,6 +167,21 @@ def validity(predictor: dict[int, np.ndarray], accuracy: dict[int, np.ndarray],
     return out
 
 
+def cost_adjusted(accuracy: dict[int, np.ndarray], madds: dict[int, list]) -> dict:
+    """Per layer, the stand-alone accuracy less what its network's cost predicts: the
+    residual of a least-squares line of accuracy on log MAdds within the layer. Networks
+    of one cell in every layer differ in cost several times over, and a short training
+    can favour the cheap ones; this is the order left once cost is taken out."""
+    out = {}
+    for l, a in accuracy.items():
+        x = np.log(np.asarray(madds[l], dtype=float))
+        if np.ptp(x) == 0:  # One cost: no line to fit, the order is the accuracy's own.
+            out[l] = a - a.mean()
+        else:
+            out[l] = a - np.polyval(np.polyfit(x, a, 1), x)
+    return out
+
+
 def spread(per_seed: dict[int, np.ndarray]) -> dict[int, dict]:
     """Per layer: the cells' accuracies (mean over seeds) and their standard deviation
     against the seed-to-seed standard deviation of one cell (``per_seed[l]``: cells x seeds)."""
@@ -249,8 +264,13 @@ def main() -> None:
     accuracy = {l: a.mean(axis=1) for l, a in per_seed.items()}
     alpha = {l: np.array([c["alpha"] for c in cells[l]]) for l in layers}
     path_acc = {l: np.array([single_path[c["id"]] for c in cells[l]]) for l in layers}
-    by = {"final fitness alpha": validity(alpha, accuracy),
-          "supernet single-path val top-1": validity(path_acc, accuracy)}  # fmt: skip
+    adjusted = cost_adjusted(accuracy, madds)
+    by = {
+        "final fitness alpha": validity(alpha, accuracy),
+        "supernet single-path val top-1": validity(path_acc, accuracy),
+        "alpha, against top-1 adjusted for MAdds": validity(alpha, adjusted),
+        "single-path top-1, against top-1 adjusted for MAdds": validity(path_acc, adjusted),
+    }
     curve = files.read_json(os.path.join(evolve_dir, "evolve", "summary.json"))
     body = render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spread(per_seed),
                   curve, dataset.info.num_classes)  # fmt: skip
@@ -337,7 +357,9 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
             ),  # fmt: skip
             "Spearman's rho against the stand-alone accuracy (pooled: values centred per layer); "
             f"95 % bootstrap interval; rho under random alpha, {DRAWS} permutations within each "
-            "layer: mean / 95th percentile; p: share of them at least the pooled rho.",
+            "layer: mean / 95th percentile; p: share of them at least the pooled rho. "
+            "Adjusted for MAdds: the residual of a least-squares line of the stand-alone "
+            "accuracy on log MAdds within each layer (the order once cost is taken out).",
             _report.table(
                 [
                     "predictor",

@@ -24,6 +24,18 @@ def test_a_predictor_that_orders_the_cells_scores_one_and_a_shuffled_one_does_no
     assert fv.validity(offset, accuracy)["pooled"] == 1.0
 
 
+def test_cost_adjusted_accuracy_is_what_log_madds_does_not_explain():
+    # Accuracy a straight line in log MAdds: nothing is left.
+    madds = {0: [1e6, 2e6, 4e6, 8e6]}
+    line = {0: 0.3 + 0.02 * np.log(np.asarray(madds[0]))}
+    assert np.allclose(fv.cost_adjusted(line, madds)[0], 0.0, atol=1e-12)
+    # log MAdds 0, 1, 2 and accuracy 0, 1, 0: the line is flat at 1/3.
+    bump = fv.cost_adjusted({4: np.array([0.0, 1.0, 0.0])}, {4: [1.0, np.e, np.e**2]})[4]
+    assert np.allclose(bump, [-1 / 3, 2 / 3, -1 / 3])
+    same = fv.cost_adjusted({0: np.array([0.1, 0.2, 0.6])}, {0: [5e5] * 3})[0]
+    assert np.allclose(same, [-0.2, -0.1, 0.3])  # One cost: centred, nothing fitted.
+
+
 def test_spread_against_the_seed_to_seed_noise():
     per_seed = {0: np.array([[0.50, 0.52], [0.60, 0.62], [0.70, 0.68]])}
     s = fv.spread(per_seed)[0]
