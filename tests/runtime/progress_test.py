@@ -78,7 +78,9 @@ def test_train_eta_within_a_factor_2_of_the_real_remaining_time(tmp_path, monkey
     config = digits.get_config()
     config.model.stem, config.model.widths, config.model.head = 8, (8, 16), 16
     config.model.blocks, config.model.strides = (1, 1), (1, 2)
-    config.train.epochs, config.train.batch_size = 2, 32
+    # About 7 s of steps, most of it the sleeps below: enough ETA lines with 2 s or more
+    # left, however fast the steps themselves run (2 epochs left too few on 4 devices).
+    config.train.epochs, config.train.batch_size = 3, 32
     config.train.eval_every_epochs = 100  # No evaluation inside the loop.
     config.progress_every_secs = 1.0
     sleeps = (0.0, 0.0, 0.05, 0.0, 0.25)
