@@ -56,7 +56,7 @@ def tiny_pipeline(tmp_path_factory, compilation_cache):
 
 
 def pytest_collection_modifyitems(items):
-    """Tests marked ``long`` (a minute or so each here) run first: xdist then hands the
+    """Tests marked ``long`` (20 s or more each here) run first: xdist then hands the
     short ones to whichever process is free, so both end together instead of one
     running a long test alone at the end (the order changes no result)."""
     items.sort(key=lambda item: item.get_closest_marker("long") is None)
