@@ -69,6 +69,12 @@ def final_cells(space_path: str, layers) -> dict[int, list[dict]]:
     return {l: space["layers"][l] for l in layers}
 
 
+def variant(placement: str, tag: str = "") -> str:
+    """What ends the names of a placement's runs and result file (``tag``: the training
+    length, when not the scale's)."""
+    return ("" if placement == "layer" else "_every") + tag
+
+
 def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
               placement: str = "layer", tag: str = "") -> tuple[str, str]:  # fmt: skip
     """(name, arch file) of the reference network with ``cell`` in layer ``l`` (placement
@@ -86,7 +92,7 @@ def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
             fits = not genome_lib.is_skip(genome) or genome_lib.has_residual(stride, c_in, c_out)
             genomes.append(genome if fits else reference)
             c_in = c_out
-    name = f"fv_l{l}_{cell['id']}" + ("" if placement == "layer" else "_every") + tag
+    name = f"fv_l{l}_{cell['id']}" + variant(placement, tag)
     path = os.path.join(runs.out, "fitness_validity", f"{name}.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     arch_lib.save_arch(path, arch_lib.Arch(skeleton, genomes))
@@ -275,8 +281,7 @@ def main() -> None:
     body = render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spread(per_seed),
                   curve, dataset.info.num_classes)  # fmt: skip
     print(body)
-    every = "" if args.placement == "layer" else "_every"
-    files.write_json(os.path.join(out, f"fitness_validity{every}.json"), {
+    files.write_json(os.path.join(out, f"fitness_validity{variant(args.placement, tag)}.json"), {
         "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
         "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
         "single_path": single_path, "validity": by,

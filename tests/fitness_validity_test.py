@@ -80,5 +80,6 @@ def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):
         assert arch_lib.load_arch(path).genomes == (reference, reference, genome)
     name, _ = fv.cell_arch(runs, skeleton, 0, cell, "every", "_e15")
     assert name == "fv_l0_c_every_e15"  # Its own run, beside the 5-epoch one.
+    assert fv.variant("every", "_e15") == "_every_e15" and fv.variant("layer") == ""
     full = fv.paper_tables.SCALES["full"]
     assert fv.section("full", full, "every") == f"{fv.SECTION}, the cell in every layer"
