@@ -16,7 +16,7 @@ from tiny_tfds import _tiny_images, _TinyImages  # Top level: TFDS reads builder
 
 from autospace_jax.data import input_pipeline
 from autospace_jax.data import sources as data_sources
-from autospace_jax.runtime import sharding
+from autospace_jax.runtime import errors, sharding
 
 BATCH = 16  # Divisible by 1 device and by the fake devices of conftest.
 
@@ -99,6 +99,19 @@ def test_digits_info_and_shapes(digits):
         assert x.shape == (n, 8, 8, 1) and x.dtype == np.float32
         assert y.shape == (n,) and y.dtype == np.int32
     assert not digits.augment  # 8x8 is never augmented.
+
+
+def test_digits_are_scikit_learns_read_without_its_import(monkeypatch):
+    from sklearn import datasets
+
+    digits = datasets.load_digits()
+    x_train, y_train, x_test, y_test, classes, peak = data_sources.load_digits(0.2, 0)
+    ours = sorted(zip(_rows(np.concatenate([x_train, x_test])), [*y_train, *y_test]))
+    theirs = sorted(zip(_rows(digits.images[..., None].astype(np.float32)), digits.target))
+    assert ours == theirs and (classes, peak) == (10, 16.0)
+    monkeypatch.setattr(data_sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(errors.MissingFileError, match="data.source='digits'.*scikit-learn"):
+        data_sources.load_digits(0.2, 0)
 
 
 def test_digits_split_deterministic_and_disjoint(digits):
