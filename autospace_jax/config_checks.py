@@ -159,6 +159,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "supernet.fitness_b1": _num_in(0.0, 1.0, high_open=True),
     "supernet.fitness_init_std": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.warmup_epochs": _int_at_least(0),
+    "supernet.warmup_patience": _int_at_least(0),
+    "supernet.warmup_min_delta": ((lambda v: _is_num(v) and v >= 0), "a number >= 0"),
     "supernet.compensation_clip": ((lambda v: _is_num(v) and v >= 1), "a number >= 1"),
     "supernet.compile_effort": _num_in(-1.0, 1.0),
     "supernet.program": _one_of(platforms.PROGRAMS),
@@ -222,6 +224,19 @@ def validate(config: Any) -> None:
             ev.fitness_batch_size,
             f"a multiple of supernet.batch_size ({config.supernet.batch_size}): it runs as "
             "chunks of the weight step's batch, with the programs that step compiled",
+        )
+    sc = config.supernet
+    if sc.warmup_patience and not ev.val_batches:
+        fail(
+            "supernet.warmup_patience",
+            sc.warmup_patience,
+            "0 while evolution.val_batches is 0: the warm-up ends on the validation loss",
+        )
+    if sc.warmup_patience and not sc.warmup_epochs:
+        fail(
+            "supernet.warmup_epochs",
+            sc.warmup_epochs,
+            ">= 1 with supernet.warmup_patience: it is the warm-up's longest",
         )
     se = config.search
     if se.cost == "latency" and se.latency_batch not in tuple(config.latency.batch_sizes):

@@ -222,6 +222,13 @@ def main() -> None:
         help="evolve's weight-only epochs instead of the scale's",
     )
     p.add_argument(
+        "--warmup-patience",
+        type=int,
+        default=-1,
+        help="evolve's supernet.warmup_patience instead of the scale's: the warm-up ends "
+        "once the supernet's validation loss stops improving (--warmup-epochs its longest)",
+    )
+    p.add_argument(
         "--train-epochs",
         type=int,
         default=0,
@@ -239,7 +246,8 @@ def main() -> None:
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     scale = paper_tables.SCALES[args.scale]
-    s = schedule(scale, args.steps_per_generation, args.warmup_epochs, args.train_epochs)
+    s = schedule(scale, args.steps_per_generation, args.warmup_epochs, args.train_epochs,
+                 args.warmup_patience)  # fmt: skip
     out = os.path.abspath(args.out)
     paper_tables.prepare_data(args.data, args.data_dir, out, s)
     paper_tables._setup_logging()
@@ -293,7 +301,7 @@ def main() -> None:
 
 
 def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: int,
-             train_epochs: int = 0):  # fmt: skip
+             train_epochs: int = 0, warmup_patience: int = -1):  # fmt: skip
     """``s`` with evolve's supernet schedule and the stand-alone networks' epochs replaced
     where given (0 / -1: the scale's). Another supernet schedule is another evolution:
     give it its own ``--out``."""
@@ -301,15 +309,26 @@ def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: in
         s,
         steps_per_generation=steps_per_generation or s.steps_per_generation,
         evolve_warmup_epochs=s.evolve_warmup_epochs if warmup_epochs < 0 else warmup_epochs,
+        evolve_warmup_patience=(
+            s.evolve_warmup_patience if warmup_patience < 0 else warmup_patience
+        ),  # fmt: skip
         train_epochs=train_epochs or s.train_epochs,
     )
+
+
+def warmup(s: paper_tables.Scale) -> str:
+    """Evolve's weight-only warm-up, in words."""
+    if not s.evolve_warmup_patience:
+        return f"warm-up {s.evolve_warmup_epochs} epochs"
+    return (f"warm-up until the validation loss stops improving (patience "
+            f"{s.evolve_warmup_patience}, at most {s.evolve_warmup_epochs} epochs)")  # fmt: skip
 
 
 def section(scale: str, s: paper_tables.Scale, placement: str = "layer") -> str:
     """BENCHMARKS.md's section: one per supernet schedule and placement, so that each stays."""
     name, base = SECTION, paper_tables.SCALES[scale]
     if dataclasses.replace(s, train_epochs=base.train_epochs) != base:
-        name += f", f = {s.steps_per_generation}, warm-up {s.evolve_warmup_epochs} epochs"
+        name += f", f = {s.steps_per_generation}, {warmup(s)}"
     name += "" if placement == "layer" else ", the cell in every layer"
     return name if s.train_epochs == base.train_epochs else f"{name}, {s.train_epochs} epochs"
 
@@ -341,7 +360,8 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
             f"{'its layer' if args.placement == 'layer' else 'every layer that can hold it'}, "
             f"test top-1 %. Supernet: single-path validation top-1 % over {args.paths} random "
             "paths. "
-            f"Evolve's supernet warm-up: {s.evolve_warmup_epochs} epochs of weight steps only.",
+            f"Evolve's supernet: weight steps only, {warmup(s)}; fitness steps from step "
+            f"{curve.get('fitness_from_step', '?')}.",
             "The evolution's supernet after each generation and final round (chance: a loss "
             f"of ln {classes} = {np.log(classes):.2f}, top-1 {1 / classes:.2f}): "
             + "; ".join(

@@ -128,6 +128,9 @@ class Scale:
     population_size: int = 12
     fitness_batch_size: int = 128
     evolve_warmup_epochs: int = 2
+    # > 0: evolve's warm-up ends once the supernet's validation loss stops improving
+    # (supernet.warmup_patience), evolve_warmup_epochs its longest.
+    evolve_warmup_patience: int = 0
     # Evolve's compile threads: at the tiny scale they only take the cores from the
     # runs beside them (the result is the same either way).
     background_compile: bool = True
@@ -233,6 +236,7 @@ def base_config(data_path: str, s: Scale) -> ml_collections.ConfigDict:
     c.evolution.fitness_batch_size = s.fitness_batch_size
     c.evolution.background_compile = s.background_compile
     c.supernet.warmup_epochs = s.evolve_warmup_epochs
+    c.supernet.warmup_patience = s.evolve_warmup_patience
     c.search.steps, c.search.warmup_steps = s.search_steps, s.search_warmup
     c.search.tolerance = s.search_tolerance
     c.train.epochs, c.train.eval_every_epochs = s.train_epochs, s.train_epochs

@@ -43,6 +43,8 @@ BAD = [
     ("supernet.learning_rate", 0.0, "a number > 0"),
     ("supernet.compensation_clip", 0.5, "a number >= 1"),
     ("supernet.compile_effort", 2.0, "a number in [-1.0, 1.0]"),
+    ("supernet.warmup_patience", -1, "an integer >= 0"),
+    ("supernet.warmup_min_delta", -0.1, "a number >= 0"),
     ("search.algorithm", "darts", "one of ['proxyless', 'rl', 'spos']"),
     ("search.tolerance", 1.0, "[0.0, 1.0)"),
     ("search.spos_parents", 20, "<= search.spos_population (12)"),
@@ -84,6 +86,14 @@ def test_cross_field_rules():
     config = digits.get_config()
     config.model.widths = (8, 16)
     with pytest.raises(config_checks.ConfigError, match="one entry per stage"):
+        config_checks.validate(config)
+    config = digits.get_config()
+    config.supernet.warmup_patience, config.evolution.val_batches = 2, 0
+    with pytest.raises(config_checks.ConfigError, match=r"warmup_patience=2 .*val_batches is 0"):
+        config_checks.validate(config)
+    config = digits.get_config()
+    config.supernet.warmup_patience, config.supernet.warmup_epochs = 2, 0
+    with pytest.raises(config_checks.ConfigError, match=r"warmup_epochs=0 .*the warm-up's longe"):
         config_checks.validate(config)
     config = digits.get_config()
     config.data.source, config.data.path = "npz", "/no/such.npz"

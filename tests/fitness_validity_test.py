@@ -58,6 +58,12 @@ def test_another_supernet_schedule_is_another_section():
         f"{fv.SECTION}, f = 500, warm-up 0 epochs, the cell in every layer, 15 epochs"
     )
     assert fv.section("full", fv.schedule(full, 0, -1, 15)) == f"{fv.SECTION}, 15 epochs"
+    plateau = fv.schedule(full, 100, 30, 0, 3)
+    assert (plateau.evolve_warmup_patience, plateau.evolve_warmup_epochs) == (3, 30)
+    assert fv.section("full", plateau) == (
+        f"{fv.SECTION}, f = 100, warm-up until the validation loss stops improving "
+        "(patience 3, at most 30 epochs)"
+    )
 
 
 def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):

@@ -17,7 +17,9 @@ generation t = 0..T-1:
 2. a supernet of the picked cells, alpha from the population, weights from the
    :class:`~autospace_jax.evolution.weight_bank.WeightBank`;
 3. f supernet iterations (:func:`schedules.train_iterations`): a weight step on
-   paths drawn uniformly, then (after ``supernet.warmup_epochs``) a fitness step
+   paths drawn uniformly, then (after the warm-up: ``supernet.warmup_epochs``, or
+   with ``supernet.warmup_patience`` once the supernet's validation loss stops
+   improving, :meth:`Evolution.end_warmup_on_plateau`) a fitness step
    whose dL/dg_k is the measured loss of each sampled path
    (``evolution.fitness_estimate``; chosen, with the optimizer, the fitness
    batch and the warm-up, from BENCHMARKS "Fitness signal"); the weights'
@@ -156,6 +158,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             if figures is None:  # Stopped inside the generation.
                 writer.close()
                 raise preemption.Preempted(STAGE, evo.position(), save())
+            if evo.end_warmup_on_plateau():
+                logging.info(
+                    "evolve: the supernet's validation loss has not improved by %g for %d "
+                    "generations (supernet.warmup_min_delta, warmup_patience): the weight-only "
+                    "warm-up ends at step %d of at most %d, fitness steps start",
+                    config.supernet.warmup_min_delta, config.supernet.warmup_patience,
+                    evo.step, evo.warmup_steps,
+                )  # fmt: skip
             # Per generation: a divergence stops the run where it happened, not at the end.
             distributed.check_same(f"evolve: the populations after step {evo.step}", evo.meta())
             stop = preemption.reached(evo.step)
@@ -212,6 +222,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "wall_time_s": elapsed + time.time() - start_time,
         "generations": ec.generations,
         "steps": evo.step,
+        "fitness_from_step": evo.fitness_from,  # The weight-only warm-up's end.
         "compile_time_s": clock.totals["compile"],
         "background_compile_time_s": pieces.background_compile_seconds() - background_before,
         "inherit_time_s": clock.totals["inherit"],

@@ -134,7 +134,10 @@ class Evolution:
         self.losses: list[float] = []
         self.validation: list[dict[str, float]] = []  # Per generation: :meth:`validate`.
         self.final: dict[str, Any] = {"candidates": [], "tops": []}  # ids, per layer.
-        self.warmup_steps = 0  # Weight-only steps; set by attach (needs the data's size).
+        self.warmup_steps = 0  # Weight-only steps at most; set by attach (needs the data's size).
+        # The step where the warm-up ended because the validation loss stopped improving
+        # (supernet.warmup_patience); None: it lasts warmup_steps.
+        self.warmup_end: int | None = None
         # The generation a preemption stopped (:meth:`run_generation`), or one restored
         # to go on with: its arrays and where it stopped (:meth:`checkpoint`).
         self.interrupted: Interrupted | None = None
@@ -214,6 +217,7 @@ class Evolution:
             "validation": self.validation,
             "final": self.final,
             "latency": self.timer.state if self.timer else None,
+            "warmup_end": self.warmup_end,
         }
 
     def load_meta(self, meta: dict[str, Any]) -> None:
@@ -223,6 +227,7 @@ class Evolution:
         self.rejected = collections.Counter(meta["rejected"])
         self.losses, self.final = meta["losses"], meta["final"]
         self.validation = meta.get("validation", [])  # Absent from older checkpoints.
+        self.warmup_end = meta.get("warmup_end")
         if self.timer and meta.get("latency"):
             self.timer.load(meta["latency"])
 
@@ -282,6 +287,24 @@ class Evolution:
         return [[ind.genome for ind in pop] for pop in self.populations]
 
     # --- phases -----------------------------------------------------------------------
+
+    @property
+    def fitness_from(self) -> int:
+        """The step of the first fitness step: the weight-only warm-up's end."""
+        return self.warmup_steps if self.warmup_end is None else self.warmup_end
+
+    def end_warmup_on_plateau(self) -> bool:
+        """At a generation's end, still warming up: whether the supernet's validation
+        loss has stopped improving (:func:`schedules.plateaued`, supernet.warmup_patience
+        and warmup_min_delta); if so, fitness steps start at this step. Returns whether
+        the warm-up ended here."""
+        if self.warmup_end is not None or self.step >= self.warmup_steps:
+            return False
+        losses = [v["loss"] for v in self.validation if v]
+        if not schedules.plateaued(losses, self.sc.warmup_patience, self.sc.warmup_min_delta):
+            return False
+        self.warmup_end = self.step
+        return True
 
     @property
     def evolving(self) -> bool:
@@ -404,7 +427,7 @@ class Evolution:
             learning_rate=self.sc.learning_rate,
             fitness_learning_rate=self.sc.fitness_learning_rate,
             fitness_batch_size=ec.fitness_batch_size,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=self.fitness_from,
             compensation=compensation,
             stage=STAGE,
             where=where,

@@ -27,6 +27,17 @@ def cosine_learning_rate(peak: float, i: int, steps: int) -> float:
     return 0.5 * peak * (1 + math.cos(math.pi * i / max(steps, 1)))
 
 
+def plateaued(losses: Sequence[float], patience: int, min_delta: float) -> bool:
+    """Whether a loss has stopped improving: none of the last ``patience`` values is
+    below the best one before them by ``min_delta`` or more (with
+    ``supernet.warmup_patience``, the end of evolve's weight-only warm-up: fitness
+    steps start once the supernet's validation loss stops improving, so that how fast
+    a cell learns in a barely trained supernet does not decide its fitness)."""
+    if patience < 1 or len(losses) <= patience:
+        return False
+    return min(losses[-patience:]) > min(losses[:-patience]) - min_delta
+
+
 def train_iterations(
     trainer: SupernetTrainer,
     state: SupernetState,
