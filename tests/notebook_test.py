@@ -37,6 +37,10 @@ def test_notebook_runs_and_shows_its_plots(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSPACE_REPO", ROOT)
     monkeypatch.setenv("XLA_FLAGS", runner.FAST_COMPILE)  # One CPU device, not conftest's 8.
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    # The session's compilation cache (conftest), read by JAX from its environment: the
+    # notebook's tiny pipeline shares most programs with the other tests' tiny runs.
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", os.environ[runner.CACHE_ENV])
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
