@@ -208,6 +208,7 @@ def test_plateaued_means_no_recent_loss_beats_the_best_before_by_min_delta():
     assert not schedules.plateaued([2.3, 2.4, 2.5], 0, 0.0)  # Patience 0: the rule is off.
 
 
+@pytest.mark.long
 def test_the_warmup_ends_once_the_validation_loss_stops_improving(tmp_path):
     """supernet.warmup_patience: alpha stays as initialised (weight steps only) until the
     end of the first generation after which the validation loss has not improved by
