@@ -2,14 +2,14 @@
 
 :class:`Evolution` is the host loop :func:`autospace_jax.evolution.stage.evolve` runs
 (the algorithm is described there): tournament selection, a generation of
-supernet iterations, Eq. 5, breeding under the layer's constraints and the
-final rounds; checkpointed through :meth:`Evolution.meta`.
+supernet iterations, Eq. 5 and the final rounds. Breeding under the layers'
+constraints is :mod:`autospace_jax.evolution.breeding`; what a checkpoint holds and
+how a run resumes, :mod:`autospace_jax.evolution.resume` (:class:`Evolution` inherits it).
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -17,12 +17,13 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import logging
 
 from autospace_jax.data import input_pipeline
+from autospace_jax.evolution import breeding
 from autospace_jax.evolution import population as pop_lib
 from autospace_jax.evolution import report as evolution_report
 from autospace_jax.evolution.population import Individual
+from autospace_jax.evolution.resume import Interrupted, Resumable
 from autospace_jax.evolution.weight_bank import WeightBank
 from autospace_jax.latency import table as latency
 from autospace_jax.runtime import errors, failures, platforms, sharding
@@ -53,32 +54,7 @@ class Clock:
         self.totals[category] += seconds
 
 
-@dataclasses.dataclass
-class Interrupted:
-    """A generation stopped after ``len(losses)`` of its iterations by a preemption notice:
-    what the bank does not hold and an exact continuation needs. The bank holds the
-    generation's weights, BN statistics and their optimizer states so far."""
-
-    step: int  # The supernet's step when it stopped.
-    losses: list[float]  # Of the iterations run.
-    fitness: dict[str, Any]  # The supernet's alpha, per layer ({"layer_l": {"alpha"}}).
-    fitness_opt: dict[str, Any]  # Alpha's Adam states, per layer ("layer_l").
-    # (layer, population index) -> weights before the generation of the children it
-    # trains for the first time (evolution_report.record_first_update).
-    before: dict[tuple[int, int], np.ndarray]
-
-    def tree(self) -> dict[str, Any]:
-        """The arrays, as the checkpoint holds them beside the bank."""
-        return {"fitness": self.fitness, "fitness_opt": self.fitness_opt,
-                "before": list(self.before.values())}  # fmt: skip
-
-    def meta(self) -> dict[str, Any]:
-        """The rest, JSON; with :meth:`tree` what :meth:`Evolution.load` reads back."""
-        before = [[l, i, int(v.size)] for (l, i), v in self.before.items()]
-        return {"step": self.step, "losses": self.losses, "before": before}
-
-
-class Evolution:
+class Evolution(Resumable):
     """The host loop's state and steps; :func:`evolve` runs it as a stage."""
 
     def __init__(
@@ -204,84 +180,6 @@ class Evolution:
                 for pop in self.populations
             ]
         )
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "generation": self.generation,
-            "step": self.step,
-            "populations": [[ind.to_json() for ind in pop] for pop in self.populations],
-            "history": self.history,
-            "children": self.children,
-            "rejected": dict(self.rejected),
-            "losses": self.losses,
-            "validation": self.validation,
-            "final": self.final,
-            "latency": self.timer.state if self.timer else None,
-            "warmup_end": self.warmup_end,
-        }
-
-    def load_meta(self, meta: dict[str, Any]) -> None:
-        self.generation, self.step = meta["generation"], meta["step"]
-        self.populations = [[Individual.from_json(i) for i in pop] for pop in meta["populations"]]
-        self.history, self.children = meta["history"], meta["children"]
-        self.rejected = collections.Counter(meta["rejected"])
-        self.losses, self.final = meta["losses"], meta["final"]
-        self.validation = meta.get("validation", [])  # Absent from older checkpoints.
-        self.warmup_end = meta.get("warmup_end")
-        if self.timer and meta.get("latency"):
-            self.timer.load(meta["latency"])
-
-    def checkpoint(self) -> tuple[int, dict[str, Any], dict[str, Any]]:
-        """(step, arrays, JSON) of a checkpoint: after a generation, or inside the one a
-        preemption stopped (:attr:`interrupted`), numbered by the supernet's step."""
-        tree, meta = self.bank.to_pytree(), {"evolution": self.meta()}
-        if self.interrupted is None:
-            return self.step, tree, meta
-        tree["generation"], meta["generation"] = self.interrupted.tree(), self.interrupted.meta()
-        return self.interrupted.step, tree, meta
-
-    def restore_target(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The arrays of the checkpoint whose JSON is ``meta``, as ``jax.ShapeDtypeStruct``
-        placed on the mesh (a restore target); this state is then ``meta``'s."""
-        self.load_meta(meta["evolution"])
-        tree = self.bank.abstract_pytree(self.genomes())
-        if "generation" in meta:
-
-            def vector(n: int) -> jax.ShapeDtypeStruct:
-                return jax.ShapeDtypeStruct((n,), np.float32)
-
-            fitness = {f"layer_{l}": {"alpha": vector(len(idx))}
-                       for l, idx in enumerate(self.select())}  # fmt: skip
-            opt = {l: jax.eval_shape(self.tx.init, {"fitness": a}) for l, a in fitness.items()}
-            before = [vector(n) for _, _, n in meta["generation"]["before"]]
-            tree["generation"] = {"fitness": fitness, "fitness_opt": opt, "before": before}
-        # The cells where a supernet stores them (SupernetTrainer.place), the rest whole.
-        spread = trainer_lib.spreads(self.settings.program, self.mesh)
-
-        def place(s, cell: bool):
-            where = sharding.spread(self.mesh, s.shape) if cell else sharding.replicated(self.mesh)
-            return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where)
-
-        return {part: jax.tree.map(lambda s, c=part == "cells" and spread: place(s, c), sub)
-                for part, sub in tree.items()}  # fmt: skip
-
-    def load(self, tree: dict[str, Any], meta: dict[str, Any]) -> None:
-        """The arrays of a checkpoint whose JSON :meth:`restore_target` read."""
-        self.bank.load_pytree(tree, self.genomes())
-        if "generation" in meta:
-            g, arrays = meta["generation"], tree["generation"]
-            before = {(l, i): np.asarray(v) for (l, i, _), v in zip(g["before"], arrays["before"])}
-            self.interrupted = Interrupted(
-                g["step"], g["losses"], arrays["fitness"], arrays["fitness_opt"], before
-            )
-
-    def position(self) -> str:
-        """Where the evolution stands, between generations or inside the one a preemption
-        stopped, as the log says it."""
-        if self.interrupted is None:
-            return f"after {self.label(self.generation - 1)}"
-        return (f"in {self.label(self.generation)} after iteration "
-                f"{len(self.interrupted.losses)} of {self.ec.steps_per_generation}")  # fmt: skip
 
     def genomes(self) -> list[list[genome_lib.Genome]]:
         return [[ind.genome for ind in pop] for pop in self.populations]
@@ -463,7 +361,7 @@ class Evolution:
                 ind.alpha = pop_lib.momentum_update(float(alpha_star[l][k]), ind.alpha, ec.momentum)
                 ind.n_prime += ec.steps_per_generation
         if self.evolving:
-            self._reproduce(picked)
+            breeding.reproduce(self, picked, _rng(self.config.seed, self.generation, "mutate"))
         else:
             self.final["tops"].append(self._tops())
         self.generation += 1
@@ -538,68 +436,6 @@ class Evolution:
             for i, ind in enumerate(pop)
             if i not in picked[l]
         ]
-
-    def _reproduce(self, picked: list[list[int]]) -> None:
-        t, ec = self.generation, self.ec
-        first_half = t < ec.generations / 2
-        reference = self.reference if (ec.use_reference and first_half) else None
-        rng = _rng(self.config.seed, t, "mutate")
-        dead = []
-        for l, winners in enumerate(picked):
-            pop, cons = self.populations[l], self.constraints[l]
-            for i in pop_lib.parents(pop, winners, ec.offspring):
-                parent = pop[i]
-                living = {ind.function for ind in pop}
-                child, rejected = pop_lib.breed(parent.genome, cons, living, rng, reference, ec.tau)
-                self.rejected.update(rejected)
-                if child is None:
-                    logging.warning(
-                        "evolve: layer %d, no allowed child of %s after %d tries",
-                        l,
-                        parent.genome,
-                        pop_lib.MAX_TRIES,
-                    )
-                    continue
-                inherited = self.bank.add(l, child, parent=parent.genome)
-                pop.append(Individual(child, parent.alpha, 0, t + 1))
-                self.children.append(
-                    {
-                        "generation": t,
-                        "layer": l,
-                        "parent": parent.genome.to_json(),
-                        "child": child.to_json(),
-                        "canonical_id": genome_lib.canonical(child).id,
-                        "madds": cons.madds(child),
-                        "max_madds": cons.max_madds,
-                        **self._latency_record(cons, child),
-                        "hamming_to_reference": pop_lib.distance(child, self.reference),
-                        "first_half": first_half,
-                        "inherited": inherited,
-                        "rejected": dict(rejected),
-                    }
-                )
-            for victim in pop_lib.cull(pop, ec.population_size, ec.removal):
-                self.bank.remove(l, victim.genome)
-                dead.append((l, victim.function))
-        self._release(dead)
-
-    @staticmethod
-    def _latency_record(cons: pop_lib.Constraints, child: genome_lib.Genome) -> dict[str, float]:
-        if cons.latency is None:
-            return {}
-        return {"latency_ms": cons.latency_ms(child), "max_latency_ms": cons.max_latency_ms}
-
-    def _release(self, dead: list[tuple[int, genome_lib.Genome]]) -> None:
-        """Drops the compiled programs of cells no population holds any more: each holds
-        host memory (about 15 MB per cell at 112 px on CPU), and over an evolution most
-        cells die. One born again compiles again. Layers of one shape share programs."""
-
-        def module(l: int, genome: genome_lib.Genome):
-            return precompile.cell_job(self, l, genome)[0]
-
-        living = {module(l, ind.function) for l, pop in enumerate(self.populations) for ind in pop}
-        pieces.release({module(l, g) for l, g in dead} - living)
-        self.precompiler.forget(dead)
 
     # --- result -----------------------------------------------------------------------
 
