@@ -311,7 +311,7 @@ def schedule(s: paper_tables.Scale, steps_per_generation: int, warmup_epochs: in
         evolve_warmup_epochs=s.evolve_warmup_epochs if warmup_epochs < 0 else warmup_epochs,
         evolve_warmup_patience=(
             s.evolve_warmup_patience if warmup_patience < 0 else warmup_patience
-        ),  # fmt: skip
+        ),
         train_epochs=train_epochs or s.train_epochs,
     )
 
