@@ -258,7 +258,8 @@ def test_a_bug_keeps_its_traceback_and_says_so(monkeypatch, tmp_path, caplog):
 
 
 def test_cli_bad_data_and_workdir_are_one_line_with_status_1(tmp_path):
-    """The real command line (the cases above run its handling in-process)."""
+    """The real command line, in a process of its own (``python -m``, not forked like
+    tests.runner.run's): the cases above run its handling in-process."""
     (tmp_path / "file").write_text("x")
     path = str(tmp_path / "labels.npz")
     np.savez(path, **{**_valid(), "y_train": np.full(40, -3), "y_test": np.full(12, -3)})

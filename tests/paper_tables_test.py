@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -44,6 +43,7 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
     assert [(d["algorithm"], d["n_pairs"]) for d in results["differences"]] == [
         ("proxyless", n), ("proxyless", n), ("rl", n), ("spos", n)]  # fmt: skip
     assert all(0 <= d["matched"]["n_pairs"] <= n for d in results["differences"])
+    assert n > 1 and all(d["ci95"] is not None for d in results["differences"])  # Intervals.
     assert "realised MAdds within ±3 %" in first.stdout and "MAdds vs target" in first.stdout
     assert len(results["table6"]["inits"]) == 2
     assert len(results["inside"]["spaces"]) == len(space_seeds)
@@ -61,12 +61,13 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
                  "**Table 6**", "**Fig. 3**", "learned − manual (proxyless)"):  # fmt: skip
         assert text in first.stdout
 
-    # Every run is cached: a re-run trains only what was deleted, here in a pool worker
-    # (--jobs=2) where the first run trained in its own process, and reports the same tables.
+    # Every run is cached: a re-run trains only what was deleted (one network, with each
+    # training seed), here in a pool worker (--jobs=2) where the first run trained in its
+    # own process, and reports the same tables.
     shutil.rmtree(os.path.join(out, "train", "direct_ea_s0"))
     again = runner.run([*cmd, "--jobs=2"])
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("train: done") == 1
+    assert again.stderr.count("train: done") == len(results["scale"]["seeds"])
     with open(os.path.join(out, "results.json")) as f:
         rerun = json.load(f)
     for key in ("controls", "table2", "table3", "table4", "differences", "table6", "fig3",
@@ -87,7 +88,7 @@ def test_paper_tables_runs_on_any_npz_and_resumes_from_its_cache(tmp_path):
 
 def test_paper_tables_names_a_missing_data_file(tmp_path):
     cmd = [sys.executable, "benchmarks/paper_tables.py", f"--data={tmp_path}/none.npz"]
-    got = subprocess.run(cmd, cwd=runner.ROOT, capture_output=True, text=True)
+    got = runner.run(cmd)
     assert got.returncode != 0 and "none.npz" in got.stderr
 
 

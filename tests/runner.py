@@ -1,11 +1,15 @@
 """Helpers for tests that run ``python -m autospace_jax.main`` in a subprocess."""
 
+import atexit
 import fcntl
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 # Tests compile with LLVM's level-1 optimisations and XLA:CPU's elemental emitters
@@ -19,7 +23,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=1 --xla_cpu_use_fusion_emitters
 # stage a test runs in-process shards its batches over them (8 made those tests about
 # 15 % slower, TESTING.md); runs a test starts as a process use one (env()).
 DEVICES = 4
-CACHE_ENV = "AUTOSPACE_TEST_COMPILATION_CACHE"  # Set by conftest: the session's cache.
+CACHE_ENV = "AUTOSPACE_TEST_COMPILATION_CACHE"
+# Environment variables read when used, not when JAX or autospace_jax is imported: a
+# forked run may set them (start()); any other difference needs a process of its own.
+READ_WHEN_USED = ("AUTOSPACE_", "JAX_COORDINATOR_ADDRESS")  # Set by conftest: the session's cache.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A 2-layer digits skeleton: every stage runs in seconds.
 TINY_MODEL = [
@@ -82,8 +89,121 @@ def env() -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu"}
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, **kwargs)
+def run(cmd: list[str], check: bool = False, timeout: float | None = None
+        ) -> subprocess.CompletedProcess:  # fmt: skip
+    """``subprocess.run(cmd, capture_output=True, text=True)`` in the repository with
+    :func:`env`; ``python`` runs of ``main`` or a script fork from the fork server."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "stdout"), os.path.join(tmp, "stderr")
+        proc = start(cmd, out, err)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            raise
+        with open(out) as o, open(err) as e:
+            done = subprocess.CompletedProcess(cmd, proc.returncode, o.read(), e.read())
+    if check:
+        done.check_returncode()
+    return done
+
+
+def start(cmd: list[str], stdout: str = os.devnull, stderr: str = os.devnull,
+          extra_env: dict[str, str] | None = None):  # fmt: skip
+    """Starts ``cmd`` with :func:`env` and ``extra_env``, its output into the files
+    ``stdout`` and ``stderr`` (the same path: one file, as ``stderr=STDOUT``). Returns a
+    handle with ``pid``, ``poll()``, ``wait(timeout)``, ``send_signal`` and
+    ``returncode``: a child of the fork server (``tests/forkserver.py``) for ``python``
+    with ``-m autospace_jax.main`` or a script, else a ``subprocess.Popen``."""
+    extra_env = extra_env or {}
+    if _forkable(cmd) and all(k.startswith(READ_WHEN_USED) for k in extra_env):
+        return _server().start(cmd[1:], stdout, stderr, extra_env)
+    with open(stdout, "w") as out, open(stderr if stderr != stdout else os.devnull, "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env={**env(), **extra_env}, stdout=out,
+                                stderr=subprocess.STDOUT if stderr == stdout else err)  # fmt: skip
+
+
+def _forkable(cmd: list[str]) -> bool:
+    return len(cmd) > 1 and cmd[0] == sys.executable and (
+        cmd[1:3] == ["-m", "autospace_jax.main"] or cmd[1].endswith(".py"))  # fmt: skip
+
+
+class _Forked:
+    """A run the fork server forked: not this process's child, so its exit status
+    comes from the server, in the file ``status``."""
+
+    def __init__(self, pid: int, status: str):
+        self.pid, self._status, self.returncode = pid, status, None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and os.path.exists(self._status):
+            with open(self._status) as f:
+                self.returncode = int(f.read())
+            os.remove(self._status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.time() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.time() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+
+class _Server:
+    """This test process's fork server, started with :func:`env`."""
+
+    def __init__(self):
+        self.env = env()
+        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "forkserver.py")],
+                                     cwd=ROOT, env=self.env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE)  # fmt: skip
+        self.folder = tempfile.mkdtemp(prefix="forkserver")  # The children's exit statuses.
+        atexit.register(self.stop)
+        self.runs = 0
+        self.lock = threading.Lock()  # Tests may start runs from threads.
+
+    def start(self, argv: list[str], stdout: str, stderr: str, extra_env: dict) -> _Forked:
+        with self.lock:
+            self.runs += 1
+            status = os.path.join(self.folder, f"{self.runs}.status")
+            files = {"stdout": os.path.abspath(stdout), "stderr": os.path.abspath(stderr)}
+            for path in files.values():
+                open(path, "w").close()  # As Popen: the files exist once it returns.
+            request = {"argv": argv, "cwd": ROOT, "env": extra_env, "status": status, **files}
+            self.proc.stdin.write((json.dumps(request) + "\n").encode())
+            self.proc.stdin.flush()
+            return _Forked(int(self.proc.stdout.readline()), status)
+
+    def stop(self) -> None:
+        """Ends the server once its children have, and waits for it: the CPU time of the
+        runs it forked then counts in this process's children's (``time pytest``)."""
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_SERVER: list[_Server] = []
+
+
+def _server() -> _Server:
+    """The fork server, (re)started whenever :func:`env` changed (a test's
+    ``monkeypatch.setenv``): its children get the environment a real process would."""
+    if not _SERVER or _SERVER[0].env != env() or _SERVER[0].proc.poll() is not None:
+        if _SERVER:
+            _SERVER.pop().stop()
+        _SERVER.append(_Server())
+    return _SERVER[0]
 
 
 def checkpoints(folder: str, at_least: int = 0) -> bool:
@@ -101,9 +221,9 @@ def kill_when(
 ) -> subprocess.CompletedProcess:
     """Starts ``cmd``, sends it ``signals`` (10 ms apart) ``delay`` s after ``ready()``
     holds; fails if it ended first. Returns its exit status and stderr once it ends."""
-    with tempfile.TemporaryFile("w+") as stderr:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL,
-                                stderr=stderr, text=True)  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        stderr = os.path.join(tmp, "stderr")
+        proc = start(cmd, os.devnull, stderr)
         deadline = time.time() + timeout
         while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.02)
@@ -113,5 +233,5 @@ def kill_when(
             time.sleep(0.01 if i else 0.0)
             proc.send_signal(sig)
         proc.wait(timeout=timeout)
-        stderr.seek(0)
-        return subprocess.CompletedProcess(cmd, proc.returncode, stderr=stderr.read())
+        with open(stderr) as f:
+            return subprocess.CompletedProcess(cmd, proc.returncode, stderr=f.read())

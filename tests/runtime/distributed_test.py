@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -29,25 +30,25 @@ def start_two(
     """Runs ``cmd`` as processes 0 and 1 of one JAX job (``extra_env`` added to runner.env());
     once ``sigterm_when()`` holds, if given, process 1 alone gets SIGTERM."""
     port = _free_port()
-    procs = []
-    for i in range(2):
-        env = {
-            **runner.env(),
-            **(extra_env or {}),
-            "AUTOSPACE_DISTRIBUTED": "1",
-            "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
-            "AUTOSPACE_NUM_PROCESSES": "2",
-            "AUTOSPACE_PROCESS_ID": str(i),
-        }
-        out = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
-        procs.append(subprocess.Popen(cmd, cwd=runner.ROOT, env=env, text=True, **out))
-    if sigterm_when is not None:
-        deadline = time.time() + 300
-        while not sigterm_when() and procs[1].poll() is None and time.time() < deadline:
-            time.sleep(0.02)
-        procs[1].send_signal(signal.SIGTERM)
-    outs = [p.communicate(timeout=900)[0] for p in procs]
-    return [subprocess.CompletedProcess(cmd, p.returncode, out) for p, out in zip(procs, outs)]
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = [os.path.join(tmp, f"{i}.log") for i in range(2)]
+        procs = [runner.start(cmd, log, log, {**(extra_env or {}),
+                                              "AUTOSPACE_DISTRIBUTED": "1",
+                                              "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
+                                              "AUTOSPACE_NUM_PROCESSES": "2",
+                                              "AUTOSPACE_PROCESS_ID": str(i)})
+                 for i, log in enumerate(logs)]  # fmt: skip
+        if sigterm_when is not None:
+            deadline = time.time() + 300
+            while not sigterm_when() and procs[1].poll() is None and time.time() < deadline:
+                time.sleep(0.02)
+            procs[1].send_signal(signal.SIGTERM)
+        done = []
+        for p, log in zip(procs, logs):
+            p.wait(timeout=900)
+            with open(log) as f:
+                done.append(subprocess.CompletedProcess(cmd, p.returncode, f.read()))
+    return done
 
 
 def _final_table(log: str) -> list[str]:

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import threading
 import time
 
@@ -45,9 +44,7 @@ def test_a_second_launch_is_refused_and_a_killed_runs_lease_is_taken_over(tmp_pa
     first run is killed (-9): its lease stays, and the next run takes it over."""
     workdir = str(tmp_path / "run")
     ckpt = os.path.join(workdir, "train", "checkpoints")
-    first = subprocess.Popen(_train(workdir, "--config.train.epochs=5"), cwd=runner.ROOT,
-                             env=runner.env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)  # fmt: skip
+    first = runner.start(_train(workdir, "--config.train.epochs=5"))
     try:
         deadline = time.time() + 300
         while first.poll() is None and not runner.checkpoints(ckpt) and time.time() < deadline:
