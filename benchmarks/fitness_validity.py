@@ -361,9 +361,14 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
             f"test top-1 %. Supernet: single-path validation top-1 % over {args.paths} random "
             "paths. "
             f"Evolve's supernet: weight steps only, {warmup(s)}; fitness steps from step "
-            f"{curve.get('fitness_from_step', '?')}.",
-            "The evolution's supernet after each generation and final round (chance: a loss "
-            f"of ln {classes} = {np.log(classes):.2f}, top-1 {1 / classes:.2f}): "
+            f"{curve.get('fitness_from_step', '?')}"
+            + (
+                f", after {curve['warmup_rounds']} warm-up rounds (no breeding)."
+                if "warmup_rounds" in curve
+                else "."
+            ),  # Older evolutions bred in them.
+            "The evolution's supernet after each round (warm-up, generations, final; chance: "
+            f"a loss of ln {classes} = {np.log(classes):.2f}, top-1 {1 / classes:.2f}): "
             + "; ".join(
                 f"{name} " + " ".join(f"{v:.3f}" for v in curve.get(key, []))
                 for key, name in CURVES.items()

@@ -141,10 +141,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.supernet.fitness_learning_rate = 0.01  # Adam on alpha (ProxylessNAS: 1e-3 on ImageNet).
     c.supernet.fitness_b1 = 0.0  # Adam's b1 for alpha (ProxylessNAS: 0).
     c.supernet.fitness_init_std = 1e-3  # alpha ~ N(0, std): near-uniform p (paper Table 6).
-    c.supernet.warmup_epochs = 4  # Weight steps only (alpha fixed) before fitness steps.
-    # > 0: evolve's warm-up ends at the end of the first generation after which the
+    # Weight steps only (alpha fixed) before fitness steps. Its whole rounds of f steps
+    # breed nothing and come before evolution.generations (DESIGN §4).
+    c.supernet.warmup_epochs = 4
+    # > 0: evolve's warm-up ends at the end of the first round after which the
     # supernet's validation loss (evolution.val_batches) has not improved on its best by
-    # supernet.warmup_min_delta for this many generations, and lasts warmup_epochs at most;
+    # supernet.warmup_min_delta for this many rounds, and lasts warmup_epochs at most;
     # so fitness compares cells once the supernet has stopped learning fast, not how fast
     # each learns at the start. 0: the warm-up is warmup_epochs.
     c.supernet.warmup_patience = 0

@@ -110,7 +110,7 @@ def get_config(arg: str = "300M") -> ml_collections.ConfigDict:
     c.supernet.learning_rate = 0.025
     c.supernet.label_smoothing = 0.1
     c.supernet.fitness_learning_rate = 1e-3
-    c.supernet.warmup_epochs = 10  # Evolve: weight steps only for the first 10 generations.
+    c.supernet.warmup_epochs = 10  # Evolve: 10 rounds of weight steps only, then T generations.
     # supernet.compile_effort stays XLA's default: -1 compiles a child 3-5x faster for a
     # TPU, but its step time there is unmeasured (BENCHMARKS "TPU compile: how to read it").
     epoch = steps_per_epoch(c.data.val_fraction, c.supernet.batch_size)  # 4,904.

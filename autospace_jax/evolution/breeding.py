@@ -18,7 +18,7 @@ def reproduce(evo, picked: list[list[int]], rng: random.Random) -> None:
     """Steps 5-6 of a generation: the ``offspring`` fittest winners of each layer each
     breed one child (a function new to the layer, under its constraints), which inherits
     its parent's alpha and weights; then the population is cut back to P."""
-    t, ec = evo.generation, evo.ec
+    t, ec = evo.fitness_generation, evo.ec
     first_half = t < ec.generations / 2
     reference = evo.reference if (ec.use_reference and first_half) else None
     dead = []
@@ -38,7 +38,7 @@ def reproduce(evo, picked: list[list[int]], rng: random.Random) -> None:
                 )
                 continue
             inherited = evo.bank.add(l, child, parent=parent.genome)
-            pop.append(Individual(child, parent.alpha, 0, t + 1))
+            pop.append(Individual(child, parent.alpha, 0, evo.generation + 1))
             evo.children.append(
                 {
                     "generation": t,

@@ -53,6 +53,7 @@ class Resumable:
     def meta(self) -> dict[str, Any]:
         return {
             "generation": self.generation,
+            "warmup_rounds": self.warmup_rounds,
             "step": self.step,
             "populations": [[ind.to_json() for ind in pop] for pop in self.populations],
             "history": self.history,
@@ -73,6 +74,8 @@ class Resumable:
         self.losses, self.final = meta["losses"], meta["final"]
         self.validation = meta.get("validation", [])  # Absent from older checkpoints.
         self.warmup_end = meta.get("warmup_end")
+        # Absent from checkpoints of before warm-up rounds (their warm-up spent generations).
+        self.warmup_rounds = meta.get("warmup_rounds", 0)
         if self.timer and meta.get("latency"):
             self.timer.load(meta["latency"])
 

@@ -32,6 +32,11 @@ generation t = 0..T-1:
    the child starts with its parent's alpha and inherits its weights edge by edge;
 6. the population is cut back to P (the oldest, or the least fit, go).
 
+Warm-up rounds come first: rounds of f weight steps only (steps 1-4 with alpha
+fixed), as many as fit in the warm-up, none breeding (:meth:`Evolution.warming_up`).
+With every alpha as it began, a tournament or a cull would choose by nothing the
+supernet measured, so the T generations all start after the warm-up.
+
 Final rounds ("after the network converges"): per layer the final candidates
 (individuals trained for at least one generation, the 2K fittest) train
 together in rounds of f iterations with Eq. 5 after each, until a round leaves
@@ -147,7 +152,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             return step
 
         # --- generations, then final rounds until the top-K is stable.
-        overall = progress_lib.Progress(ec.generations + ec.final_rounds, done=evo.generation)
+        most = evo.warmup_steps // ec.steps_per_generation + ec.generations + ec.final_rounds
+        overall = progress_lib.Progress(most, done=evo.generation)
         while not evo.done():
             t = evo.generation
             iteration_start, counted = time.time(), sum(clock.totals.values())
@@ -223,6 +229,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         "generations": ec.generations,
         "steps": evo.step,
         "fitness_from_step": evo.fitness_from,  # The weight-only warm-up's end.
+        "warmup_rounds": evo.warmup_rounds,
         "compile_time_s": clock.totals["compile"],
         "background_compile_time_s": pieces.background_compile_seconds() - background_before,
         "inherit_time_s": clock.totals["inherit"],

@@ -102,7 +102,11 @@ class Evolution(Resumable):
         pieces.set_compile_effort(self.sc.compile_effort)  # Before anything compiles.
         self.precompiler = precompile.Precompiler(self, self.ec.background_compile and pieces_mode)
         self.populations: list[list[Individual]] = []
-        self.generation = 0  # T..: final rounds.
+        # Rounds of f steps so far: warm-up rounds, then generations, then final rounds.
+        self.generation = 0
+        # Of them, warm-up rounds: weight steps only, so no fitness to breed by; they
+        # neither breed nor count among evolution.generations (:meth:`warming_up`).
+        self.warmup_rounds = 0
         self.step = 0
         self.history: list[list[list[dict]]] = []
         self.children: list[dict[str, Any]] = []
@@ -130,15 +134,6 @@ class Evolution(Resumable):
                 f"{info.num_classes} classes; data_sources.peek said {expected}"
             )
         steps_per_epoch = dataset.steps_per_epoch(self.sc.batch_size)
-        total = self.ec.generations * self.ec.steps_per_generation
-        if self.sc.warmup_epochs * steps_per_epoch >= total:
-            errors.fail(
-                "supernet.warmup_epochs",
-                self.sc.warmup_epochs,
-                f"0 to {(total - 1) // steps_per_epoch}: an epoch is {steps_per_epoch} steps "
-                f"here and evolve runs {total} (evolution.generations x "
-                "evolution.steps_per_generation), so alpha would never be trained (or raise those)",
-            )
         val = dataset.info.num_val
         if self.ec.fitness_batch_size > val:
             errors.fail(
@@ -204,9 +199,23 @@ class Evolution(Resumable):
         self.warmup_end = self.step
         return True
 
+    def warming_up(self) -> bool:
+        """Whether the round about to run is a warm-up round: all its f steps are weight
+        steps (alpha fixed). With every alpha as it began, a tournament or a cull would
+        pick by nothing the supernet measured, so such a round breeds no child and the
+        evolution's generations start after it: the warm-up spends no generation."""
+        return self.warmup_end is None and self.step + self.ec.steps_per_generation <= (
+            self.warmup_steps
+        )
+
+    @property
+    def fitness_generation(self) -> int:
+        """The round about to run among those after the warm-up (0..T-1: generations)."""
+        return self.generation - self.warmup_rounds
+
     @property
     def evolving(self) -> bool:
-        return self.generation < self.ec.generations
+        return self.fitness_generation < self.ec.generations
 
     def done(self) -> bool:
         """After the final rounds: the top-K stable, or the last round run."""
@@ -277,7 +286,8 @@ class Evolution(Resumable):
           Its figures (TensorBoard), or None when ``stop`` said so.
         """
         t, ec = self.generation, self.ec
-        if t == ec.generations and not self.final["candidates"]:
+        warming = self.warming_up()
+        if not self.evolving and not self.final["candidates"]:
             self.begin_final_rounds()
         picked = self.select()
         self.precompiler.start(self.keys(picked))
@@ -308,7 +318,7 @@ class Evolution(Resumable):
         clock.add("compile", self.precompiler.ready(self.keys(picked), later))
         # 3. f iterations.
         start, compiled = time.time(), pieces.compile_seconds()
-        where = f"generation {t}" if self.evolving else f"final round {t - ec.generations + 1}"
+        where = self.label(t)
         heartbeat = progress_lib.Progress(
             ec.steps_per_generation,
             every_secs=self.config.progress_every_secs,
@@ -360,7 +370,9 @@ class Evolution(Resumable):
                 ind = self.populations[l][i]
                 ind.alpha = pop_lib.momentum_update(float(alpha_star[l][k]), ind.alpha, ec.momentum)
                 ind.n_prime += ec.steps_per_generation
-        if self.evolving:
+        if warming:
+            self.warmup_rounds += 1
+        elif self.evolving:
             breeding.reproduce(self, picked, _rng(self.config.seed, self.generation, "mutate"))
         else:
             self.final["tops"].append(self._tops())
@@ -390,7 +402,7 @@ class Evolution(Resumable):
         losses, top1 = jax.device_get((losses, top1))  # One transfer.
         values = {"loss": float(np.mean(losses)), "top1": float(np.mean(top1))}
         failures.check_steps(STAGE, state.step, [{"validation loss": values["loss"]}],
-                             f"generation {self.generation}")  # fmt: skip
+                             self.label(self.generation))  # fmt: skip
         return values
 
     def spec(self, picked: list[list[int]]) -> spaces.SupernetSpec:
@@ -422,11 +434,15 @@ class Evolution(Resumable):
         ]
 
     def label(self, t: int) -> str:
-        """Generation ``t`` (0-based) as the log names it."""
+        """Round ``t`` (0-based; the one about to run, or one before it) as the log names it."""
         ec = self.ec
-        if t < ec.generations:
-            return f"generation {t + 1}/{ec.generations}"
-        return f"final round {t - ec.generations + 1} (at most {ec.final_rounds})"
+        if t < self.warmup_rounds or (t == self.generation and self.warming_up()):
+            most = self.warmup_steps // ec.steps_per_generation
+            return f"warm-up round {t + 1} (at most {most})"
+        g = t - self.warmup_rounds
+        if g < ec.generations:
+            return f"generation {g + 1}/{ec.generations}"
+        return f"final round {g - ec.generations + 1} (at most {ec.final_rounds})"
 
     def _unpicked(self, picked: list[list[int]]) -> list[tuple]:
         """(priority, key) of every individual not picked: the fittest compile first."""

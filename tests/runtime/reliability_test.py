@@ -311,18 +311,18 @@ NAN_CASES = [
 def test_evolve_stops_on_nan_loss_or_fitness(tmp_path, monkeypatch, split, what):
     workdir = str(tmp_path / "run")
     saved = _record_saves(monkeypatch)
-    # Step 3 of 4, the first of generation 1; a checkpoint after each generation (step 2).
+    # Step 3 of 4, the first of generation 2; a checkpoint after each generation (step 2).
     _poison(monkeypatch, at_step=2, poisoned=split)
     # Fitness steps from the start: a NaN loss is still named first (failures.check_alphas).
     config = evolve_config()
     config.evolution.val_batches = 0  # It reads validation batch 2 too: its own test below.
     run = functools.partial(evo.run, config, workdir)
-    _raises_non_finite(run, "stage 'evolve'", what, "(generation 1) at step 3;")
+    _raises_non_finite(run, "stage 'evolve'", what, "(generation 2/2) at step 3;")
     _assert_latest_is(os.path.join(workdir, "evolve", "checkpoints"), 2, saved[2])
 
 
 def test_evolve_stops_on_a_nan_validation_loss(tmp_path, monkeypatch):
-    """The supernet's measurement after generation 0 reads validation batches 0-3; the
+    """The supernet's measurement after generation 1 reads validation batches 0-3; the
     fitness steps of steps 1 and 2 read batches 0 and 1. Batch 3 poisoned: the
     measurement names it before anything is saved."""
     workdir = str(tmp_path / "run")
@@ -330,7 +330,7 @@ def test_evolve_stops_on_a_nan_validation_loss(tmp_path, monkeypatch):
     config = evolve_config()
     config.evolution.val_batches = 4
     run = functools.partial(evo.run, config, workdir)
-    _raises_non_finite(run, "stage 'evolve'", "validation loss=nan", "(generation 0) at step 2;")
+    _raises_non_finite(run, "stage 'evolve'", "validation loss=nan", "(generation 1/2) at step 2;")
     assert not _steps_on_disk(os.path.join(workdir, "evolve", "checkpoints"))
 
 
