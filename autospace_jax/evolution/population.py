@@ -191,6 +191,15 @@ def tournament(
     return picked
 
 
+def least_trained(population: Sequence[Individual], k: int, rng: random.Random) -> list[int]:
+    """The K individuals trained least so far (n'), ties in a random order: a warm-up
+    round's cells, so that the warm-up trains the whole population alike and no cell
+    enters the generations untrained beside warmed-up ones (alpha, still as initialised,
+    would pick the same few every round)."""
+    order = rng.sample(range(len(population)), len(population))
+    return sorted(order, key=lambda i: population[i].n_prime)[:k]
+
+
 def breed(
     parent: genome_lib.Genome,
     constraints: Constraints,

@@ -32,10 +32,11 @@ generation t = 0..T-1:
    the child starts with its parent's alpha and inherits its weights edge by edge;
 6. the population is cut back to P (the oldest, or the least fit, go).
 
-Warm-up rounds come first: rounds of f weight steps only (steps 1-4 with alpha
-fixed), as many as fit in the warm-up, none breeding (:meth:`Evolution.warming_up`).
-With every alpha as it began, a tournament or a cull would choose by nothing the
-supernet measured, so the T generations all start after the warm-up.
+Warm-up rounds come first: rounds of f weight steps only (alpha fixed), as many as
+fit in the warm-up (:meth:`Evolution.warming_up`). With every alpha as it began, a
+tournament or a cull would choose by nothing the supernet measured, so a warm-up round
+trains the K least trained cells of each layer (n') and breeds nothing, and the T
+generations all start after the warm-up.
 
 Final rounds ("after the network converges"): per layer the final candidates
 (individuals trained for at least one generation, the 2K fittest) train

@@ -225,20 +225,23 @@ class Evolution(Resumable):
         return rounds >= self.ec.final_rounds or pop_lib.converged(*self.final["tops"][-2:])
 
     def select(self) -> list[list[int]]:
-        """Per layer, the indices of the cells of this generation's supernet: tournament
-        winners among the individuals old enough to be compiled, or the final candidates.
-        A pure function of (seed, generation, populations)."""
+        """Per layer, the indices of the cells of this round's supernet: in a warm-up
+        round the least trained, in a generation tournament winners among the individuals
+        old enough to be compiled, then the final candidates. A pure function of (seed,
+        round, populations)."""
         if not self.evolving:
             return [self._indices(l, ids) for l, ids in enumerate(self.final["candidates"])]
         rng = _rng(self.config.seed, self.generation, "select")
-        picked = []
+        k, picked = self.ec.cells_per_layer, []
         for pop in self.populations:
             ready = [
                 i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < self.generation
             ]
-            winners = pop_lib.tournament(
-                [pop[i] for i in ready], self.ec.cells_per_layer, self.ec.tournament_size, rng
-            )
+            candidates = [pop[i] for i in ready]
+            if self.warming_up():
+                winners = pop_lib.least_trained(candidates, k, rng)
+            else:
+                winners = pop_lib.tournament(candidates, k, self.ec.tournament_size, rng)
             picked.append([ready[j] for j in winners])
         return picked
 

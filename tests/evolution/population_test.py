@@ -45,6 +45,23 @@ def test_tournament_picks_distinct_and_fittest():
     assert pop.tournament(people, 3, 5, random.Random(0)) == [1, 3, 0]
 
 
+def test_warmup_rounds_train_the_population_alike():
+    """Rounds of least_trained, each adding f to its picks' n': after any number of them
+    no two individuals' n' differ by more than one round's f, whatever their alpha (the
+    fittest by alpha would be picked every round)."""
+    genomes = [g.irb(k, e) for k in (3, 5, 7) for e in (1, 3, 6)]
+    people = [Individual(x, alpha=0.001 * i) for i, x in enumerate(genomes)]  # P = 9.
+    rng = random.Random(0)
+    for _ in range(7):
+        picked = pop.least_trained(people, 4, rng)
+        assert len(set(picked)) == 4
+        for i in picked:
+            people[i].n_prime += 10
+        trained = [p.n_prime for p in people]
+        assert max(trained) - min(trained) <= 10, trained
+    assert sum(p.n_prime for p in people) == 7 * 4 * 10
+
+
 def test_a_child_computes_a_new_function_and_rejections_are_counted():
     cons, ref = _constraints(), g.reference()
     living = {g.canonical(ref)}
