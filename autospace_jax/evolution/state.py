@@ -104,9 +104,7 @@ class Evolution(Resumable):
         self.populations: list[list[Individual]] = []
         # Rounds of f steps so far: warm-up rounds, then generations, then final rounds.
         self.generation = 0
-        # Of them, warm-up rounds: weight steps only, so no fitness to breed by; they
-        # neither breed nor count among evolution.generations (:meth:`warming_up`).
-        self.warmup_rounds = 0
+        self.warmup_rounds = 0  # Of them, warm-up rounds (:meth:`warming_up`).
         self.step = 0
         self.history: list[list[list[dict]]] = []
         self.children: list[dict[str, Any]] = []
@@ -202,8 +200,9 @@ class Evolution(Resumable):
     def warming_up(self) -> bool:
         """Whether the round about to run is a warm-up round: all its f steps are weight
         steps (alpha fixed). With every alpha as it began, a tournament or a cull would
-        pick by nothing the supernet measured, so such a round breeds no child and the
-        evolution's generations start after it: the warm-up spends no generation."""
+        pick by nothing the supernet measured, so such a round trains the least trained
+        cells (:meth:`select`), breeds no child and is not one of evolution.generations,
+        which start after it."""
         return self.warmup_end is None and self.step + self.ec.steps_per_generation <= (
             self.warmup_steps
         )
@@ -232,13 +231,13 @@ class Evolution(Resumable):
         if not self.evolving:
             return [self._indices(l, ids) for l, ids in enumerate(self.final["candidates"])]
         rng = _rng(self.config.seed, self.generation, "select")
-        k, picked = self.ec.cells_per_layer, []
+        k, warming, picked = self.ec.cells_per_layer, self.warming_up(), []
         for pop in self.populations:
             ready = [
                 i for i, ind in enumerate(pop) if ind.birth == 0 or ind.birth < self.generation
             ]
             candidates = [pop[i] for i in ready]
-            if self.warming_up():
+            if warming:
                 winners = pop_lib.least_trained(candidates, k, rng)
             else:
                 winners = pop_lib.tournament(candidates, k, self.ec.tournament_size, rng)
