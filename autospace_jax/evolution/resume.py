@@ -64,6 +64,7 @@ class Resumable:
             "final": self.final,
             "latency": self.timer.state if self.timer else None,
             "warmup_end": self.warmup_end,
+            "warmup_steps": self.warmup_steps,
         }
 
     def load_meta(self, meta: dict[str, Any]) -> None:
@@ -74,6 +75,9 @@ class Resumable:
         self.losses, self.final = meta["losses"], meta["final"]
         self.validation = meta.get("validation", [])  # Absent from older checkpoints.
         self.warmup_end = meta.get("warmup_end")
+        # Known before attach (which computes it again from the data's size): a resume
+        # selects its first round's cells while an npz's images still decode.
+        self.warmup_steps = meta.get("warmup_steps", self.warmup_steps)
         # Absent from checkpoints of before warm-up rounds (their warm-up spent generations).
         self.warmup_rounds = meta.get("warmup_rounds", 0)
         if self.timer and meta.get("latency"):

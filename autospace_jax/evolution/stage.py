@@ -168,7 +168,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             if evo.end_warmup_on_plateau():
                 logging.info(
                     "evolve: the supernet's validation loss has not improved by %g for %d "
-                    "generations (supernet.warmup_min_delta, warmup_patience): the weight-only "
+                    "rounds (supernet.warmup_min_delta, warmup_patience): the weight-only "
                     "warm-up ends at step %d of at most %d, fitness steps start",
                     config.supernet.warmup_min_delta, config.supernet.warmup_patience,
                     evo.step, evo.warmup_steps,

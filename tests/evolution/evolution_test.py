@@ -235,6 +235,9 @@ def test_the_warmup_ends_once_the_validation_loss_stops_improving(tmp_path):
     last = max(int(d) for d in os.listdir(folder) if d.isdigit())
     meta = json.loads((folder / str(last) / "meta" / "metadata").read_text())  # Orbax's JSON.
     assert meta["evolution"]["warmup_end"] == 4 and meta["evolution"]["warmup_rounds"] == 2
+    # The warm-up's length too: an npz resume selects and names its first round before
+    # attach has the data's size.
+    assert meta["evolution"]["warmup_steps"] == 10
 
 
 def test_a_fitness_batch_larger_than_the_validation_split_is_rejected(tmp_path):
