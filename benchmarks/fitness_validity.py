@@ -339,8 +339,13 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
     rows = []
     for l in layers:
         for c, acc, a, q, m in zip(cells[l], per_seed[l], alpha[l], path_acc[l], madds[l]):
-            rows.append([l, c["id"], f"{a:+.3f}", pct(q), f"{m / 1e6:.2f}",
+            rows.append([l, c["id"], f"{a:+.3f}", f"{c['n_prime']:,}", pct(q), f"{m / 1e6:.2f}",
                          " / ".join(pct(x) for x in acc), pct(acc.mean())])  # fmt: skip
+    # Tournaments pick high alphas, so the fittest train longest; an alpha that only
+    # follows n' would rank how long a cell trained in the supernet, not the cell.
+    trained = ", ".join(
+        f"layer {l} {spearman(alpha[l], [c['n_prime'] for c in cells[l]]):+.2f}" for l in layers
+    )
     validity_rows = []
     for name, v in by.items():
         validity_rows.append([
@@ -378,6 +383,7 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
                     "layer",
                     "cell",
                     "alpha",
+                    "n' (steps trained)",
                     "supernet %",
                     "stand-alone MAdds (M)",
                     "stand-alone % (seeds)",
@@ -385,6 +391,7 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
                 ],
                 rows,
             ),  # fmt: skip
+            f"Spearman's rho of alpha against n' (supernet steps the cell trained in): {trained}.",
             "Spearman's rho against the stand-alone accuracy (pooled: values centred per layer); "
             f"95 % bootstrap interval; rho under random alpha, {DRAWS} permutations within each "
             "layer: mean / 95th percentile; p: share of them at least the pooled rho. "
