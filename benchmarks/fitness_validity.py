@@ -20,7 +20,7 @@ Predictors of it, each a number per cell:
 * the supernet's own single-path validation top-1: the evolution's last supernet
   (restored from its checkpoint), the cell in its layer and ``--paths`` random cells
   of the final space in every other layer (the same paths for every cell of the
-  layer), batch statistics, every full validation batch.
+  layer), batch statistics, one epoch of shuffled validation batches.
 
 Per layer and pooled (values centred per layer, then ranked together): Spearman's rho
 between each predictor and the stand-alone accuracy, a 95 % bootstrap interval (cells
@@ -119,11 +119,8 @@ def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: 
     trainer = evo.trainer(evo.spec(picked))
     alphas = [np.array([evo.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)]
     state = evo.bank.assemble(trainer, alphas, evo.step, mesh)
-    batch = config.evolution.fitness_batch_size
-    data = sharding.batch_sharding(mesh)
-    # Full batches only: the accuracy uses the batch's own statistics.
-    val = [(x, y) for x, y, mask in dataset.eval_batches("val", batch, data)
-           if float(mask.sum()) == batch]  # fmt: skip
+    val = shuffled_val(dataset, config.evolution.fitness_batch_size,
+                       sharding.batch_sharding(mesh), seed)  # fmt: skip
     rng = np.random.default_rng(seed)
     bases = [[int(rng.integers(len(idx))) for idx in picked] for _ in range(paths)]
     out = {}
@@ -135,6 +132,17 @@ def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: 
                 accuracies += [trainer.batch_accuracy(state, path, x, y) for x, y in val]
             out[evo.populations[l][i].genome.id] = float(np.mean(accuracies))
     return out
+
+
+def shuffled_val(dataset, batch: int, data, seed: int) -> list:
+    """One epoch of the validation split in full batches of the seed's permutation.
+
+    The single-path accuracy normalises with each batch's own statistics, as the fitness
+    steps do: a batch in the split's order (a class-sorted file: one class per batch)
+    would normalise the class away, and every cell would score about chance.
+    """
+    return [dataset.train_batch(j, batch, data, seed=seed, split="val")
+            for j in range(dataset.steps_per_epoch(batch, "val"))]  # fmt: skip
 
 
 def spearman(x, y) -> float:

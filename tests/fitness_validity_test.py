@@ -89,3 +89,26 @@ def test_placement_every_puts_the_cell_wherever_it_can_stand(tmp_path):
     assert fv.variant("every", "_e15") == "_every_e15" and fv.variant("layer") == ""
     full = fv.paper_tables.SCALES["full"]
     assert fv.section("full", full, "every") == f"{fv.SECTION}, the cell in every layer"
+
+
+def test_the_single_path_accuracy_reads_shuffled_validation_batches():
+    # A class-sorted validation split (as paper_tables writes its data): in the split's
+    # order each batch holds one class, which batch statistics would normalise away.
+    from autospace_jax.data import input_pipeline
+    from autospace_jax.data.batches import DatasetInfo
+    from autospace_jax.runtime import sharding
+
+    labels = np.repeat(np.arange(4, dtype=np.int32), 16)
+    images = np.arange(64, dtype=np.float32).reshape(64, 1, 1, 1)
+    split = (images, labels)
+    info = DatasetInfo(num_classes=4, image_shape=(1, 1, 1), num_train=64, num_val=64,
+                       num_test=64)  # fmt: skip
+    dataset = input_pipeline.Dataset({"train": split, "val": split, "test": split}, info,
+                                     augment=False, process_index=0, process_count=1)  # fmt: skip
+    data = sharding.batch_sharding(sharding.create_mesh())
+    in_order = [np.unique(np.asarray(y)).size for _, y, _ in dataset.eval_batches("val", 8, data)]
+    assert in_order == [1] * 8
+    batches = fv.shuffled_val(dataset, 8, data, seed=0)
+    assert len(batches) == 8 and all(np.unique(np.asarray(y)).size > 1 for _, y in batches)
+    seen = np.concatenate([np.asarray(x).ravel() for x, _ in batches])
+    assert sorted(seen.tolist()) == list(range(64))  # The whole split, each image once.
