@@ -49,7 +49,8 @@ SECTION = "Fitness signal"
 # name -> overrides of evolve's fitness settings (paper_tables.fitness_ranking's keywords).
 SETTINGS = {
     "before": dict(fitness_estimate="gradient", fitness_learning_rate=0.05, fitness_b1=0.9,
-                   fitness_batch_size=64, uniform_paths=False, warmup=0),
+                   fitness_batch_size=64, uniform_paths=False, uniform_pairs=False,
+                   warmup=0),
     "defaults": {},
     "defaults, gradient estimate": dict(fitness_estimate="gradient"),
     "defaults, no warm-up": dict(warmup=0),

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
+import unittest.mock
 import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,16 +48,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from scipy import stats  # noqa: E402
 
-from autospace_jax.evolution.state import Evolution  # noqa: E402
+from autospace_jax.evolution.state import Clock, Evolution  # noqa: E402
 from autospace_jax.runtime import checkpoint, files, sharding  # noqa: E402
 from autospace_jax.space import arch as arch_lib  # noqa: E402
 from autospace_jax.space import genome as genome_lib  # noqa: E402
+from autospace_jax.supernet import schedules  # noqa: E402
 from benchmarks import _report, paper_tables  # noqa: E402
 
 SECTION = "Fitness validity"
 CURVES = {"supernet_loss": "training loss", "supernet_val_loss": "validation loss",
           "supernet_val_top1": "validation top-1"}  # From evolve's summary.  # fmt: skip
 DRAWS = 2000  # Bootstrap resamples and random-alpha permutations.
+LAWS = {"from p": False, "uniform": True}  # Fitness pairs of alpha measured again: uniform?
 
 
 def layers_of(num_layers: int) -> tuple[int, ...]:
@@ -99,14 +103,12 @@ def cell_arch(runs: paper_tables.Runs, skeleton, l: int, cell: dict,
     return name, path
 
 
-def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: int):
-    """Per measured layer, each final cell's single-path validation top-1 in the
-    evolution's last supernet (batch statistics), averaged over ``paths`` random paths
-    through the other layers; keyed by cell id."""
-    config = paper_tables._with(runs.base, seed, evolution__use_reference=True)
-    mesh = sharding.create_mesh()
+def restored(runs, dataset, evolve_dir: str, seed: int) -> Evolution:
+    """The evolution as its last checkpoint left it (after its final rounds)."""
+    config = paper_tables._with(runs.base, seed, evolution__use_reference=True,
+                                evolution__background_compile=False)  # fmt: skip
     info = dataset.info
-    evo = Evolution(config, info.image_shape, info.num_classes, mesh)
+    evo = Evolution(config, info.image_shape, info.num_classes, sharding.create_mesh())
     evo.attach(dataset)
     ckpt = checkpoint.Checkpointer(os.path.join(evolve_dir, "evolve", "checkpoints"),
                                    stage="evolve")  # fmt: skip
@@ -115,12 +117,21 @@ def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: 
     finally:
         ckpt.close()
     evo.load(tree, meta)
-    picked = evo.select()  # The final space, once the evolution is done.
+    return evo
+
+
+def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: int):
+    """Per measured layer, each final cell's single-path validation top-1 in the
+    evolution's last supernet (batch statistics), averaged over ``paths`` random paths
+    through the other layers; keyed by cell id."""
+    evo = restored(runs, dataset, evolve_dir, seed)
+    mesh = evo.mesh
+    picked = evo.select()  # The final candidates, once the evolution is done.
     trainer = evo.trainer(evo.spec(picked))
     alphas = [np.array([evo.populations[l][i].alpha for i in idx]) for l, idx in enumerate(picked)]
     state = evo.bank.assemble(trainer, alphas, evo.step, mesh)
-    val = shuffled_val(dataset, config.evolution.fitness_batch_size,
-                       sharding.batch_sharding(mesh), seed)  # fmt: skip
+    val = shuffled_val(dataset, evo.ec.fitness_batch_size, sharding.batch_sharding(mesh),
+                       seed)  # fmt: skip
     rng = np.random.default_rng(seed)
     bases = [[int(rng.integers(len(idx))) for idx in picked] for _ in range(paths)]
     out = {}
@@ -131,6 +142,27 @@ def supernet_accuracy(runs, dataset, evolve_dir: str, layers, paths: int, seed: 
                 path = [*base[:l], k, *base[l + 1 :]]
                 accuracies += [trainer.batch_accuracy(state, path, x, y) for x, y in val]
             out[evo.populations[l][i].genome.id] = float(np.mean(accuracies))
+    return out
+
+
+def rescored(runs, dataset, evolve_dir: str, layers, rounds: int, uniform_pairs: bool,
+             seed: int) -> list[dict[str, float]]:  # fmt: skip
+    """Alpha measured again: the evolution's last supernet, every final candidate's alpha
+    set to 0, ``rounds`` more final rounds (weight and fitness steps, f each) with the
+    fitness pairs drawn uniformly or from p. Per round, each candidate's alpha in the
+    measured layers, keyed by cell id: the same weights and cells under either law, so
+    a difference in how alpha ranks them is the law's."""
+    evo = restored(runs, dataset, evolve_dir, seed)
+    for l, idx in enumerate(evo.select()):
+        for i in idx:
+            evo.populations[l][i].alpha = 0.0
+    law = functools.partial(schedules.train_iterations, uniform_pairs=uniform_pairs)
+    out = []
+    with unittest.mock.patch.object(schedules, "train_iterations", law):
+        for _ in range(rounds):
+            evo.run_generation(Clock())
+            out.append({evo.populations[l][i].genome.id: float(evo.populations[l][i].alpha)
+                        for l in layers for i in evo.select()[l]})  # fmt: skip
     return out
 
 
@@ -250,6 +282,13 @@ def main() -> None:
         help="stand-alone network: the cell in its own layer, or in every layer (the "
         "reference IRB elsewhere)",
     )
+    p.add_argument(
+        "--rescore-rounds",
+        type=int,
+        default=2,
+        help="final rounds of alpha measured again from 0 on the last supernet, fitness "
+        "pairs from p and uniform (0: none)",
+    )
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
@@ -287,6 +326,17 @@ def main() -> None:
     alpha = {l: np.array([c["alpha"] for c in cells[l]]) for l in layers}
     path_acc = {l: np.array([single_path[c["id"]] for c in cells[l]]) for l in layers}
     adjusted = cost_adjusted(accuracy, madds)
+    again = {}
+    for name, uniform in LAWS.items():
+        path = os.path.join(
+            out, "fitness_validity", f"rescore_{uniform:d}_{args.rescore_rounds}.json"
+        )
+        if args.rescore_rounds and not os.path.exists(path):  # Cached: ~10 min a round.
+            files.write_json(path, rescored(runs, dataset, evolve_dir, layers, args.rescore_rounds,
+                                            uniform, args.space_seed))  # fmt: skip
+        if args.rescore_rounds:
+            again[name] = [validity({l: np.array([r[c["id"]] for c in cells[l]]) for l in layers},
+                                    accuracy) for r in files.read_json(path)]  # fmt: skip
     by = {
         "final fitness alpha": validity(alpha, accuracy),
         "supernet single-path val top-1": validity(path_acc, accuracy),
@@ -295,12 +345,12 @@ def main() -> None:
     }
     curve = files.read_json(os.path.join(evolve_dir, "evolve", "summary.json"))
     body = render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spread(per_seed),
-                  curve, dataset.info.num_classes)  # fmt: skip
+                  curve, dataset.info.num_classes, again)  # fmt: skip
     print(body)
     files.write_json(os.path.join(out, f"fitness_validity{variant(args.placement, tag)}.json"), {
         "layers": list(layers), "cells": {str(l): cells[l] for l in layers},
         "stand_alone": {str(l): per_seed[l].tolist() for l in layers},
-        "single_path": single_path, "validity": by,
+        "single_path": single_path, "validity": by, "rescored": again,
         "madds": {str(l): madds[l] for l in layers},
         **{k: curve.get(k, []) for k in CURVES},
     })  # fmt: skip
@@ -342,7 +392,7 @@ def section(scale: str, s: paper_tables.Scale, placement: str = "layer") -> str:
 
 
 def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads, curve,
-           classes) -> str:  # fmt: skip
+           classes, again) -> str:  # fmt: skip
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     rows = []
     for l in layers:
@@ -354,13 +404,16 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
     trained = ", ".join(
         f"layer {l} {spearman(alpha[l], [c['n_prime'] for c in cells[l]]):+.2f}" for l in layers
     )
-    validity_rows = []
-    for name, v in by.items():
-        validity_rows.append([
-            name, *(f"{v['layers'][l]:+.2f}" for l in layers), f"{v['pooled']:+.2f}",
-            f"[{v['interval'][0]:+.2f}, {v['interval'][1]:+.2f}]",
-            f"{v['random_mean']:+.2f} / {v['random_p95']:+.2f}", f"{v['p_value']:.3f}",
-        ])  # fmt: skip
+
+    def figures(v):
+        low, high = v["interval"]
+        return [*(f"{v['layers'][l]:+.2f}" for l in layers), f"{v['pooled']:+.2f}",
+                f"[{low:+.2f}, {high:+.2f}]", f"{v['random_mean']:+.2f} / {v['random_p95']:+.2f}",
+                f"{v['p_value']:.3f}"]  # fmt: skip
+
+    validity_rows = [[name, *figures(v)] for name, v in by.items()]
+    again_rows = [[f"pairs {law}", r + 1, *figures(v)]
+                  for law, rounds in again.items() for r, v in enumerate(rounds)]  # fmt: skip
     spread_rows = [[l, len(cells[l]), pct(x["min"]), pct(x["max"]), pct(x["cells_sd"]),
                     pct(x["seed_sd"])] for l, x in spreads.items()]  # fmt: skip
     return "\n\n".join(
@@ -416,6 +469,29 @@ def render(args, s, layers, cells, per_seed, alpha, path_acc, madds, by, spreads
                 ],
                 validity_rows,
             ),  # fmt: skip
+            *(
+                [
+                    "Alpha measured again (the law of the fitness pairs): the last supernet, "
+                    "every final candidate's alpha set to 0, final rounds again (f weight and "
+                    "fitness steps each) with the fitness pairs drawn from p (the paper's, "
+                    "ProxylessNAS's) or uniformly; Spearman's rho of the new alpha against the "
+                    "stand-alone accuracy after each round (columns as above).",
+                    _report.table(
+                        [
+                            "fitness pairs",
+                            "round",
+                            *(f"layer {l}" for l in layers),
+                            "pooled",
+                            "interval",
+                            "random: mean / p95",
+                            "p",
+                        ],
+                        again_rows,
+                    ),  # fmt: skip
+                ]
+                if again
+                else []
+            ),
             "Spread of the stand-alone accuracies: can the cells be ranked at all?",
             _report.table(
                 ["layer", "cells", "min %", "max %", "SD over cells", "SD over seeds"], spread_rows

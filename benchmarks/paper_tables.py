@@ -420,7 +420,7 @@ def fitness_ranking(runs: Runs, dataset, skeleton, truth: list[int], init: int,
     as in the paper's Table 6. Evolve's fitness settings of ``runs.base`` (estimate,
     optimizer, fitness batch), replaced by ``overrides`` (``fitness_estimate``,
     ``fitness_b1``, ``fitness_learning_rate``, ``fitness_batch_size``, ``warmup``,
-    ``uniform_paths``; benchmarks/fitness_signal.py's settings): ``t6_warmup``
+    ``uniform_paths``, ``uniform_pairs``; benchmarks/fitness_signal.py's settings): ``t6_warmup``
     weight-only iterations first (paths uniform), then epochs of ``t6_steps``
     iterations (one generation each). The per-step gradient of the scores is
     sampled (no update) right after the warm-up and at the end.

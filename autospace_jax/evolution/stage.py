@@ -22,7 +22,10 @@ generation t = 0..T-1:
    improving, :meth:`Evolution.end_warmup_on_plateau`) a fitness step
    whose dL/dg_k is the measured loss of each sampled path
    (``evolution.fitness_estimate``; chosen, with the optimizer, the fitness
-   batch and the warm-up, from BENCHMARKS "Fitness signal"); the weights'
+   batch and the warm-up, from BENCHMARKS "Fitness signal"), its pairs drawn
+   uniformly as well (not from p, as the paper: p ran to one cell per layer and
+   alpha then ranked what it compared least; BENCHMARKS "Fitness validity:
+   fitness pairs"); the weights'
    learning rate a cosine from ``supernet.learning_rate`` to 0 *within* the
    generation, so a cell born late trains at the full rate before it is scored;
 4. Eq. 5 for each picked cell, and n' += f;

@@ -99,12 +99,12 @@ def alpha_step(
 
 
 @pieces.timed
-@functools.partial(jax.jit, static_argnames=("tied",))
-def sample(fitness: dict, seed, step, stream, tied: bool):
+@functools.partial(jax.jit, static_argnames=("tied", "uniform"))
+def sample(fitness: dict, seed, step, stream, tied: bool, uniform: bool = False):
     """The step's gates on the device, from (seed, step, stream): ``(pair, active)``."""
-    pieces._trace("sample", pieces._shapes(fitness), tied)
+    pieces._trace("sample", pieces._shapes(fitness), tied, uniform)
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), stream)
-    return gates_lib.device_gates(_alphas(fitness), key, tied)
+    return gates_lib.device_gates(_alphas(fitness), key, tied, uniform)
 
 
 def subtree(tree: dict, *keys: str) -> Any:

@@ -36,12 +36,15 @@ def softmax(a: np.ndarray) -> np.ndarray:
     return e / e.sum()
 
 
-def sample_gates(alphas: Sequence[np.ndarray], rng: np.random.Generator) -> list[Gates]:
+def sample_gates(
+    alphas: Sequence[np.ndarray], rng: np.random.Generator, uniform: bool = False
+) -> list[Gates]:
     """ProxylessNAS two-path binary gates for every layer.
 
-    Two distinct paths are drawn from p = softmax(alpha) without replacement;
-    the active one is drawn from p renormalised over the pair. A layer with one
-    candidate always runs it.
+    Two distinct paths are drawn from p = softmax(alpha) without replacement
+    (``uniform``: with equal odds, so that alpha only ranks and does not decide which
+    cells are compared: evolve's fitness steps); the active one is drawn from p
+    renormalised over the pair. A layer with one candidate always runs it.
     """
     out = []
     for alpha in alphas:
@@ -49,14 +52,16 @@ def sample_gates(alphas: Sequence[np.ndarray], rng: np.random.Generator) -> list
         if len(alpha) == 1:
             out.append(Gates((0,), 0))
             continue
-        pair = tuple(int(i) for i in rng.choice(len(alpha), 2, replace=False, p=softmax(alpha)))
+        odds = None if uniform else softmax(alpha)
+        pair = tuple(int(i) for i in rng.choice(len(alpha), 2, replace=False, p=odds))
         active = pair[int(rng.choice(2, p=softmax(alpha[list(pair)])))]
         out.append(Gates(pair, active))
     return out
 
 
-def device_gates(alphas: Sequence[jax.Array], key: jax.Array, tied: bool):
-    """:func:`sample_gates`' law drawn with ``key`` inside a compiled program.
+def device_gates(alphas: Sequence[jax.Array], key: jax.Array, tied: bool, uniform: bool = False):
+    """:func:`sample_gates`' law (``uniform`` as there) drawn with ``key`` inside a
+    compiled program.
 
     Returns ``(pair, active)``: int32 arrays ``[L, 2]`` and ``[L]``; a layer with
     one candidate gets ``pair = (0, 0)``. ``tied``: one draw (layer 0's alpha)
@@ -70,9 +75,9 @@ def device_gates(alphas: Sequence[jax.Array], key: jax.Array, tied: bool):
             continue
         k_pair, k_active = jax.random.split(jax.random.fold_in(key, l))
         alpha = alpha.astype(jnp.float32)
-        pair = jax.random.choice(
-            k_pair, alpha.shape[0], (2,), replace=False, p=jax.nn.softmax(alpha)
-        ).astype(jnp.int32)
+        odds = None if uniform else jax.nn.softmax(alpha)
+        pair = jax.random.choice(k_pair, alpha.shape[0], (2,), replace=False, p=odds)
+        pair = pair.astype(jnp.int32)
         which = jax.random.choice(k_active, 2, p=jax.nn.softmax(alpha[pair]))
         pairs.append(pair)
         actives.append(pair[which])

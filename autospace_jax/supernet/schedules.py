@@ -53,6 +53,7 @@ def train_iterations(
     warmup_steps: int = 0,
     compensation: Sequence[np.ndarray] | None = None,
     uniform_paths: bool = True,
+    uniform_pairs: bool = True,
     stage: str = "evolve",
     where: str = "",
     report: Callable[[int, Any], None] | None = None,
@@ -66,9 +67,13 @@ def train_iterations(
     of ``fitness_batch_size``. Weight steps run paths drawn uniformly per layer
     (``uniform_paths``; else from p, as ProxylessNAS): every cell of the supernet
     gets the same share of training, so alpha compares cells trained alike and n'
-    counts what it says. The weights' learning rate is a cosine from
-    ``learning_rate`` to 0 over these ``steps``: a cell picked for the first time
-    trains at the full rate before it is scored, however late it was born.
+    counts what it says. Fitness steps compare pairs drawn uniformly as well
+    (``uniform_pairs``; else from p): every pair of cells is compared as often, so
+    alpha ranks the cells rather than running to whichever one leads early (BENCHMARKS
+    "Fitness validity: fitness pairs drawn from p or uniformly"). The weights'
+    learning rate is a cosine from ``learning_rate`` to 0 over these ``steps``: a
+    cell picked for the first time trains at the full rate before it is scored,
+    however late it was born.
 
     Args:
       trainer, state: the supernet and its state (advanced in place).
@@ -81,7 +86,7 @@ def train_iterations(
         (a multiple of ``batch_size``) runs as chunks of ``batch_size`` examples.
       warmup_steps: weight steps only (uniform paths) while ``state.step`` is below.
       compensation: per layer, Eq. 4's clipped n/n' for each cell.
-      uniform_paths: see above.
+      uniform_paths, uniform_pairs: see above.
       stage, where: for the messages of a NaN/Inf stop.
       report: called as ``report(iterations done, last loss)`` after each iteration
         (progress lines; the loss is a device value to wait on).
@@ -110,7 +115,8 @@ def train_iterations(
             val = [dataset.train_batch(step * chunks + j, batch_size, data, seed=seed, split="val")
                    for j in range(chunks)]  # fmt: skip
             images, labels = (list(a) for a in zip(*val))
-            trainer.fitness_step(state, images, labels, fitness_learning_rate, seed, compensation)
+            trainer.fitness_step(state, images, labels, fitness_learning_rate, seed, compensation,
+                                 uniform_pairs=uniform_pairs)  # fmt: skip
         last = i == steps - 1 or stop(state.step)
         # The pieces read alpha for every gate draw anyway: check it at once. The fused
         # program reads nothing back; its alpha is checked once, at the end.

@@ -286,13 +286,16 @@ class SupernetTrainer:
         path = [int(rng.integers(len(c))) for c in self.spec.candidates]
         return [path[0]] * len(path) if self.tied else path
 
-    def gates(self, state: SupernetState, seed: int, stream: int) -> list[Gates]:
-        """The step's sample, from (seed, step, stream): identical on every host."""
+    def gates(
+        self, state: SupernetState, seed: int, stream: int, uniform: bool = False
+    ) -> list[Gates]:
+        """The step's sample, from (seed, step, stream): identical on every host
+        (``uniform``: :func:`~autospace_jax.supernet.gates.sample_gates`')."""
         rng = np.random.default_rng((seed, state.step, stream))
         alphas = self.alphas(state)
         if self.tied:
-            return sample_gates(alphas[:1], rng) * len(alphas)
-        return sample_gates(alphas, rng)
+            return sample_gates(alphas[:1], rng, uniform) * len(alphas)
+        return sample_gates(alphas, rng, uniform)
 
     def _forward(self, state, gates, images, both: bool, opt: bool = False):
         """Chains the stem and the sampled cells; returns the last output and what the
@@ -384,6 +387,7 @@ class SupernetTrainer:
         seed: int,
         compensation: Sequence[np.ndarray] | None = None,
         extra: fused.Extra = None,
+        uniform_pairs: bool = False,
     ):
         """Adam step of alpha (Eq. 4) on a validation batch; weights and BN stats stay.
 
@@ -392,7 +396,8 @@ class SupernetTrainer:
         batch then runs the programs the weight step compiled. ``compensation``
         (per layer, K each: Eq. 4's clipped n/n') scales each logit's step.
         ``extra`` maps every layer's alpha to gradients added to Eq. 4's, e.g. the
-        MAdds term of Eq. 6 (jnp: it runs inside the compiled step).
+        MAdds term of Eq. 6 (jnp: it runs inside the compiled step). ``uniform_pairs``:
+        each layer's two paths drawn with equal odds rather than from p (evolve).
         """
         batches = list(zip(images, labels)) if isinstance(images, list) else [(images, labels)]
         if compensation is not None:
@@ -400,14 +405,14 @@ class SupernetTrainer:
         keys = [f"fitness/layer_{l}" for l in range(len(self.layers))]
         fitness, opt = state.variables["fitness"], {k: state.opt_state[k] for k in keys}
         if self.program == "fused":
-            pair, active = fused.sample(fitness, seed, state.step, 1, self.tied)
+            pair, active = fused.sample(fitness, seed, state.step, 1, self.tied, uniform_pairs)
             images, labels = (tuple(a) for a in zip(*batches))
             fitness, opt = fused.fitness_step(
                 self, state.variables["params"], state.variables["batch_stats"], fitness, opt,
                 images, labels, learning_rate, pair, active, compensation, extra,
             )  # fmt: skip
         else:
-            gates = self.gates(state, seed, stream=1)
+            gates = self.gates(state, seed, stream=1, uniform=uniform_pairs)
             estimate = self.path_losses if self.fitness_estimate == "loss" else self.gate_gradients
             estimates = [estimate(state, gates, *b) for b in batches]
             pair = np.array([(g.pair * 2)[:2] for g in gates], np.int32)

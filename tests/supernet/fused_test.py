@@ -95,18 +95,23 @@ def test_fitness_step_equals_the_pieces_for_the_same_gates(estimate, monkeypatch
     _close(jax.device_get(state.opt_state), jax.device_get(fused_state.opt_state), tol=1e-5)
 
 
-def test_device_gates_follow_the_host_law():
-    """Frequencies of (pair, active) over many draws: device vs numpy, same alpha."""
+@pytest.mark.parametrize("uniform", [False, True])
+def test_device_gates_follow_the_host_law(uniform):
+    """Frequencies of (pair, active) over many draws: device vs numpy, same alpha; with
+    ``uniform`` every cell is in as many pairs (2/K), however skewed alpha is."""
     alpha = np.array([0.5, -1.0, 1.5, 0.0], np.float32)
     draws = 4000
 
     @jax.jit
     def device(keys):
-        return jax.vmap(lambda k: gates_lib.device_gates([jnp.asarray(alpha)], k, False))(keys)
+        def one(k):
+            return gates_lib.device_gates([jnp.asarray(alpha)], k, False, uniform)
+
+        return jax.vmap(one)(keys)
 
     pairs, actives = device(jax.random.split(jax.random.key(0), draws))
     rng = np.random.default_rng(0)
-    host = [gates_lib.sample_gates([alpha], rng)[0] for _ in range(draws)]
+    host = [gates_lib.sample_gates([alpha], rng, uniform)[0] for _ in range(draws)]
 
     def freq(members):
         return np.bincount(np.asarray(members).ravel(), minlength=4) / draws
@@ -114,6 +119,10 @@ def test_device_gates_follow_the_host_law():
     in_pair_device = freq(pairs[:, 0])
     in_pair_host = freq([g.pair for g in host])
     np.testing.assert_allclose(in_pair_device, in_pair_host, atol=0.04)
+    if uniform:
+        np.testing.assert_allclose(in_pair_host, 2 / len(alpha), atol=0.04)
+    else:  # The law from p: the likeliest cell is in more pairs than the least likely.
+        assert in_pair_host[2] > in_pair_host[1] + 0.3
     np.testing.assert_allclose(freq(actives[:, 0]), freq([g.active for g in host]), atol=0.04)
     assert np.all(pairs[:, 0, 0] != pairs[:, 0, 1])
     assert np.all((actives[:, 0] == pairs[:, 0, 0]) | (actives[:, 0] == pairs[:, 0, 1]))
@@ -160,6 +169,33 @@ def test_fused_nan_alpha_stops_at_the_end_of_the_interval():
             batch_size=8, learning_rate=0.1, fitness_learning_rate=0.05, fitness_batch_size=8,
             compensation=nan, stage="evolve",
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("uniform_pairs", [True, False])
+def test_evolve_iterations_draw_uniform_fitness_pairs(monkeypatch, uniform_pairs):
+    """Evolve's fitness steps compare pairs drawn uniformly (alpha only ranks); with
+    ``uniform_pairs=False`` from p, as ProxylessNAS's."""
+    trainer, state = _pair("pieces")
+    mesh = sharding.create_mesh(jax.devices()[:1])
+    laws = []
+
+    def spy(alphas, rng, uniform=False):
+        laws.append(uniform)
+        return gates_lib.sample_gates(alphas, rng, uniform)
+
+    monkeypatch.setattr(trainer_lib, "sample_gates", spy)
+
+    class Data:  # train_iterations' view of a dataset: one fixed batch.
+        def train_batch(self, step, batch_size, data, seed, split="train"):
+            return tuple(jnp.asarray(a) for a in _batch(n=batch_size))
+
+    schedules.train_iterations(
+        trainer, state, Data(), steps=2, seed=0, data=sharding.batch_sharding(mesh),
+        batch_size=8, learning_rate=0.1, fitness_learning_rate=0.05, fitness_batch_size=8,
+        uniform_pairs=uniform_pairs,
+    )  # fmt: skip
+    # The weight paths are uniform and given (no gate draw); a fitness step draws its pairs.
+    assert laws == [uniform_pairs] * 2, laws
 
 
 @pytest.mark.long
