@@ -161,8 +161,9 @@ def rescored(runs, dataset, evolve_dir: str, layers, rounds: int, uniform_pairs:
     with unittest.mock.patch.object(schedules, "train_iterations", law):
         for _ in range(rounds):
             evo.run_generation(Clock())
+            picked = evo.select()
             out.append({evo.populations[l][i].genome.id: float(evo.populations[l][i].alpha)
-                        for l in layers for i in evo.select()[l]})  # fmt: skip
+                        for l in layers for i in picked[l]})  # fmt: skip
     return out
 
 
@@ -327,16 +328,15 @@ def main() -> None:
     path_acc = {l: np.array([single_path[c["id"]] for c in cells[l]]) for l in layers}
     adjusted = cost_adjusted(accuracy, madds)
     again = {}
-    for name, uniform in LAWS.items():
+    for name, uniform in LAWS.items() if args.rescore_rounds else ():
         path = os.path.join(
             out, "fitness_validity", f"rescore_{uniform:d}_{args.rescore_rounds}.json"
         )
-        if args.rescore_rounds and not os.path.exists(path):  # Cached: ~10 min a round.
+        if not os.path.exists(path):  # Cached: ~10 min a round.
             files.write_json(path, rescored(runs, dataset, evolve_dir, layers, args.rescore_rounds,
                                             uniform, args.space_seed))  # fmt: skip
-        if args.rescore_rounds:
-            again[name] = [validity({l: np.array([r[c["id"]] for c in cells[l]]) for l in layers},
-                                    accuracy) for r in files.read_json(path)]  # fmt: skip
+        again[name] = [validity({l: np.array([r[c["id"]] for c in cells[l]]) for l in layers},
+                                accuracy) for r in files.read_json(path)]  # fmt: skip
     by = {
         "final fitness alpha": validity(alpha, accuracy),
         "supernet single-path val top-1": validity(path_acc, accuracy),
